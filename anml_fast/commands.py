@@ -1,0 +1,127 @@
+"""What each `anml-fast` subcommand does (argument parsing lives in `cli`)."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from .cli import _log, data_root, load_data, resolve_device
+from .errors import AnmlFastError
+
+
+def prepare_data(args) -> int:
+    from .data.cache import cache_path
+
+    data = load_data(args)
+    n_bg = data.num_background
+    print(f"Omniglot ready: {len(data.class_names)} classes ({n_bg} background, "
+          f"{len(data.class_names) - n_bg} evaluation), {data.images.shape[1]} drawings each; "
+          f"cache {cache_path(data_root(args), args.cache_dir)}")
+    return 0
+
+
+def _train_config(args):
+    from .training.trainer import CONFIG_FILE, MetaTrainConfig
+
+    given = {f.name: getattr(args, f.name) for f in fields(MetaTrainConfig)
+             if getattr(args, f.name, None) is not None}
+    if isinstance(given.get("inner_layers"), str):
+        given["inner_layers"] = [p.strip() for p in given["inner_layers"].split(",") if p.strip()]
+    cfg_path = Path(args.out) / CONFIG_FILE
+    if args.resume and cfg_path.exists():
+        try:
+            stored = json.loads(cfg_path.read_text())["train"]
+        except (ValueError, KeyError) as e:
+            raise AnmlFastError(f"{cfg_path}: cannot read the run's settings ({e})") from None
+        for k, v in given.items():
+            if k != "steps" and stored.get(k) != v:
+                raise AnmlFastError(f"--{k.replace('_', '-')} {v} differs from this run's {stored.get(k)} "
+                                    f"({cfg_path}); resume with the same settings (only --steps may change)")
+        stored.update(given)
+        return MetaTrainConfig.from_dict(stored)
+    return MetaTrainConfig(**given)
+
+
+def meta_train(args) -> int:
+    from .training.trainer import MetaTrainer
+
+    cfg = _train_config(args)
+    cfg.validate()
+    device = resolve_device(args.device)
+    data = load_data(args)
+    trainer = MetaTrainer(cfg, data, args.out, device=device, resume=args.resume,
+                          progress=not args.quiet, log=_log)
+    _log(f"meta-training {cfg.model} on {device}: {cfg.steps} steps, "
+         f"{'second' if cfg.second_order else 'first'}-order, inner layers {','.join(trainer.inner_names[:1])}..., "
+         f"out {args.out}")
+    model = trainer.run()
+    print(f"model written to {model}")
+    return 0
+
+
+def _model_file(path: str) -> Path:
+    from .training.trainer import MODEL_FILE, RESUME_FILE
+
+    p = Path(path)
+    if p.is_dir():
+        for name in (MODEL_FILE, RESUME_FILE):
+            if (p / name).is_file():
+                return p / name
+        raise AnmlFastError(f"{p}: a folder without {MODEL_FILE} or {RESUME_FILE} (is the run finished?)")
+    return p
+
+
+def evaluate(args) -> int:
+    import torch
+
+    from . import checkpoint
+    from .data.tasks import MetaTestSet
+    from .evaluation.protocol import EvalConfig, Evaluator, report
+    from .models import ModelConfig, build
+
+    cfg = EvalConfig(class_counts=args.classes, lrs=args.lrs, search_draws=args.search_draws,
+                     final_runs=args.runs, select_on=args.select_on, train_layers=args.train_layers,
+                     optimizer=args.optimizer, iid=args.iid, seed=args.seed, max_batch=args.max_batch)
+    cfg.validate()
+    if args.scratch == (args.model is not None):
+        raise AnmlFastError("give either a MODEL to evaluate or --scratch, not both or neither")
+    device = resolve_device(args.device)
+    if args.scratch:
+        mcfg = ModelConfig(kind=args.scratch_model)
+        net = build(mcfg)
+        params = net.init_params(torch.Generator(device).manual_seed(args.seed), device)
+        name, source = f"scratch-{mcfg.kind}", {"scratch": mcfg.to_dict(), "seed": args.seed}
+    else:
+        path = _model_file(args.model)
+        ck = checkpoint.load(path, device=device, with_state=False)
+        net, params = build(ck.config), ck.params
+        name = path.parent.name if path.stem in ("model", "checkpoint") else path.stem
+        source = {"model": str(path), "sha256": checkpoint.digest(ck.params)}
+    if args.iid:
+        name += "-iid"
+    out = Path(args.out or f"runs/eval-{name}")
+    data = load_data(args)
+    ev = Evaluator(net, params, MetaTestSet(data, device), cfg, out, system=name, source=source,
+                   progress=not args.quiet, log=_log)
+    results = ev.run(resume=args.resume)
+    print(report.table([results]))
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+    return 0
+
+
+def import_reference(args) -> int:
+    from . import checkpoint
+    from .reference_import import import_reference as convert
+
+    ck = convert(args.file, kind=args.kind)
+    checkpoint.save(args.out, ck)
+    print(f"{args.file}: {ck.config.kind} model ({sum(p.numel() for p in ck.params.values()):,} parameters) "
+          f"written to {args.out}")
+    return 0
+
+
+def demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)

@@ -1,0 +1,174 @@
+"""Meta-test trajectories in plain PyTorch: learn N classes one image at a time, then score.
+
+Two regimes:
+- output layer only (the replicated protocol): every other layer is frozen, so each image's
+  features are computed once (`FeatureBank`) and many trajectories run side by side as a batch of
+  independent linear layers, each with its own weights, Adam state and learning rate;
+- deeper fine-tuning (e.g. the whole PLN): one trajectory at a time through the functional model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..data.tasks import MetaTestSet, as_rgb
+from ..models import Network, Params, select
+
+
+class FeatureBank:
+    """Frozen features (the output layer's input) of meta-test images, computed once per class."""
+
+    def __init__(self, net: Network, params: Params, test_set: MetaTestSet, batch_size: int = 500):
+        self.net, self.params, self.test_set, self.batch_size = net, params, test_set, batch_size
+        images = torch.cat([test_set.train, test_set.test], 1)  # [C, 20, 1, 28, 28]
+        self.images = images
+        self.feats: torch.Tensor | None = None
+        self.done = torch.zeros(images.shape[0], dtype=torch.bool)
+
+    @torch.no_grad()
+    def get(self, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train [n, 15, F], test [n, 5, F]) for the given classes."""
+        todo = [c for c in classes.cpu().unique().tolist() if not self.done[c]]
+        for i in range(0, len(todo), max(1, self.batch_size // 20)):
+            chunk = todo[i:i + max(1, self.batch_size // 20)]
+            x = as_rgb(self.images[chunk].flatten(0, 1))
+            f = self.net.features(self.params, x).view(len(chunk), 20, -1)
+            if self.feats is None:
+                self.feats = torch.empty(self.images.shape[0], 20, f.shape[-1], device=f.device, dtype=f.dtype)
+            self.feats[chunk] = f
+            self.done[chunk] = True
+        ntrain = self.test_set.train.shape[1]
+        sel = self.feats[classes]
+        return sel[:, :ntrain], sel[:, ntrain:]
+
+
+@dataclass
+class Trajectory:
+    """One continual-learning run: which classes (ascending), at which learning rate."""
+
+    classes: torch.Tensor
+    lr: float
+
+
+def _class_order(n_classes: int, per_class: int, iid: bool, generator: torch.Generator, device) -> torch.Tensor:
+    """Index of each step into the flattened [n_classes * per_class] images."""
+    if iid:
+        return torch.randperm(n_classes * per_class, generator=generator, device=device)
+    return torch.arange(n_classes * per_class, device=device)
+
+
+def _adam_batched_(p, g, m, v, step: int, lr: torch.Tensor, beta1=0.9, beta2=0.999, eps=1e-8):
+    """torch.optim.Adam's step for a stack of independent tensors with one learning rate each."""
+    bc1 = 1 - beta1 ** step
+    bc2_sqrt = (1 - beta2 ** step) ** 0.5
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    p.sub_(m / denom * (lr / bc1).view(-1, *[1] * (p.dim() - 1)))
+
+
+@torch.no_grad()
+def run_output_layer(bank: FeatureBank, net: Network, trajs: list[Trajectory], optimizer: str,
+                     iid: bool, generator: torch.Generator,
+                     on_steps: Callable[[int], None] | None = None) -> list[tuple[float, float]]:
+    """Train a fresh output layer per trajectory, all side by side; (train acc, test acc) each.
+
+    All trajectories must have the same number of classes. Randomness, per trajectory in order:
+    the Kaiming-normal output weight, then (with `iid`) the shuffled image order.
+    """
+    n = len(trajs[0].classes)
+    w_ref = bank.params[f"{net.output_layer}.weight"]
+    T, (O, Fdim) = len(trajs), w_ref.shape
+    dev = w_ref.device
+    W = torch.empty(T, O, Fdim, device=dev, dtype=w_ref.dtype)
+    orders = []
+    for t in range(T):
+        torch.nn.init.kaiming_normal_(W[t], generator=generator)
+        orders.append(_class_order(n, bank.test_set.train.shape[1], iid, generator, dev))
+    b = torch.zeros(T, O, device=dev, dtype=W.dtype)
+    feats_tr, feats_te, y_tr, y_te = [], [], [], []
+    for tr in trajs:
+        ftr, fte = bank.get(tr.classes)
+        feats_tr.append(ftr.flatten(0, 1))
+        feats_te.append(fte.flatten(0, 1))
+        y_tr.append(tr.classes.repeat_interleave(ftr.shape[1]))
+        y_te.append(tr.classes.repeat_interleave(fte.shape[1]))
+    Xtr, Xte, Ytr, Yte = map(torch.stack, (feats_tr, feats_te, y_tr, y_te))  # [T, S, F], [T, S]
+    order = torch.stack(orders)
+    Xseq = torch.gather(Xtr, 1, order[..., None].expand_as(Xtr))
+    Yseq = torch.gather(Ytr, 1, order)
+    lr = torch.tensor([tr.lr for tr in trajs], device=dev, dtype=W.dtype)
+    if optimizer == "adam":
+        mW, vW, mb, vb = (torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b))
+    rows = torch.arange(T, device=dev)
+    S = Xseq.shape[1]
+    for s in range(S):
+        f = Xseq[:, s]  # [T, F]
+        logits = torch.baddbmm(b.unsqueeze(2), W, f.unsqueeze(2)).squeeze(2)  # [T, O]
+        d = torch.softmax(logits, 1)
+        d[rows, Yseq[:, s]] -= 1  # d(cross-entropy)/d(logits) at batch size 1
+        gW = d.unsqueeze(2) * f.unsqueeze(1)
+        if optimizer == "adam":
+            _adam_batched_(W, gW, mW, vW, s + 1, lr)
+            _adam_batched_(b, d, mb, vb, s + 1, lr)
+        else:
+            W.sub_(gW * lr.view(-1, 1, 1))
+            b.sub_(d * lr.view(-1, 1))
+        if on_steps is not None and ((s + 1) % 100 == 0 or s + 1 == S):
+            on_steps(T * ((s + 1) % 100 or 100))
+    acc_tr = _accuracy(Xtr, Ytr, W, b)
+    acc_te = _accuracy(Xte, Yte, W, b)
+    return list(zip(acc_tr, acc_te))
+
+
+def _accuracy(X: torch.Tensor, Y: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> list[float]:
+    logits = torch.baddbmm(b.unsqueeze(1), X, W.transpose(1, 2))
+    return (logits.argmax(2) == Y).float().mean(1).tolist()
+
+
+def run_finetune(net: Network, params: Params, test_set: MetaTestSet, trajs: list[Trajectory],
+                 train_prefixes: list[str], optimizer: str, iid: bool, generator: torch.Generator,
+                 on_steps: Callable[[int], None] | None = None) -> list[tuple[float, float]]:
+    """Fine-tune the named layers (output layer reset, as in the protocol), one trajectory at a time."""
+    names = select(list(params), train_prefixes)
+    reuse_gate = not select(names, net.gate_params())
+    out = []
+    for tr in trajs:
+        p = {k: v.detach().clone() for k, v in params.items()}
+        net.reset_output(p, generator)
+        n, per = len(tr.classes), test_set.train.shape[1]
+        order = _class_order(n, per, iid, generator, test_set.device)
+        xtr = as_rgb(test_set.train[tr.classes].flatten(0, 1))
+        ytr = tr.classes.repeat_interleave(per)
+        xte = as_rgb(test_set.test[tr.classes].flatten(0, 1))
+        yte = tr.classes.repeat_interleave(test_set.test.shape[1])
+        with torch.no_grad():
+            gate_tr = net.gate(p, xtr) if reuse_gate else None
+            gate_te = net.gate(p, xte) if reuse_gate else None
+        trained = {k: p[k].requires_grad_() for k in names}
+        if optimizer == "adam":
+            from ..training.adam import Adam
+            opt = Adam(trained, lr=tr.lr)
+        for s, i in enumerate(order.tolist()):
+            logits = net.forward(p, xtr[i:i + 1], None if gate_tr is None else gate_tr[i:i + 1])
+            grads = torch.autograd.grad(F.cross_entropy(logits, ytr[i:i + 1]), list(trained.values()))
+            if optimizer == "adam":
+                opt.step(dict(zip(trained, grads)))
+            else:
+                with torch.no_grad():
+                    torch._foreach_sub_(list(trained.values()), list(grads), alpha=tr.lr)
+            if on_steps is not None and ((s + 1) % 100 == 0 or s + 1 == len(order)):
+                on_steps((s + 1) % 100 or 100)
+        with torch.no_grad():
+            acc = [(_batched_logits(net, p, x, g).argmax(1) == y).float().mean().item()
+                   for x, y, g in ((xtr, ytr, gate_tr), (xte, yte, gate_te))]
+        out.append((acc[0], acc[1]))
+    return out
+
+
+def _batched_logits(net: Network, p: Params, x: torch.Tensor, gate, batch: int = 500) -> torch.Tensor:
+    return torch.cat([net.forward(p, x[i:i + batch], None if gate is None else gate[i:i + batch])
+                      for i in range(0, x.shape[0], batch)])

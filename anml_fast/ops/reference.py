@@ -1,0 +1,47 @@
+"""Plain-PyTorch twins of the fused ops: the fallback without an extension and the tests' reference.
+
+Each function here has the same signature as its compiled counterpart in `anml_fast.ops`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-5
+
+
+def conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               norm_weight: torch.Tensor, norm_bias: torch.Tensor, pool: bool) -> torch.Tensor:
+    """relu(norm(conv3x3(x) + bias)) then an optional 2x2 max-pool.
+
+    `norm` normalises each sample's channel over its H x W positions (biased variance, eps 1e-5)
+    with an affine weight and bias: what the reference's batch norm computes on a batch of one.
+    """
+    y = F.conv2d(x, weight, bias)
+    y = F.instance_norm(y, weight=norm_weight, bias=norm_bias, eps=NORM_EPS)
+    y = F.relu(y)
+    return F.max_pool2d(y, 2) if pool else y
+
+
+def gated_head(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor) -> torch.Tensor:
+    """logits = weight @ (h * sigmoid(gate_logits)) + bias, for rows of h."""
+    return F.linear(h * torch.sigmoid(gate_logits), weight, bias)
+
+
+def sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
+    """New tensors w - lr * g (out of place: the inner loop keeps its starting weights)."""
+    return torch._foreach_sub(params, grads, alpha=lr) if params else []
+
+
+def adam_update_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                 exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], step: int,
+                 lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+    """One Adam step in place, as torch.optim.Adam computes it (step counts from 1)."""
+    bc1 = 1 - beta1 ** step
+    bc2_sqrt = (1 - beta2 ** step) ** 0.5
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / bc2_sqrt).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bc1)
