@@ -9,8 +9,8 @@ from pathlib import Path
 from . import __version__
 from .errors import AnmlFastError
 
-DATA_HELP = ("Omniglot root: the folder holding omniglot-py/images_background and images_evaluation "
-             "(default: $ANML_FAST_DATA, else ./data)")
+DATA_HELP = ("Omniglot root: the folder holding omniglot-py/images_background and images_evaluation, "
+             "or a cache file written by `prepare-data --out` (default: $ANML_FAST_DATA, else ./data)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-data", formatter_class=fmt, help="decode Omniglot once into the image cache",
                        description="Decode all 32,460 PNGs (grey, 28x28 LANCZOS) into one verified cache file.")
     _common(p, device=False)
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="also write the verified cache to FILE (a single file to pass as --data elsewhere)")
 
     p = sub.add_parser("meta-train", formatter_class=fmt, help="meta-train ANML or OML",
                        description=("Meta-train on the first 963 Omniglot background classes. Defaults are "
@@ -140,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "on a GPU it trains long enough to be clearly ahead."))
     _common(p)
     p.add_argument("--out", default="runs/demo", help="demo folder (meta-train run and results)")
-    p.add_argument("--steps", type=int, default=None, help="meta-training steps [CPU 150, GPU 3000]")
+    p.add_argument("--steps", type=int, default=None, help="meta-training steps [CPU 300, GPU 3000]")
     p.add_argument("--classes", type=_ints, default=None, help="class counts [CPU 10 25, GPU 10 50 100 200]")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     return ap

@@ -11,13 +11,18 @@ from .errors import AnmlFastError
 
 
 def prepare_data(args) -> int:
-    from .data.cache import cache_path
+    from .data.cache import cache_path, export_cache
 
     data = load_data(args)
     n_bg = data.num_background
+    root = Path(data_root(args))
+    where = root if root.is_file() else cache_path(root, args.cache_dir)
     print(f"Omniglot ready: {len(data.class_names)} classes ({n_bg} background, "
-          f"{len(data.class_names) - n_bg} evaluation), {data.images.shape[1]} drawings each; "
-          f"cache {cache_path(data_root(args), args.cache_dir)}")
+          f"{len(data.class_names) - n_bg} evaluation), {data.images.shape[1]} drawings each; cache {where}")
+    if args.out:
+        if root.is_file():
+            raise AnmlFastError("--out: --data is already a cache file; copy it instead")
+        print(f"cache written to {export_cache(root, args.cache_dir, args.out)}")
     return 0
 
 

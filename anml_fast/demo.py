@@ -11,7 +11,7 @@ from .evaluation.protocol import EvalConfig, Evaluator, report, write_outputs
 
 # Sized so that the CPU demo fits in about 10 minutes on 2 cores (one first-order meta-step there
 # costs about a second); on a GPU, long enough that meta-training clearly beats scratch.
-CPU = {"steps": 150, "classes": [10, 25], "lrs": [0.001, 0.0003, 0.0001], "search_draws": 1, "runs": 3}
+CPU = {"steps": 300, "classes": [10, 25], "lrs": [0.001, 0.0003, 0.0001], "search_draws": 1, "runs": 3}
 GPU = {"steps": 3000, "classes": [10, 50, 100, 200], "lrs": None, "search_draws": 3, "runs": 5}
 FULL_STEPS = 20000
 

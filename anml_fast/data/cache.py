@@ -77,6 +77,8 @@ def load_omniglot(
     """The images from the cache, (re)building it from the PNGs when missing, stale or corrupt."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     root = Path(root).expanduser()
+    if root.is_file():
+        return read_cache_file(root)
     if not omniglot.has_layout(root):
         if download:
             log(f"downloading Omniglot into {root} ...")
@@ -99,7 +101,25 @@ class _StaleCache(Exception):
     pass
 
 
-def _read_cache(path: Path, listing: str) -> OmniglotImages:
+def read_cache_file(path: str | os.PathLike) -> OmniglotImages:
+    """A prepared cache given on its own (no PNGs beside it to rebuild from): verified, or an error."""
+    try:
+        return _read_cache(Path(path), listing=None)
+    except _StaleCache as e:
+        raise DataError(f"{path}: not a usable Omniglot cache: {e}") from None
+
+
+def export_cache(root: str | os.PathLike, cache_dir, dest: str | os.PathLike) -> Path:
+    """Copy the verified cache of `root` to `dest`, a single file usable as --data elsewhere."""
+    import shutil
+
+    src = cache_path(Path(root).expanduser(), cache_dir)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dest)
+
+
+def _read_cache(path: Path, listing: str | None) -> OmniglotImages:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from safetensors import safe_open
@@ -117,9 +137,9 @@ def _read_cache(path: Path, listing: str) -> OmniglotImages:
         stored_listing, stored_digest = meta["listing"], meta["images_sha256"]
     except (KeyError, ValueError) as e:
         raise _StaleCache(f"its metadata is incomplete ({e})") from None
-    if images is None or images.dtype != torch.uint8 or images.shape[0] != len(names):
+    if images is None or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] != len(names):
         raise _StaleCache("its tensors do not have the expected shape")
-    if stored_listing != listing:
+    if listing is not None and stored_listing != listing:
         raise _StaleCache("the files under the data root changed since it was written")
     if _images_digest(images) != stored_digest:
         raise _StaleCache("its image bytes do not match their checksum (corrupt file)")

@@ -168,9 +168,12 @@ class Evaluator:
             old_results = old["results"][0]
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise AnmlFastError(f"{path}: cannot resume from it ({e})") from None
-        if old_results.get("config") != fresh["config"] or old_results.get("source") != fresh["source"]:
+        # class counts may differ (a resumed run may add counts); everything else must match
+        strip = lambda cfg: {k: v for k, v in (cfg or {}).items() if k != "class_counts"}
+        if strip(old_results.get("config")) != strip(fresh["config"]) or old_results.get("source") != fresh["source"]:
             raise AnmlFastError(f"{path} was made with another model or settings; "
                                 f"use the same ones to resume, or another --out")
+        old_results["config"] = fresh["config"]
         return old_results
 
 

@@ -1,0 +1,96 @@
+"""Meta-training loop: outputs, exact resume after a kill, and argument checks (synthetic data)."""
+import json
+
+import pytest
+import torch
+
+from anml_fast import checkpoint
+from anml_fast.errors import AnmlFastError
+from anml_fast.training.trainer import METRICS_FILE, MODEL_FILE, RESUME_FILE, MetaTrainConfig, MetaTrainer
+
+TINY_RUN = dict(nm_channels=4, pln_channels=6, steps=6, traj_len=5, remember=8, log_every=1,
+                checkpoint_every=2, eval_every=3, eval_classes=5, tasks=2)
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_at(step):
+    def hook(s):
+        if s == step:
+            raise Killed
+    return hook
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(synthetic_data, tmp_path):
+    cfg = MetaTrainConfig(**TINY_RUN)
+    MetaTrainer(cfg, synthetic_data, tmp_path / "a", progress=False, log=lambda m: None).run()
+    with pytest.raises(Killed):
+        MetaTrainer(cfg, synthetic_data, tmp_path / "b", progress=False,
+                    on_step=_kill_at(5), log=lambda m: None).run()
+    assert checkpoint.load(tmp_path / "b" / RESUME_FILE).info["step"] == 4
+    assert not (tmp_path / "b" / MODEL_FILE).exists()
+    MetaTrainer(cfg, synthetic_data, tmp_path / "b", resume=True, progress=False, log=lambda m: None).run()
+    a = checkpoint.load(tmp_path / "a" / MODEL_FILE)
+    b = checkpoint.load(tmp_path / "b" / MODEL_FILE)
+    for k in a.params:
+        assert torch.equal(a.params[k], b.params[k]), k
+    rows = lambda d: [json.loads(l) for l in (tmp_path / d / METRICS_FILE).read_text().splitlines()]
+    ra, rb = rows("a"), rows("b")
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rs]
+    assert strip(ra) == strip(rb)
+
+
+def test_meta_loss_falls_and_outputs_exist(synthetic_data, tmp_path):
+    # learnable synthetic task: the model can memorise class rows even on noise images
+    cfg = MetaTrainConfig(**{**TINY_RUN, "steps": 30, "log_every": 10, "eval_every": 0, "checkpoint_every": 10})
+    MetaTrainer(cfg, synthetic_data, tmp_path, progress=False).run()
+    for name in ("config.json", METRICS_FILE, RESUME_FILE, MODEL_FILE):
+        assert (tmp_path / name).exists(), name
+    assert any((tmp_path / "tb").iterdir())
+    losses = [json.loads(l)["meta_loss"] for l in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert losses[-1] < losses[0]
+
+
+def test_existing_run_needs_resume(synthetic_data, tmp_path):
+    cfg = MetaTrainConfig(**{**TINY_RUN, "steps": 1})
+    MetaTrainer(cfg, synthetic_data, tmp_path, progress=False).run()
+    with pytest.raises(AnmlFastError, match="--resume"):
+        MetaTrainer(cfg, synthetic_data, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"steps": 0}, "--steps"), ({"inner_lr": -1.0}, "--inner-lr"), ({"traj_len": 21}, "--traj-len"),
+    ({"inner_layers": ["decoder"]}, "--inner-layers decoder names no parameter"),
+])
+def test_bad_settings_are_named(bad, match):
+    with pytest.raises(AnmlFastError, match=match):
+        MetaTrainConfig(**{**TINY_RUN, **bad}).validate()
+
+
+def test_second_order_and_oml_run(synthetic_data, tmp_path):
+    cfg = MetaTrainConfig(**{**TINY_RUN, "steps": 1, "second_order": True, "eval_every": 0})
+    MetaTrainer(cfg, synthetic_data, tmp_path / "so", progress=False).run()
+    cfg = MetaTrainConfig(**{**TINY_RUN, "model": "oml", "steps": 1, "eval_every": 0})
+    MetaTrainer(cfg, synthetic_data, tmp_path / "oml", progress=False).run()
+    assert checkpoint.load(tmp_path / "oml" / MODEL_FILE).config.kind == "oml"
+
+
+def test_sampler_is_deterministic_and_well_formed(synthetic_data):
+    from anml_fast.data.tasks import MetaTrainSampler
+
+    s = MetaTrainSampler(synthetic_data, "cpu")
+    a = s.sample(torch.Generator().manual_seed(1), tasks=3, traj_len=20, remember=64)
+    b = s.sample(torch.Generator().manual_seed(1), tasks=3, traj_len=20, remember=64)
+    assert torch.equal(a.meta_x, b.meta_x) and torch.equal(a.meta_y, b.meta_y)
+    assert a.traj_x.shape == (3, 20, 3, 28, 28) and a.meta_x.shape == (3, 84, 3, 28, 28)
+    assert len(set(a.classes.tolist())) == 3
+    assert torch.equal(a.meta_y[:, 64:], a.traj_y) and (a.meta_y < 963).all()
+    # the trajectory holds each of its class's 20 drawings once
+    for t in range(3):
+        imgs = s.images[a.classes[t], :, 0]
+        traj = a.traj_x[t, :, 0]
+        matches = (traj[:, None] == imgs[None]).flatten(2).all(2).float()
+        assert torch.equal(matches.sum(0), torch.ones(20))
