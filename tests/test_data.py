@@ -57,14 +57,19 @@ def _mirror(src_root, dst_root):
             (d / alphabet).symlink_to(src_root / "omniglot-py" / s / alphabet)
 
 
-def _unlink_alphabet(root, alphabet="Tifinagh", set_name="images_background"):
-    a = root / "omniglot-py" / set_name / alphabet
+def _writable_character(root, character, alphabet="Tifinagh"):
+    """Replace one character folder of a mirrored tree by a real copy, to damage it."""
+    a = root / "omniglot-py" / "images_background" / alphabet
     target = a.resolve()
     a.unlink()
     a.mkdir()
     for ch in os.listdir(target):
         (a / ch).symlink_to(target / ch)
-    return a
+    ch = a / character
+    real = ch.resolve()
+    ch.unlink()
+    shutil.copytree(real, ch)
+    return ch
 
 
 def test_missing_data_names_path_and_layout(tmp_path):
@@ -74,11 +79,7 @@ def test_missing_data_names_path_and_layout(tmp_path):
 
 def test_wrong_number_of_drawings_names_folder(omniglot_root, tmp_path):
     _mirror(omniglot_root, tmp_path)
-    a = _unlink_alphabet(tmp_path)
-    ch = a / "character03"
-    target = ch.resolve()
-    ch.unlink()
-    shutil.copytree(target, ch)
+    ch = _writable_character(tmp_path, "character03")
     os.remove(next(ch.glob("*_07.png")))
     with pytest.raises(DataError, match=r"Tifinagh/character03: found drawings .* expected exactly one"):
         omniglot.list_classes(tmp_path)
@@ -86,11 +87,7 @@ def test_wrong_number_of_drawings_names_folder(omniglot_root, tmp_path):
 
 def test_unreadable_png_names_file(omniglot_root, tmp_path):
     _mirror(omniglot_root, tmp_path)
-    a = _unlink_alphabet(tmp_path)
-    ch = a / "character01"
-    target = ch.resolve()
-    ch.unlink()
-    shutil.copytree(target, ch)
+    ch = _writable_character(tmp_path, "character01")
     bad = next(ch.glob("*_02.png"))
     bad.write_bytes(b"not a png")
     with pytest.raises(DataError, match=rf"{bad.name}: cannot read this PNG"):
@@ -125,11 +122,7 @@ def test_stale_cache_is_rebuilt_when_files_change(omniglot_root, tmp_path, omnig
     _mirror(omniglot_root, tmp_path)
     cdir = tmp_path / "c"
     cache.load_omniglot(tmp_path, cdir, progress=False)
-    a = _unlink_alphabet(tmp_path)
-    ch = a / "character05"
-    target = ch.resolve()
-    ch.unlink()
-    shutil.copytree(target, ch)
+    ch = _writable_character(tmp_path, "character05")
     f = next(ch.glob("*_01.png"))
     other = next(ch.glob("*_02.png"))
     shutil.copy(other, f)  # drawing 1 now holds drawing 2's pixels
