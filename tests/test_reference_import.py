@@ -5,15 +5,21 @@ path (`model.learner`), same attribute layout (`vars`, `vars_bn` ParameterLists,
 Neuromodulation flag, `learn` flags on the parameters) and a forward that computes the way the
 original does (batch norm in training mode on one image at a time, NM gate times PLN features).
 The imitation is removed from sys.modules before importing, so the loader cannot lean on it.
+
+Each whole-module round trip runs in both of torch's formats: the zip one of torch >= 1.6 and the
+legacy one the authors' torch 1.4 wrote (`_use_new_zipfile_serialization=False` still writes it).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import struct
 import sys
 import types
 import warnings
 import zipfile
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -135,15 +141,30 @@ def reference_module():
                 sys.modules[k] = v
 
 
-def save_learner(learner: Learner, path, **kwargs) -> None:
-    with reference_module():
-        torch.save(learner, path, **kwargs)
+LEGACY_HEAD = b"\x80\x02\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+FORMATS = ["zip", "legacy"]
+
+
+def save_learner(learner: Learner, path, fmt: str = "zip") -> None:
+    with reference_module(), warnings.catch_warnings():
+        # The legacy writer warns that it cannot find the source of a class defined in a test.
+        warnings.simplefilter("ignore")
+        torch.save(learner, path, _use_new_zipfile_serialization=fmt == "zip")
     assert "model.learner" not in sys.modules
-    if zipfile.is_zipfile(path):
-        # The pickle must name the class where the reference keeps it, as the authors' files do.
+    if fmt == "zip":
         with zipfile.ZipFile(path) as z:
             pkl = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
-        assert b"cmodel.learner\nLearner\n" in pkl
+    else:
+        pkl = path.read_bytes()
+        assert pkl.startswith(LEGACY_HEAD) and not zipfile.is_zipfile(path)
+        assert b"X\x06\x00\x00\x00module" in pkl  # the ('module', cls, file, source) record
+    # The pickle must name the class where the reference keeps it, as the authors' files do.
+    assert b"cmodel.learner\nLearner\n" in pkl
+
+
+def save_legacy(obj, path) -> None:
+    torch.save(obj, path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes().startswith(LEGACY_HEAD)
 
 
 def randomise(learner: Learner, seed: int) -> None:
@@ -161,14 +182,15 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
 
 # --- ANML / OML round trips ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("nm,pln,outputs", [(8, 12, 20), (112, 256, 1000)], ids=["small", "protocol"])
-def test_anml_logits_match_the_reference(tmp_path, nm, pln, outputs):
+def test_anml_logits_match_the_reference(tmp_path, nm, pln, outputs, fmt):
     torch.manual_seed(1)
     learner = Learner(anml_layers(nm, pln, outputs), neuromodulation=True)
     randomise(learner, 2)
     mark_learn_flags(learner, frozen=7)
     path = tmp_path / "Neuromodulation_Model.net"
-    save_learner(learner, path)
+    save_learner(learner, path, fmt)
 
     ckpt = import_reference(path)
 
@@ -181,13 +203,14 @@ def test_anml_logits_match_the_reference(tmp_path, nm, pln, outputs):
     assert all(type(t) is torch.Tensor and not t.requires_grad for t in ckpt.params.values())
 
 
-def test_oml_logits_match_the_reference(tmp_path):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_oml_logits_match_the_reference(tmp_path, fmt):
     torch.manual_seed(3)
     learner = Learner(oml_layers(16, 24, 30), neuromodulation=False)
     randomise(learner, 4)
     mark_learn_flags(learner, frozen=6)
     path = tmp_path / "OML.net"
-    save_learner(learner, path)
+    save_learner(learner, path, fmt)
 
     ckpt = import_reference(path)
 
@@ -197,11 +220,12 @@ def test_oml_logits_match_the_reference(tmp_path):
         torch.testing.assert_close(build(ckpt.config).forward(ckpt.params, x), learner(x), rtol=1e-4, atol=1e-4)
 
 
-def test_anml_checkpoint_survives_our_own_save_and_load(tmp_path):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_anml_checkpoint_survives_our_own_save_and_load(tmp_path, fmt):
     from anml_fast import checkpoint
 
     learner = Learner(anml_layers(4, 6, 10))
-    save_learner(learner, tmp_path / "ref.net")
+    save_learner(learner, tmp_path / "ref.net", fmt)
     ckpt = import_reference(tmp_path / "ref.net")
     checkpoint.save(tmp_path / "ours.safetensors", ckpt)
     back = checkpoint.load(tmp_path / "ours.safetensors")
@@ -210,31 +234,180 @@ def test_anml_checkpoint_survives_our_own_save_and_load(tmp_path):
         assert torch.equal(back.params[name], t)
 
 
-def test_state_dict_and_tensor_list_are_accepted(tmp_path):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_state_dict_and_tensor_list_are_accepted(tmp_path, fmt):
     learner = Learner(anml_layers(4, 6, 10))
     randomise(learner, 7)
-    torch.save(learner.state_dict(), tmp_path / "sd.pt")
-    torch.save([p.detach() for p in learner.vars], tmp_path / "list.pt")
+    save = torch.save if fmt == "zip" else save_legacy
+    save(learner.state_dict(), tmp_path / "sd.pt")
+    save([p.detach() for p in learner.vars], tmp_path / "list.pt")
     a, b = import_reference(tmp_path / "sd.pt"), import_reference(tmp_path / "list.pt")
     assert a.config == b.config == ModelConfig(kind="anml", nm_channels=4, pln_channels=6, num_outputs=10)
     for name, ref in zip(a.params, learner.vars):
         assert torch.equal(a.params[name], ref.detach()) and torch.equal(b.params[name], ref.detach())
 
 
-def test_legacy_format(tmp_path):
-    # torch < 1.6 (the reference's README pins 1.4) wrote a non-zip format. Tensors in it load;
-    # a whole pickled module does not, and the error says what to do instead.
+# --- the legacy format in detail ----------------------------------------------------------------
+
+class StorageRecord:
+    """Pickles as the persistent id torch's legacy writer gives a storage."""
+
+    def __init__(self, storage_type, key: str, location: str, numel: int, view=None):
+        self.pid = ("storage", storage_type, key, location, numel, view)
+
+
+class TensorRecord:
+    """Pickles as torch pickles a tensor: a call of _rebuild_tensor_v2 over a storage record."""
+
+    def __init__(self, storage: StorageRecord, offset: int, size: tuple, stride: tuple):
+        self.args = (storage, offset, size, stride, False, OrderedDict())
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+class Calls:
+    """Pickles as a call of `func` (an admitted one) with `args`."""
+
+    def __init__(self, func, args: tuple):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def write_legacy(path, obj, storages: dict[str, torch.Tensor], big_endian_saver: bool = False) -> None:
+    """A legacy-format file laid out by hand, for records today's torch no longer writes.
+
+    `big_endian_saver`: the element counts as torch <= 1.4 on a big-endian machine wrote them (in its
+    own byte order; the data itself it always wrote little-endian).
+    """
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            return o.pid if isinstance(o, StorageRecord) else None
+
+    sys_info = {"protocol_version": 1001, "little_endian": not big_endian_saver,
+                "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    with open(path, "wb") as f:
+        for header in (torch.serialization.MAGIC_NUMBER, torch.serialization.PROTOCOL_VERSION, sys_info):
+            pickle.dump(header, f, protocol=2)
+        Pickler(f, protocol=2).dump(obj)
+        pickle.dump(sorted(storages), f, protocol=2)
+        for key in sorted(storages):
+            f.write(struct.pack(">q" if big_endian_saver else "<q", storages[key].numel()))
+            f.write(storages[key].numpy().tobytes())
+
+
+def test_handwritten_legacy_records_read_as_torch_reads_them(tmp_path):
+    # Storage views (written by torch < 1.0, still read by its legacy loader), GPU storages and a
+    # transposed stride; torch's own (unrestricted) reader of our file vouches for the layout.
     learner = Learner(anml_layers(4, 6, 10))
-    torch.save([p.detach() for p in learner.vars], tmp_path / "list.pt", _use_new_zipfile_serialization=False)
-    assert import_reference(tmp_path / "list.pt").config.nm_channels == 4
-    with warnings.catch_warnings():  # torch may warn that it cannot find the imitation's source
+    randomise(learner, 11)
+    tensors = [p.detach().clone() for p in learner.vars]
+    pad, records, storages = 3, [], {}
+    for i, t in enumerate(tensors):
+        transposed = t.dim() == 2
+        body = t.t().contiguous() if transposed else t
+        stride = (1, t.shape[0]) if transposed else t.stride()
+        key = f"9400{i}"
+        storages[key] = torch.cat([torch.full((pad,), 7.0), body.reshape(-1), torch.full((pad,), -7.0)])
+        if i % 2:
+            storage, offset = StorageRecord(torch.cuda.FloatStorage, key, "cuda:0", storages[key].numel()), pad
+        else:
+            view = (f"view{i}", pad, t.numel())
+            storage, offset = StorageRecord(torch.FloatStorage, key, "cpu", storages[key].numel(), view), 0
+        records.append(TensorRecord(storage, offset, tuple(t.shape), tuple(stride)))
+    path = tmp_path / "handmade.net"
+    write_legacy(path, records, storages)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        save_learner(learner, tmp_path / "module.net", _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match="legacy .*list\\(net.vars\\)"):
-        import_reference(tmp_path / "module.net")
+        theirs = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = import_reference(path)
+
+    for ref, t, ours in zip(tensors, theirs, ckpt.params.values()):
+        assert torch.equal(t, ref) and torch.equal(ours, ref)
+
+    write_legacy(tmp_path / "big_endian.net", records, storages, big_endian_saver=True)
+    for ref, ours in zip(tensors, import_reference(tmp_path / "big_endian.net").params.values()):
+        assert torch.equal(ours, ref)
 
 
-def test_learner_under_another_module_path_is_still_inert(tmp_path):
+def test_legacy_records_that_do_not_fit_are_errors(tmp_path):
+    data = torch.arange(6.0)
+
+    def attempt(name, records, storages, match):
+        path = tmp_path / name
+        write_legacy(path, records, storages)
+        with pytest.raises(CheckpointError, match=match) as err:
+            import_reference(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+    whole = StorageRecord(torch.FloatStorage, "1", "cpu", 6)
+    attempt("past.net", [TensorRecord(whole, 2, (5,), (1,))], {"1": data}, "past its storage")
+    attempt("strided.net", [TensorRecord(whole, 0, (3, 2), (2, 2))], {"1": data}, "past its storage")
+    view = StorageRecord(torch.FloatStorage, "1", "cpu", 6, ("v", 4, 3))
+    attempt("view.net", [TensorRecord(view, 0, (1,), (1,))], {"1": data}, "view outside")
+    attempt("negative.net", [TensorRecord(whole, 0, (3,), (-1,))], {"1": data}, "malformed")
+    # A stride of 0 would let 24 bytes stand for a tensor of 4 GiB.
+    attempt("expanded.net", [TensorRecord(whole, 0, (1 << 30,), (0,))], {"1": data}, "larger than its storage")
+    attempt("set.net", [Calls(set, (TensorRecord(whole, 0, (6,), (1,)),))], {"1": data}, "calls set with")
+    attempt("dict.net", [Calls(OrderedDict, ([("a", 1)],))], {}, "calls OrderedDict with")
+    # More elements claimed than the file holds: refused before anything is allocated for them.
+    huge = StorageRecord(torch.FloatStorage, "1", "cpu", 1 << 40)
+    attempt("huge.net", [TensorRecord(huge, 0, (1,), (1,))], {"1": data}, "claim more than")
+    attempt("unlisted.net", [TensorRecord(whole, 0, (6,), (1,))], {}, "do not match")
+    attempt("count.net", [TensorRecord(whole, 0, (5,), (1,))], {"1": data[:5]}, "holds 5 elements")
+    as_double = StorageRecord(torch.DoubleStorage, "1", "cpu", 6)
+    attempt("mixed.net", [TensorRecord(whole, 0, (6,), (1,)), TensorRecord(as_double, 0, (6,), (1,))],
+            {"1": data}, "described as both")
+    attempt("storage.net", [StorageRecord(torch.FloatStorage, "1", "cpu", 6)], {"1": data}, "not a tensor")
+    # A module record may name only a class that maps to a stub, whatever else is admitted.
+    not_a_module = StorageRecord(None, "", "", 0)
+    not_a_module.pid = ("module", OrderedDict, None, None)
+    attempt("module.net", [not_a_module], {}, "module record for something other")
+
+
+def test_legacy_module_source_is_never_run(tmp_path, monkeypatch):
+    # The legacy writer stores each module class's source text; a forged one stays text.
+    marker = tmp_path / "pwned"
+    evil = [f"import os\nos.system('touch {marker}')\n"]
+    monkeypatch.setattr(torch.serialization, "get_source_lines_and_file", lambda obj: (evil, 0, "evil.py"))
+    learner = Learner(anml_layers(4, 6, 10))
+    save_learner(learner, tmp_path / "forged.net", "legacy")
+    assert f"touch {marker}".encode() in (tmp_path / "forged.net").read_bytes()
+
+    assert import_reference(tmp_path / "forged.net").config.kind == "anml"
+    assert not marker.exists()
+
+
+def test_legacy_module_of_another_class_is_refused(tmp_path):
+    # Only the Learner and its ParameterLists are admitted as module records.
+    learner = Learner(anml_layers(4, 6, 10))
+    learner.head = nn.Linear(2, 2)
+    save_learner(learner, tmp_path / "extra.net", "legacy")
+    with pytest.raises(CheckpointError, match="global torch.nn.modules.linear.Linear"):
+        import_reference(tmp_path / "extra.net")
+
+
+def test_truncated_legacy_files_are_errors(tmp_path):
+    learner = Learner(anml_layers(2, 2, 3))
+    full = tmp_path / "full.net"
+    save_learner(learner, full, "legacy")
+    data = full.read_bytes()
+    assert import_reference(full).config.nm_channels == 2
+    # Every kind of place: headers, the main pickle, the key list, counts and storage bytes.
+    cuts = sorted(set(range(0, len(data), max(1, len(data) // 300))) | {1, 20, len(data) - 1, len(data) - 8})
+    for cut in cuts:
+        truncated = tmp_path / "cut.net"
+        truncated.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=str(truncated)) as err:
+            import_reference(truncated)
+        assert "\n" not in str(err.value), cut
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_learner_under_another_module_path_is_still_inert(tmp_path, fmt):
     # A fork that moved the Learner: its name maps to the same inert record.
     learner = Learner(anml_layers(4, 6, 10))
     mod = types.ModuleType("anml_fork_learner")
@@ -243,7 +416,9 @@ def test_learner_under_another_module_path_is_still_inert(tmp_path):
     Learner.__module__, Learner.__qualname__ = "anml_fork_learner", "Learner"
     sys.modules["anml_fork_learner"] = mod
     try:
-        torch.save(learner, tmp_path / "fork.net")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.save(learner, tmp_path / "fork.net", _use_new_zipfile_serialization=fmt == "zip")
     finally:
         Learner.__module__, Learner.__qualname__ = old
         del sys.modules["anml_fork_learner"]
@@ -275,8 +450,9 @@ class RunsCommand:
         return (os.system, (self.command,))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("inside_learner", [False, True], ids=["bare", "inside-learner"])
-def test_pickled_code_is_refused_and_not_run(tmp_path, inside_learner):
+def test_pickled_code_is_refused_and_not_run(tmp_path, inside_learner, fmt):
     marker = tmp_path / "pwned"
     payload = RunsCommand(f"touch {marker}")
     path = tmp_path / "evil.net"
@@ -284,9 +460,10 @@ def test_pickled_code_is_refused_and_not_run(tmp_path, inside_learner):
         # Even wrapped in an otherwise genuine Learner, mapping the Learner to a stub admits nothing else.
         learner = Learner(anml_layers(4, 6, 10))
         learner.payload = payload
-        save_learner(learner, path)
+        save_learner(learner, path, fmt)
     else:
-        torch.save({"vars.0": payload}, path)
+        torch.save({"vars.0": payload}, path, _use_new_zipfile_serialization=fmt == "zip")
+    assert b"system" in path.read_bytes()  # the payload really is in the file
     assert not marker.exists()
 
     with pytest.raises(CheckpointError) as err:
@@ -298,12 +475,13 @@ def test_pickled_code_is_refused_and_not_run(tmp_path, inside_learner):
     assert not marker.exists()
 
 
-def test_builtin_eval_is_refused(tmp_path):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_builtin_eval_is_refused(tmp_path, fmt):
     class Evaluates:
         def __reduce__(self):
             return (eval, ("1 + 1",))
 
-    torch.save([Evaluates()], tmp_path / "eval.net")
+    torch.save([Evaluates()], tmp_path / "eval.net", _use_new_zipfile_serialization=fmt == "zip")
     with pytest.raises(CheckpointError, match="eval"):
         import_reference(tmp_path / "eval.net")
 
