@@ -24,9 +24,9 @@ def extensions():
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     with_cuda = bool(cu) and (os.environ.get("FORCE_CUDA") == "1" or cpp_extension.CUDA_HOME is not None)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    args = {"cxx": ["-O3", "-std=c++17"]}
+    args = {"cxx": ["-O3", "-std=c++20"]}
     if with_cuda:
-        args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        args["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
         ext = cpp_extension.CUDAExtension("anml_fast._C", cpp + cu, extra_compile_args=args,
                                           define_macros=[("ANML_FAST_WITH_CUDA", "1")])
     else:
@@ -54,6 +54,9 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",
+        # the Triton kernels (kernels/); CUDA builds of torch bring it, and without it the ops
+        # fall back to their twins
+        "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["anml-fast = anml_fast.cli:main"]},

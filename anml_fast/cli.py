@@ -29,6 +29,9 @@ def _common(p: argparse.ArgumentParser, data: bool = True, device: bool = True) 
                        help="download Omniglot into ROOT with torchvision if it is not there")
     if device:
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+        p.add_argument("--backend", choices=["auto", "compiled", "torch"], default="auto",
+                       help="which implementation of the ops runs: the compiled kernels on CUDA when they "
+                            "work (auto), always the compiled ones (compiled), or the plain-PyTorch twins (torch)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -176,8 +179,10 @@ def _log(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import commands
+    from . import commands, ops
 
+    if getattr(args, "backend", None):
+        ops.set_backend(args.backend)
     try:
         return getattr(commands, args.command.replace("-", "_"))(args)
     except AnmlFastError as e:

@@ -4,8 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from anml_fast.data.cache import OmniglotImages
-from anml_fast.models import ModelConfig
+if not torch.cuda.is_available():
+    # Triton's interpreter runs the kernels on CPU tensors; it must be on before any kernel is
+    # defined, i.e. before anything imports anml_fast.ops.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from anml_fast.data.cache import OmniglotImages  # noqa: E402
+from anml_fast.models import ModelConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

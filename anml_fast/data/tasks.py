@@ -44,8 +44,8 @@ class MetaTrainSampler:
     """Samples the protocol's meta-training tasks from the first 963 background classes."""
 
     def __init__(self, data: OmniglotImages, device: torch.device | str,
-                 num_classes: int = META_TRAIN_CLASSES):
-        self.images = normalize(data.background[:num_classes], device)  # [C, 20, 1, 28, 28]
+                 num_classes: int = META_TRAIN_CLASSES, dtype: torch.dtype = torch.float32):
+        self.images = normalize(data.background[:num_classes], device).to(dtype)  # [C, 20, 1, 28, 28]
         self.num_classes, self.num_drawings = self.images.shape[:2]
         self.device = torch.device(device)
 
@@ -72,8 +72,8 @@ class MetaTestSet:
     """The evaluation classes split into drawings 1-15 (train) and 16-20 (test), on the device."""
 
     def __init__(self, data: OmniglotImages, device: torch.device | str,
-                 pool: int = META_TEST_POOL):
-        images = normalize(data.evaluation, device)  # [659, 20, 1, 28, 28]
+                 pool: int = META_TEST_POOL, dtype: torch.dtype = torch.float32):
+        images = normalize(data.evaluation, device).to(dtype)  # [659, 20, 1, 28, 28]
         self.train = images[:, :TRAIN_DRAWINGS]
         self.test = images[:, TRAIN_DRAWINGS:]
         self.pool = pool

@@ -55,6 +55,10 @@ class Network:
         w, b = params[f"{self.output_layer}.weight"], params[f"{self.output_layer}.bias"]
         return F.linear(self.features(params, x, gate), w, b)
 
+    def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy of the logits (models with a fused head override this)."""
+        return F.cross_entropy(self.forward(params, x, gate), y)
+
     def gate_params(self) -> tuple[str, ...]:
         """Prefixes of the parameters `gate` reads (they must not adapt if `gate` is reused)."""
         return ()
@@ -148,6 +152,12 @@ class ANML(Network):
         if gate is None:
             gate = self.gate(params, x)
         return ops.gated_head(self.trunk(params, "pln", x), gate, params["pln.fc.weight"], params["pln.fc.bias"])
+
+    def loss(self, params, x, y, gate=None):
+        if gate is None:
+            gate = self.gate(params, x)
+        return ops.gated_head_cross_entropy(self.trunk(params, "pln", x), gate, params["pln.fc.weight"],
+                                            params["pln.fc.bias"], y)
 
 
 class OML(Network):

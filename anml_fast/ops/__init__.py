@@ -1,18 +1,138 @@
-"""The ops the models and trainers call, and the one place that decides which implementation runs.
+"""The ops that models and trainers call, and the one place that decides which implementation runs.
 
-Today every op runs its plain-PyTorch twin (`anml_fast.ops.reference`); compiled backends register
-here when they are built, and `backend="torch"` forces the twins.
+Every op has a compiled implementation and a plain-PyTorch twin in `reference` with the same
+signature (the twin is the fallback and the tests' reference):
+
+  op                                     compiled implementation
+  conv_block                             C++/CUDA extension: cuDNN conv + one fused norm/ReLU/pool kernel
+  gated_head, gated_head_cross_entropy   Triton: gate, linear layer and cross-entropy fused
+  gated_head_ce_sgd_                     Triton: the head's batch-1 SGD step, dW never written
+  sgd_update, adam_update_               C++/CUDA extension: one launch over all tensors
+
+Which one runs, per call (`backend=`), for a block (`with use_backend(...)`), or for the process
+(`set_backend`):
+  "auto"      the compiled op for CUDA tensors when it works here, else the twin. The Triton head
+              only up to 16 rows: at the meta-loss's 84 rows cuBLAS's GEMM beats Triton's fp32 dot.
+              On the CPU the twins run: the C++ CPU kernels exist to test the ops' arithmetic;
+  "compiled"  the compiled op on any device where it works; an error where it does not;
+  "torch"     the twin.
+`available()` reports what is built and works: it runs each op once (the answer is remembered).
+Call it before `torch.compile` traces a model, so that the self-tests are not traced.
+Second order: every compiled op's backward, when asked for a graph (create_graph=True),
+differentiates its twin, so double backward is exact (gradgradcheck in the tests).
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+
 from . import reference
-from .reference import adam_update_, conv_block, gated_head, sgd_update
+from . import conv_block as _conv_block_ext  # bound before the op names below, which they shadow
+from . import gated_head as _gated_head_triton
+from . import multi_tensor as _multi_tensor_ext
 
-BACKENDS = ("torch",)
+BACKENDS = ("auto", "compiled", "torch")
+_setting = "auto"
+_TRITON_HEAD_MAX_ROWS = 16
 
-__all__ = ["adam_update_", "conv_block", "gated_head", "sgd_update", "reference", "available"]
+_COMPILED = {
+    "conv_block": _conv_block_ext,
+    "sgd_update": _multi_tensor_ext,
+    "adam_update_": _multi_tensor_ext,
+    "gated_head": _gated_head_triton,
+    "gated_head_cross_entropy": _gated_head_triton,
+    "gated_head_ce_sgd_": _gated_head_triton,
+}
 
 
-def available() -> dict[str, bool]:
-    """Which backends are built and work here (the twins always do)."""
-    return {"torch": True}
+def set_backend(name: str) -> None:
+    """The process-wide default backend ("auto", "compiled" or "torch")."""
+    global _setting
+    _check(name)
+    _setting = name
+
+
+def get_backend() -> str:
+    return _setting
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run a block with another default backend, e.g. `with use_backend("torch"):` for the twins."""
+    global _setting
+    _check(name)
+    old, _setting = _setting, name
+    try:
+        yield
+    finally:
+        _setting = old
+
+
+def _check(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is not one of {BACKENDS}")
+
+
+def choose(op: str, device: torch.device, backend: str | None = None, rows: int = 1) -> Callable:
+    """The implementation of `op` that runs for tensors on `device` (`rows`: the batch size)."""
+    backend = backend or _setting
+    _check(backend)
+    module = _COMPILED[op]
+    if backend == "torch":
+        return getattr(reference, op)
+    if backend == "compiled":
+        if not module.available(device):
+            raise RuntimeError(f"compiled {op} does not work on {device.type} here: "
+                               f"{module.unavailable_reason(device)} (use backend='torch')")
+        return getattr(module, op)
+    if device.type != "cuda" or (module is _gated_head_triton and rows > _TRITON_HEAD_MAX_ROWS):
+        return getattr(reference, op)
+    return getattr(module, op) if module.available(device) else getattr(reference, op)
+
+
+def conv_block(x, weight, bias, norm_weight, norm_bias, pool: bool, *, backend: str | None = None):
+    return choose("conv_block", x.device, backend)(x, weight, bias, norm_weight, norm_bias, pool)
+
+
+def gated_head(h, gate_logits, weight, bias, *, backend: str | None = None):
+    return choose("gated_head", h.device, backend, h.shape[0])(h, gate_logits, weight, bias)
+
+
+def gated_head_cross_entropy(h, gate_logits, weight, bias, target, *, backend: str | None = None):
+    fn = choose("gated_head_cross_entropy", h.device, backend, h.shape[0])
+    return fn(h, gate_logits, weight, bias, target)
+
+
+def gated_head_ce_sgd_(h, gate_logits, weight, bias, target, lr: float, *, backend: str | None = None):
+    fn = choose("gated_head_ce_sgd_", h.device, backend, h.shape[0])
+    return fn(h, gate_logits, weight, bias, target, lr)
+
+
+def sgd_update(params, grads, lr: float, *, backend: str | None = None):
+    if not params:
+        return []
+    return choose("sgd_update", params[0].device, backend)(params, grads, lr)
+
+
+def adam_update_(params, grads, exp_avgs, exp_avg_sqs, step: int, lr: float, beta1: float = 0.9,
+                 beta2: float = 0.999, eps: float = 1e-8, *, backend: str | None = None) -> None:
+    if params:
+        choose("adam_update_", params[0].device, backend)(params, grads, exp_avgs, exp_avg_sqs,
+                                                          step, lr, beta1, beta2, eps)
+
+
+def available() -> dict:
+    """What works here, per op and device type: True, or the reason it does not."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    report: dict = {"torch": True}
+    for op, module in _COMPILED.items():
+        for dev in devices:
+            report[f"{op}@{dev}"] = True if module.available(dev) else module.unavailable_reason(dev)
+    return report
+
+
+__all__ = ["BACKENDS", "available", "choose", "get_backend", "set_backend", "use_backend", "reference",
+           "conv_block", "gated_head", "gated_head_cross_entropy", "gated_head_ce_sgd_",
+           "sgd_update", "adam_update_"]

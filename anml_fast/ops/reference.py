@@ -29,6 +29,30 @@ def gated_head(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.Tensor,
     return F.linear(h * torch.sigmoid(gate_logits), weight, bias)
 
 
+def gated_head_cross_entropy(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of cross_entropy(gated_head(h, gate_logits, weight, bias), target)."""
+    return F.cross_entropy(gated_head(h, gate_logits, weight, bias), target)
+
+
+def gated_head_ce_sgd_(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor, target: torch.Tensor, lr: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dh, dgate_logits) of the head's cross-entropy, then weight -= lr dW, bias -= lr db in place.
+
+    One batch-1 SGD step of the head outside autograd; dh and dgate_logits (taken with the weight
+    before the update) continue the backward into the trunks.
+    """
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (h, gate_logits, weight, bias)]
+        loss = gated_head_cross_entropy(*leaves, target)
+        dh, dz, dw, db = torch.autograd.grad(loss, leaves)
+    with torch.no_grad():
+        weight.sub_(dw, alpha=lr)
+        bias.sub_(db, alpha=lr)
+    return loss.detach(), dh, dz
+
+
 def sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
     """New tensors w - lr * g (out of place: the inner loop keeps its starting weights)."""
     return torch._foreach_sub(params, grads, alpha=lr) if params else []

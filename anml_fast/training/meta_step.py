@@ -36,8 +36,7 @@ def inner_loop(net: Network, params: Params, inner_names: list[str], x: torch.Te
     if second_order:
         fast = {n: params[n] for n in inner_names}
         for k in range(x.shape[0]):
-            logits = net.forward({**params, **fast}, x[k:k + 1], None if gate is None else gate[k:k + 1])
-            loss = F.cross_entropy(logits, y[k:k + 1])
+            loss = net.loss({**params, **fast}, x[k:k + 1], y[k:k + 1], None if gate is None else gate[k:k + 1])
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
             fast = dict(zip(fast, ops.sgd_update(list(fast.values()), list(grads), lr)))
         return fast
@@ -46,8 +45,7 @@ def inner_loop(net: Network, params: Params, inner_names: list[str], x: torch.Te
     gate = None if gate is None else gate.detach()
     leaves = {n: fixed[n].clone().requires_grad_() for n in inner_names}
     for k in range(x.shape[0]):
-        logits = net.forward({**fixed, **leaves}, x[k:k + 1], None if gate is None else gate[k:k + 1])
-        loss = F.cross_entropy(logits, y[k:k + 1])
+        loss = net.loss({**fixed, **leaves}, x[k:k + 1], y[k:k + 1], None if gate is None else gate[k:k + 1])
         grads = torch.autograd.grad(loss, list(leaves.values()))
         with torch.no_grad():
             new = ops.sgd_update(list(leaves.values()), list(grads), lr)

@@ -87,7 +87,7 @@ class MetaTrainer:
     def __init__(self, config: MetaTrainConfig, data: OmniglotImages, out_dir: str | Path,
                  device: str | torch.device = "cpu", resume: bool = False, progress: bool = True,
                  log: Callable[[str], None] = print,
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int], None] | None = None, dtype: torch.dtype = torch.float32):
         config.validate()
         self.config, self.out = config, Path(out_dir)
         self.device = torch.device(device)
@@ -95,10 +95,11 @@ class MetaTrainer:
         self.net = build(config.model_config())
         names = [s.name for s in self.net.param_specs()]
         self.inner_names = select(names, config.inner_layers or self.net.inner_default)
-        self.sampler = MetaTrainSampler(data, self.device)
-        self.test_set = MetaTestSet(data, self.device) if config.eval_every else None
+        # dtype: float64 lets the tests compare implementations without float32's cancellation
+        self.sampler = MetaTrainSampler(data, self.device, dtype=dtype)
+        self.test_set = MetaTestSet(data, self.device, dtype=dtype) if config.eval_every else None
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
-        self.params = self.net.init_params(self.generator, self.device)
+        self.params = self.net.init_params(self.generator, self.device, dtype)
         self.opt = Adam(self.params, lr=config.meta_lr)
         self.step = 0
         self._prepare_out(resume)

@@ -1,0 +1,155 @@
+"""The gated conv block as one compiled op: conv3x3 -> per-plane norm with affine -> ReLU -> max-pool.
+
+Forward, per (sample n, channel c) plane of y = conv(x, W):
+    xhat = (y - mean) * rstd,  rstd = 1 / sqrt(var + 1e-5) (biased),  a = relu(gamma * xhat + beta),
+    out = maxpool2x2(a) if pool else a.  The conv bias b cancels in y - mean, so it is not added.
+Backward: gz = dout routed to each pool window's argmax, times [z > 0];  dgamma = sum gz * xhat,
+    dbeta = sum gz;  dy = gamma * rstd * (gz - mean(gz) - xhat * mean(gz * xhat));  dx, dW from
+    ATen's convolution backward;  db = 0 exactly.
+
+The op `anml_fast::conv_block` returns (out, conv_out, mean, rstd): the backward recomputes xhat, z
+and the argmax from those instead of the forward storing activations. Kernels: csrc/conv_block.cpp
+(CPU), csrc/cuda/conv_block.cu (CUDA), sharing csrc/conv_block_plane.h. The fused backward is not
+itself differentiable: when a second-order gradient is asked for (create_graph=True), the backward
+is computed instead by differentiating the plain-PyTorch twin, which autograd can differentiate
+again. The forward's values, and first-order gradients, stay the fused kernels'.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _ext, reference
+
+_OP = "anml_fast::conv_block"
+_BWD_OP = "anml_fast::conv_block_backward"
+_LOADED = _ext.load() is not None
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The op-math type the kernels keep mean and rstd in.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               norm_weight: torch.Tensor, norm_bias: torch.Tensor, pool: bool) -> torch.Tensor:
+    """relu(norm(conv3x3(x) + bias)) then an optional 2x2 max-pool, by the compiled kernels.
+
+    Same signature and result as `anml_fast.ops.reference.conv_block`.
+    """
+    return conv_block_forward(x, weight, bias, norm_weight, norm_bias, pool)[0]
+
+
+def conv_block_forward(x, weight, bias, norm_weight, norm_bias, pool: bool):
+    """The op itself: (out, conv_out, mean, rstd), the last three being what its backward reads."""
+    if not _LOADED:
+        raise RuntimeError(f"anml_fast's compiled extension is not available ({_ext.error()}); "
+                           "use backend='torch'")
+    return torch.ops.anml_fast.conv_block(x, weight, bias, norm_weight, norm_bias, bool(pool))
+
+
+def conv_block_backward(grad_out, x, weight, conv_out, mean, rstd, norm_weight, norm_bias,
+                        pool: bool, output_mask=(True, True, True)):
+    """(grad_x, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias); a conv grad left out
+    of output_mask comes back as an empty tensor."""
+    return torch.ops.anml_fast.conv_block_backward(grad_out, x, weight, conv_out, mean, rstd,
+                                                   norm_weight, norm_bias, bool(pool),
+                                                   [bool(m) for m in output_mask])
+
+
+def _register() -> None:
+    @torch.library.register_fake(_OP)
+    def _conv_block_fake(x, weight, bias, norm_weight, norm_bias, pool):
+        n, c = x.shape[0], weight.shape[0]
+        h, w = x.shape[2] - weight.shape[2] + 1, x.shape[3] - weight.shape[3] + 1
+        conv_out = x.new_empty((n, c, h, w))
+        out = x.new_empty((n, c, h // 2, w // 2) if pool else (n, c, h, w))
+        stats = x.new_empty((n, c), dtype=_stats_dtype(x.dtype))
+        return out, conv_out, stats, torch.empty_like(stats)
+
+    @torch.library.register_fake(_BWD_OP)
+    def _conv_block_backward_fake(grad_out, x, weight, conv_out, mean, rstd, norm_weight,
+                                  norm_bias, pool, output_mask):
+        grad_x = torch.empty_like(x) if output_mask[0] else x.new_empty((0,))
+        grad_weight = torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,))
+        grad_bias = weight.new_empty((weight.shape[0],) if output_mask[2] else (0,))
+        return (grad_x, grad_weight, grad_bias, torch.empty_like(norm_weight),
+                torch.empty_like(norm_bias))
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, bias, norm_weight, norm_bias, pool = inputs
+        _, conv_out, mean, rstd = output
+        ctx.pool = bool(pool)
+        ctx.mark_non_differentiable(conv_out, mean, rstd)
+        ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias, conv_out, mean, rstd)
+
+    def _backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_rstd):
+        x, weight, bias, norm_weight, norm_bias, conv_out, mean, rstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():
+            # create_graph=True: build the graph of the gradient itself, through the twin.
+            return _twin_backward(grad_out, (x, weight, bias, norm_weight, norm_bias), needs,
+                                  ctx.pool)
+        grads = torch.ops.anml_fast.conv_block_backward(
+            grad_out, x, weight, conv_out, mean, rstd, norm_weight, norm_bias, ctx.pool,
+            [needs[0], needs[1], needs[2]])
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,)
+
+    torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+
+
+def _twin_backward(grad_out, inputs, needs, pool):
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        out = reference.conv_block(*inputs, pool)
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True,
+                                         allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs) + (None,)
+
+
+if _LOADED:
+    _register()
+
+
+@functools.cache
+def _failure_on(device_type: str) -> str | None:
+    """Runs the op forward and backward once on `device_type` against the twin; None if it works."""
+    if not _LOADED:
+        return f"extension not loaded: {_ext.error()}"
+    try:
+        g = torch.Generator().manual_seed(0)
+        args = [torch.randn(s, generator=g).to(device_type).requires_grad_()
+                for s in [(2, 3, 8, 7), (4, 3, 3, 3), (4,), (4,), (4,)]]
+        grad = None
+        for fn in (conv_block, reference.conv_block):
+            out = fn(*args, pool=True)
+            got = torch.autograd.grad(out.square().sum(), args)
+            if grad is not None and not all(torch.allclose(a, b, atol=1e-3, rtol=1e-3)
+                                            for a, b in zip((out, *got), grad)):
+                return "results differ from the plain-PyTorch twin"
+            grad = (out, *got)
+        return None
+    except Exception as e:  # no kernel for this device, a driver or architecture mismatch, ...
+        return f"{type(e).__name__}: {e}"
+
+
+def _device_types(device) -> list[str]:
+    if device is not None:
+        return [torch.device(device).type]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def available(device: str | torch.device | None = None) -> bool:
+    """Whether the compiled op runs, and agrees with the twin, on `device` (default: the CPU and,
+    if present, the GPU). The check runs the op once per device type and is then remembered."""
+    return all(_failure_on(t) is None for t in _device_types(device))
+
+
+def unavailable_reason(device: str | torch.device | None = None) -> str | None:
+    """Why `available(device)` is False (None when it is True)."""
+    for t in _device_types(device):
+        reason = _failure_on(t)
+        if reason is not None:
+            return f"{t}: {reason}"
+    return None

@@ -1,0 +1,168 @@
+"""The gated head of ANML on its fused Triton ops (`anml_fast.kernels.gated_head`), and their twins.
+
+  gated_head(h, gate_logits, weight, bias) -> logits          = (h * sigmoid(gate_logits)) @ W^T + b
+  gated_head_cross_entropy(h, gate_logits, weight, bias, target) -> mean cross-entropy of those logits
+  gated_head_ce_sgd_(h, gate_logits, weight, bias, target, lr) -> (loss, dh, dgate_logits), with
+      weight -= lr * dW and bias -= lr * db in place: one batch-1 SGD step of the head, the inner
+      loop's, outside autograd; dh and dgate_logits (computed with the weight before the update)
+      continue the backward into the trunks.
+
+Each has a plain-PyTorch twin with the same signature (`*_reference`). The Triton versions take
+float32 or float64 on CUDA (or on CPU when the kernels were defined under TRITON_INTERPRET=1).
+First-order grads come from the kernels; under create_graph (second order) the backward
+differentiates the twin instead, which autograd can differentiate again.
+A machine without Triton can still import this module; `available()` says whether the ops work
+here (it runs them), `unavailable_reason()` why not. Without CUDA they work only when the kernels
+were defined under TRITON_INTERPRET=1, i.e. when it was set before this module was imported.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "gated_head", "gated_head_cross_entropy", "gated_head_ce_sgd_",
+    "gated_head_reference", "gated_head_cross_entropy_reference", "gated_head_ce_sgd_reference_",
+    "available", "unavailable_reason",
+]
+
+
+# the plain-PyTorch twins (ops/reference.py), under the names the tests and benchmarks use
+from .reference import gated_head as gated_head_reference  # noqa: E402  (the twins)
+from .reference import gated_head_ce_sgd_ as gated_head_ce_sgd_reference_  # noqa: E402
+from .reference import gated_head_cross_entropy as gated_head_cross_entropy_reference  # noqa: E402
+
+
+# ---------------------------------------------------------------- Triton
+
+def _import_kernels():
+    try:
+        from anml_fast.kernels import gated_head as kernels
+    except ModuleNotFoundError as e:
+        if e.name != "anml_fast.kernels":
+            raise
+        # A source checkout run without installing (PYTHONPATH=.): setup.py maps kernels/ to
+        # anml_fast.kernels only at install time. Only one of the two names is ever imported
+        # here, so the ops are registered once.
+        from kernels import gated_head as kernels
+    return kernels
+
+
+# Imported with this module, not on first use: torch.compile cannot trace an import inside the
+# ops. A failure (no Triton, say) is kept for available() and for the error the ops then raise.
+try:
+    _KERNELS, _IMPORT_ERROR = _import_kernels(), None
+except Exception as e:  # anything at all means "these kernels are not here"
+    _KERNELS, _IMPORT_ERROR = None, f"{type(e).__name__}: {e}"
+
+
+def _kernels():
+    if _KERNELS is None:
+        raise RuntimeError(f"anml_fast's Triton gated-head ops are not available ({_IMPORT_ERROR}); "
+                           "use backend='torch'")
+    return _KERNELS
+
+
+def gated_head(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor) -> torch.Tensor:
+    """logits = (h * sigmoid(gate_logits)) @ weight^T + bias, for h of shape [..., F]."""
+    lead = h.shape[:-1]
+    logits = _kernels().gated_head_fwd(h.reshape(-1, h.shape[-1]),
+                                       gate_logits.reshape(-1, gate_logits.shape[-1]), weight, bias)
+    return logits.reshape(*lead, weight.shape[0])
+
+
+def gated_head_cross_entropy(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of cross_entropy(gated_head(h, gate_logits, weight, bias), target), fused:
+    the [B, O] logits are kept for the backward, dlogits never exists in memory."""
+    loss, _, _ = _kernels().gated_head_ce_fwd(h, gate_logits, weight, bias, target)
+    return loss
+
+
+def gated_head_ce_sgd_(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor, target: torch.Tensor, lr: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dh, dgate_logits) of the mean cross-entropy; weight and bias take one SGD step in place.
+
+    dW is applied inside the kernel that computes it and never written. Runs outside autograd
+    (like an optimizer step): nothing here is recorded, whatever requires grad.
+    """
+    with torch.no_grad():
+        return _kernels().gated_head_ce_sgd_(h, gate_logits, weight, bias, target, float(lr))
+
+
+# ---------------------------------------------------------------- availability
+
+def _kernels_interpreted() -> bool:
+    """Whether the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return _KERNELS is not None and _KERNELS.interpreted()
+
+
+_STATE: dict[str, object] = {}
+
+
+def available(device: str | torch.device | None = None) -> bool:
+    """Whether the Triton ops run here (for tensors on `device`, if given): imports them and runs
+    each once against its twin (cached).
+
+    On CUDA when a GPU is present; otherwise on CPU, which works only when the kernels were
+    defined under TRITON_INTERPRET=1 (Triton's interpreter: for tests, far too slow for training).
+    """
+    if device is not None:
+        on_cuda = torch.device(device).type == "cuda"
+        if on_cuda != torch.cuda.is_available() or (not on_cuda and not _kernels_interpreted()):
+            return False
+    if "ok" not in _STATE:
+        try:
+            _STATE["reason"] = _self_test()
+        except Exception as e:  # anything at all means "do not use these kernels here"
+            _STATE["reason"] = f"{type(e).__name__}: {e}"
+        _STATE["ok"] = _STATE["reason"] is None
+    return bool(_STATE["ok"])
+
+
+def unavailable_reason(device: str | torch.device | None = None) -> str | None:
+    """Why `available(device)` said no (None if it said yes or has not run)."""
+    if device is not None and torch.device(device).type == "cpu" and not _kernels_interpreted():
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    return _STATE.get("reason")  # type: ignore[return-value]
+
+
+def _self_test() -> str | None:
+    kernels = _kernels()
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif _kernels_interpreted():
+        device = torch.device("cpu")
+    else:
+        return "no CUDA device, and the kernels were not defined under TRITON_INTERPRET=1"
+    g = torch.Generator().manual_seed(0)
+    B, F_, O = 3, 40, 37  # odd sizes: exercise every mask
+    h, z = torch.randn(B, F_, generator=g), torch.randn(B, F_, generator=g)
+    w, b = torch.randn(O, F_, generator=g) * 0.2, torch.randn(O, generator=g)
+    y = torch.randint(0, O, (B,), generator=g)
+    h, z, w, b, y = (t.to(device) for t in (h, z, w, b, y))
+
+    leaves = [t.clone().requires_grad_() for t in (h, z, w, b)]
+    loss = gated_head_cross_entropy(*leaves, y)
+    grads = torch.autograd.grad(loss, leaves)
+    ref_leaves = [t.clone().requires_grad_() for t in (h, z, w, b)]
+    ref_loss = gated_head_cross_entropy_reference(*ref_leaves, y)
+    ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
+    logits = gated_head(h, z, w, b)
+    w1, b1 = w.clone(), b.clone()
+    sgd = gated_head_ce_sgd_(h, z, w1, b1, y, 0.1)
+    w2, b2 = w.clone(), b.clone()
+    ref_sgd = gated_head_ce_sgd_reference_(h, z, w2, b2, y, 0.1)
+
+    checks = {"logits": (logits, gated_head_reference(h, z, w, b)), "loss": (loss, ref_loss),
+              "sgd weight": (w1, w2), "sgd bias": (b1, b2)}
+    checks.update({f"grad {n}": p for n, p in zip(("h", "gate_logits", "weight", "bias"), zip(grads, ref_grads))})
+    checks.update({f"sgd {n}": p for n, p in zip(("loss", "dh", "dgate_logits"), zip(sgd, ref_sgd))})
+    for name, (got, want) in checks.items():
+        if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+            return f"{name} differs from the plain-PyTorch twin on {device} " \
+                   f"(max |diff| {(got - want).abs().max().item():.3g})"
+    return None

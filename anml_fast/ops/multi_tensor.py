@@ -1,0 +1,124 @@
+"""The inner-loop and meta-optimiser updates as compiled multi-tensor ops: every tensor in one launch.
+
+    sgd_update:    out_i = p_i - lr * g_i  (new tensors; the inner loop keeps its starting weights).
+                   Backward: dp_i = dout_i, dg_i = -lr * dout_i (so second-order meta-gradients
+                   flow through it).
+    adam_update_:  torch.optim.Adam's step in place, step counting from 1:
+                   m = lerp(m, g, 1 - b1);  v = b2 v + (1 - b2) g^2;
+                   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).  No autograd.
+
+Kernels: csrc/multi_tensor.cpp (CPU, one fused pass per tensor) and csrc/cuda/multi_tensor.cu
+(one launch over all tensors, the pointer table passed as a kernel argument).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _ext, reference
+
+_SGD_OP = "anml_fast::sgd_update"
+_ADAM_OP = "anml_fast::adam_update_"
+_LOADED = _ext.load() is not None
+
+
+def _require() -> None:
+    if not _LOADED:
+        raise RuntimeError(f"anml_fast's compiled extension is not available ({_ext.error()}); "
+                           "use backend='torch'")
+
+
+def sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
+    """New tensors w - lr * g, in one kernel launch on the GPU. Same as the twin's."""
+    _require()
+    if not params:  # no tensor to pick a device from
+        return []
+    return torch.ops.anml_fast.sgd_update(params, grads, float(lr))
+
+
+def adam_update_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                 exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], step: int,
+                 lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+    """One Adam step in place, as torch.optim.Adam computes it, in one launch on the GPU."""
+    _require()
+    if not params:
+        return
+    torch.ops.anml_fast.adam_update_(params, grads, exp_avgs, exp_avg_sqs, int(step), float(lr),
+                                     float(beta1), float(beta2), float(eps))
+
+
+def _register() -> None:
+    @torch.library.register_fake(_SGD_OP)
+    def _sgd_update_fake(params, grads, lr):
+        return [p.new_empty(p.shape) for p in params]
+
+    @torch.library.register_fake(_ADAM_OP)
+    def _adam_update_fake(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1=0.9, beta2=0.999,
+                          eps=1e-8):
+        return None
+
+    def _sgd_setup_context(ctx, inputs, output):
+        ctx.lr = inputs[2]
+
+    # Plain ATen arithmetic, so that it is itself differentiable (second-order inner loops).
+    def _sgd_backward(ctx, grad_outs):
+        grad_params = list(grad_outs)
+        grad_grads = [None if g is None else g * -ctx.lr for g in grad_outs]
+        return grad_params, grad_grads, None
+
+    torch.library.register_autograd(_SGD_OP, _sgd_backward, setup_context=_sgd_setup_context)
+
+
+if _LOADED:
+    _register()
+
+
+@functools.cache
+def _failure_on(device_type: str) -> str | None:
+    """Runs both ops once on `device_type` against the twins; None if they work."""
+    if not _LOADED:
+        return f"extension not loaded: {_ext.error()}"
+    try:
+        g = torch.Generator().manual_seed(0)
+        shapes = [(5, 3), (7,), (2, 3, 4)]
+
+        def lists():
+            return [[torch.randn(s, generator=g).to(device_type) for s in shapes] for _ in range(4)]
+
+        p, gr, _, _ = lists()
+        for a, b in zip(sgd_update(p, gr, 0.1), reference.sgd_update(p, gr, 0.1)):
+            if not torch.allclose(a, b, atol=1e-6, rtol=1e-6):
+                return "sgd_update differs from the plain-PyTorch twin"
+        ours = lists()
+        ours[3] = [v.abs() for v in ours[3]]
+        theirs = [[t.clone() for t in lst] for lst in ours]
+        adam_update_(*ours, 3, 1e-2)
+        reference.adam_update_(*theirs, 3, 1e-2)
+        for a, b in zip(ours[0] + ours[2] + ours[3], theirs[0] + theirs[2] + theirs[3]):
+            if not torch.allclose(a, b, atol=1e-6, rtol=1e-5):
+                return "adam_update_ differs from the plain-PyTorch twin"
+        return None
+    except Exception as e:  # no kernel for this device, a driver or architecture mismatch, ...
+        return f"{type(e).__name__}: {e}"
+
+
+def _device_types(device) -> list[str]:
+    if device is not None:
+        return [torch.device(device).type]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def available(device: str | torch.device | None = None) -> bool:
+    """Whether both compiled ops run, and agree with the twins, on `device` (default: the CPU and,
+    if present, the GPU). The check runs them once per device type and is then remembered."""
+    return all(_failure_on(t) is None for t in _device_types(device))
+
+
+def unavailable_reason(device: str | torch.device | None = None) -> str | None:
+    """Why `available(device)` is False (None when it is True)."""
+    for t in _device_types(device):
+        reason = _failure_on(t)
+        if reason is not None:
+            return f"{t}: {reason}"
+    return None

@@ -1,0 +1,130 @@
+"""The compiled multi-tensor updates (C++/CUDA) against their plain-PyTorch twins, at ANML's sizes.
+
+sgd_update over the PLN's 14 tensors (3.5M values: the inner loop's step, 20 per task) and over all
+28 tensors; adam_update_ over all 28 (6.1M values: the meta-step), with torch.optim.Adam's own
+fused CUDA step as a further baseline. Batch size does not enter an update; the sizes are the
+model's, read from anml_fast.models so that they are the ones the trainer uses. Each timed call
+ends with torch.cuda.synchronize(); peak memory above the inputs is recorded in extra_info.
+
+    python3 -m pytest bench/bench_multi_tensor.py --benchmark-json=multi_tensor.json
+    python3 bench/bench_multi_tensor.py multi_tensor.json      # the markdown table for the README
+"""
+import importlib
+import json
+import sys
+
+import pytest
+import torch
+
+from anml_fast.models import ModelConfig, build, select
+from anml_fast.ops import reference
+
+mt = importlib.import_module("anml_fast.ops.multi_tensor")
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not mt.available("cuda"),
+                                reason="needs a CUDA GPU and the extension's CUDA kernels")
+
+ROUNDS = 200
+_NET = build(ModelConfig())
+PARTS = {"pln": select(_NET.init_params().keys(), ["pln"]),
+         "anml": list(_NET.init_params().keys())}
+
+
+def tensors(part, count):
+    shapes = {s.name: s.shape for s in _NET.param_specs()}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [[torch.randn(shapes[n], device="cuda", generator=g) for n in PARTS[part]]
+            for _ in range(count)]
+
+
+def record_kernel_time(benchmark, fn, *args):
+    """The GPU's busy time for one call (sum of its kernels and copies, from the profiler): at
+    these sizes the wall time is mostly the CPU launching work, so both are worth reading."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(*args)
+        torch.cuda.synchronize()
+    benchmark.extra_info["kernel_us"] = sum(e.self_device_time_total for e in prof.key_averages())
+
+
+def record_peak(benchmark, fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    benchmark.extra_info["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+@pytest.mark.parametrize("part", list(PARTS))
+@pytest.mark.parametrize("impl", ["compiled", "twin"])
+def test_sgd_update(benchmark, impl, part):
+    params, grads = tensors(part, 2)
+    fn = mt.sgd_update if impl == "compiled" else reference.sgd_update
+
+    def run():
+        out = fn(params, grads, 0.1)
+        torch.cuda.synchronize()
+        return out
+
+    run()
+    record_peak(benchmark, run)
+    record_kernel_time(benchmark, run)
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=10)
+
+
+@pytest.mark.parametrize("part", ["anml"])
+@pytest.mark.parametrize("impl", ["compiled", "twin", "torch_fused"])
+def test_adam_update(benchmark, impl, part):
+    params, grads, exp_avgs, exp_avg_sqs = tensors(part, 4)
+    exp_avg_sqs = [v.abs() for v in exp_avg_sqs]
+    if impl == "torch_fused":
+        # torch.optim.Adam(fused=True)'s kernel, called as its step calls it (one step count).
+        steps = [torch.tensor(10.0, device="cuda") for _ in params]
+
+        def update():
+            torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=1e-3,
+                               beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
+                               maximize=False)
+    else:
+        fn = mt.adam_update_ if impl == "compiled" else reference.adam_update_
+
+        def update():
+            fn(params, grads, exp_avgs, exp_avg_sqs, 10, 1e-3)
+
+    def run():
+        update()
+        torch.cuda.synchronize()
+
+    run()
+    record_peak(benchmark, run)
+    record_kernel_time(benchmark, run)
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=10)
+
+
+def table(path: str) -> str:
+    """Median (IQR) wall time and GPU kernel time in microseconds per implementation."""
+    rows = {}
+    for bench in json.load(open(path))["benchmarks"]:
+        if "bench_multi_tensor" not in bench["fullname"]:  # one JSON may hold several files' results
+            continue
+        p, s, info = bench["params"], bench["stats"], bench["extra_info"]
+        op = bench["name"].split("[")[0].removeprefix("test_")
+        rows.setdefault((op, p["part"]), {})[p["impl"]] = (
+            s["median"] * 1e6, s["iqr"] * 1e6, info.get("kernel_us"), info.get("peak_mb"))
+    lines = ["| op | tensors | impl | wall us (IQR) | wall vs twin | GPU us | GPU vs twin | peak MB |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    num = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    for (op, part), r in sorted(rows.items()):
+        twin_wall, _, twin_gpu, _ = r.get("twin", (None, None, None, None))
+        for impl, (m, iqr, gpu, peak) in sorted(r.items()):
+            wall_x = f"{twin_wall / m:.2f}x" if twin_wall else "-"
+            gpu_x = f"{twin_gpu / gpu:.2f}x" if twin_gpu and gpu else "-"
+            lines.append(f"| {op} | {part} ({len(PARTS[part])}) | {impl} | {m:.1f} ({iqr:.1f}) | {wall_x} | "
+                         f"{num(gpu)} | {gpu_x} | {num(peak)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(sys.argv[1]))

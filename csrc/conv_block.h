@@ -1,0 +1,98 @@
+// What the CPU and CUDA implementations of anml_fast::conv_block share around their kernels:
+// argument checks, the ATen convolution on either side of the fused normalisation, and the
+// shapes of the saved statistics.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <array>
+#include <tuple>
+
+namespace anml_fast {
+
+inline void check_conv_block_args(const at::Tensor& x, const at::Tensor& weight,
+                                  const at::Tensor& bias, const at::Tensor& norm_weight,
+                                  const at::Tensor& norm_bias) {
+  TORCH_CHECK(x.dim() == 4, "conv_block: x must be [N, C_in, H, W], got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1),
+              "conv_block: weight must be [C_out, C_in, kH, kW] with C_in = ", x.size(1),
+              ", got ", weight.sizes());
+  const int64_t c_out = weight.size(0);
+  for (const at::Tensor* t : {&bias, &norm_weight, &norm_bias}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == c_out,
+                "conv_block: bias, norm_weight and norm_bias must be [C_out] = [", c_out,
+                "], got ", t->sizes());
+  }
+  TORCH_CHECK(x.size(2) >= weight.size(2) && x.size(3) >= weight.size(3),
+              "conv_block: input ", x.sizes(), " is smaller than the kernel ", weight.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "conv_block: x must be floating point, got ",
+              x.scalar_type());
+  for (const at::Tensor* t : {&weight, &bias, &norm_weight, &norm_bias}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "conv_block: all arguments must be ",
+                x.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == x.device(), "conv_block: all arguments must be on ", x.device(),
+                ", got ", t->device());
+  }
+}
+
+// The convolution without its bias. The normalisation subtracts each plane's mean, which removes
+// any per-channel constant exactly, so adding the bias would only cost a pass over the output
+// (cuDNN adds it in a separate kernel). The fused kernels assume dense NCHW.
+inline at::Tensor conv_block_conv(const at::Tensor& x, const at::Tensor& weight) {
+  return at::conv2d(x, weight).contiguous();
+}
+
+// Per (sample, channel) statistics are kept in the op-math type (float for half/bfloat16), so the
+// backward sees the forward's mean and rstd unrounded.
+inline at::Tensor conv_block_stats_like(const at::Tensor& conv_out) {
+  return at::empty({conv_out.size(0), conv_out.size(1)},
+                   conv_out.options().dtype(at::toOpMathType(conv_out.scalar_type())));
+}
+
+// dx and dW by ATen (cuDNN on the GPU); db is exactly zero because the output does not depend on
+// the bias (an unfused implementation gets rounding noise of order eps * sum|dy| instead). Grads
+// not asked for come back as empty tensors, as the schema promises.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_block_conv_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    std::array<bool, 3> output_mask) {
+  at::Tensor grad_x, grad_weight;
+  if (output_mask[0] || output_mask[1]) {
+    std::tie(grad_x, grad_weight, std::ignore) = at::convolution_backward(
+        grad_y, x, weight, std::nullopt, /*stride=*/{1, 1}, /*padding=*/{0, 0},
+        /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1,
+        {output_mask[0], output_mask[1], false});
+  }
+  if (!output_mask[0]) {
+    grad_x = at::empty({0}, x.options());
+  }
+  if (!output_mask[1]) {
+    grad_weight = at::empty({0}, weight.options());
+  }
+  at::Tensor grad_bias = output_mask[2] ? at::zeros({weight.size(0)}, weight.options())
+                                        : at::empty({0}, weight.options());
+  return {grad_x, grad_weight, grad_bias};
+}
+
+inline void check_conv_block_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                           const at::Tensor& conv_out, const at::Tensor& mean,
+                                           const at::Tensor& rstd, bool pool) {
+  TORCH_CHECK(conv_out.dim() == 4 && conv_out.size(0) == x.size(0),
+              "conv_block_backward: conv_out must be [N, C_out, H, W], got ", conv_out.sizes());
+  const int64_t N = conv_out.size(0), C = conv_out.size(1);
+  const int64_t H = conv_out.size(2), W = conv_out.size(3);
+  const std::array<int64_t, 4> expect{N, C, pool ? H / 2 : H, pool ? W / 2 : W};
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(expect), "conv_block_backward: grad_out must be ",
+              at::IntArrayRef(expect), ", got ", grad_out.sizes());
+  TORCH_CHECK(mean.numel() == N * C && rstd.numel() == N * C,
+              "conv_block_backward: mean and rstd must hold N * C_out = ", N * C, " values");
+  TORCH_CHECK(mean.scalar_type() == at::toOpMathType(conv_out.scalar_type()) &&
+                  rstd.scalar_type() == mean.scalar_type(),
+              "conv_block_backward: mean and rstd must be ",
+              at::toOpMathType(conv_out.scalar_type()));
+  TORCH_CHECK(grad_out.scalar_type() == conv_out.scalar_type(),
+              "conv_block_backward: grad_out must be ", conv_out.scalar_type(), ", got ",
+              grad_out.scalar_type());
+}
+
+}  // namespace anml_fast

@@ -1,0 +1,162 @@
+// anml_fast::sgd_update and anml_fast::adam_update_ on the CPU: one fused pass per tensor over all
+// of its lists (ATen's Adam makes about seven), with the element arithmetic the CUDA kernel uses.
+// Also the checks and the per-tensor ATen fallback that both devices share.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "multi_tensor.h"
+
+namespace anml_fast {
+
+namespace {
+
+void check_same_layout(const char* op, const char* what, at::TensorList lists_a,
+                       at::TensorList lists_b, int64_t i) {
+  const at::Tensor& a = lists_a[i];
+  const at::Tensor& b = lists_b[i];
+  TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", what, "[", i, "] has shape ", b.sizes(),
+              " but params[", i, "] has ", a.sizes());
+  TORCH_CHECK(a.device() == b.device(), op, ": ", what, "[", i, "] is on ", b.device(),
+              " but params[", i, "] is on ", a.device());
+  TORCH_CHECK(at::isFloatingType(b.scalar_type()), op, ": ", what, "[", i,
+              "] must be floating point, got ", b.scalar_type());
+}
+
+void check_common(const char* op, at::TensorList params) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(at::isFloatingType(params[i].scalar_type()), op, ": params[", i,
+                "] must be floating point, got ", params[i].scalar_type());
+    TORCH_CHECK(params[i].device() == params[0].device(), op, ": params[", i, "] is on ",
+                params[i].device(), " but params[0] is on ", params[0].device());
+  }
+}
+
+}  // namespace
+
+int64_t check_sgd_update_args(at::TensorList params, at::TensorList grads) {
+  TORCH_CHECK(params.size() == grads.size(), "sgd_update: ", params.size(), " params but ",
+              grads.size(), " grads");
+  check_common("sgd_update", params);
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_same_layout("sgd_update", "grads", params, grads, i);
+  }
+  return static_cast<int64_t>(params.size());
+}
+
+int64_t check_adam_update_args(at::TensorList params, at::TensorList grads,
+                               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                               int64_t step) {
+  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
+                  exp_avg_sqs.size() == params.size(),
+              "adam_update_: the four lists must have one length, got ", params.size(), ", ",
+              grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size());
+  TORCH_CHECK(step >= 1, "adam_update_: step counts from 1, got ", step);
+  check_common("adam_update_", params);
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_same_layout("adam_update_", "grads", params, grads, i);
+    check_same_layout("adam_update_", "exp_avgs", params, exp_avgs, i);
+    check_same_layout("adam_update_", "exp_avg_sqs", params, exp_avg_sqs, i);
+  }
+  return static_cast<int64_t>(params.size());
+}
+
+bool flat_walkable(const std::vector<at::TensorList>& lists, size_t i, at::ScalarType dtype) {
+  for (const at::TensorList& list : lists) {
+    const at::Tensor& t = list[i];
+    if (t.scalar_type() != dtype || !t.is_contiguous() || t.is_conj() || t.is_neg()) {
+      return false;
+    }
+  }
+  return true;
+}
+
+at::Tensor sgd_update_one_aten(const at::Tensor& param, const at::Tensor& grad, double lr) {
+  return at::sub(param, grad, lr).contiguous();
+}
+
+void adam_update_one_aten_(const at::Tensor& param, const at::Tensor& grad,
+                           const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, int64_t step,
+                           double lr, double beta1, double beta2, double eps) {
+  const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bias_correction2_sqrt = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));
+  exp_avg.lerp_(grad, 1.0 - beta1);
+  exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1.0 - beta2);
+  const at::Tensor denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps);
+  param.addcdiv_(exp_avg, denom, -(lr / bias_correction1));
+}
+
+namespace {
+
+// Runs `step` over elements [0, n) of one tensor's lists, in parallel chunks.
+template <typename scalar_t, typename Step>
+void flat_loop(const std::array<void*, Step::kLists>& data, int64_t n, const Step& step) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kLists = Step::kLists;
+  at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      acc_t x[kLists];
+      for (int l = 0; l < kLists; ++l) {
+        x[l] = (Step::kReads >> l) & 1u ? static_cast<acc_t>(static_cast<scalar_t*>(data[l])[e])
+                                        : acc_t(0);
+      }
+      step(x);
+      for (int l = 0; l < kLists; ++l) {
+        if ((Step::kWrites >> l) & 1u) {
+          static_cast<scalar_t*>(data[l])[e] = static_cast<scalar_t>(x[l]);
+        }
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> sgd_update_cpu(at::TensorList params, at::TensorList grads, double lr) {
+  const int64_t count = check_sgd_update_args(params, grads);
+  std::vector<at::Tensor> out;
+  out.reserve(count);
+  for (int64_t i = 0; i < count; ++i) {
+    const at::Tensor& p = params[i];
+    if (!flat_walkable({params, grads}, i, p.scalar_type())) {
+      out.push_back(sgd_update_one_aten(p, grads[i], lr));
+      continue;
+    }
+    at::Tensor o = at::empty(p.sizes(), p.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "sgd_update_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      flat_loop<scalar_t>({const_cast<void*>(p.const_data_ptr()),
+                           const_cast<void*>(grads[i].const_data_ptr()), o.mutable_data_ptr()},
+                          p.numel(), SgdStep<acc_t>{static_cast<acc_t>(lr)});
+    });
+    out.push_back(std::move(o));
+  }
+  return out;
+}
+
+void adam_update_cpu_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, int64_t step, double lr, double beta1,
+                      double beta2, double eps) {
+  const int64_t count = check_adam_update_args(params, grads, exp_avgs, exp_avg_sqs, step);
+  for (int64_t i = 0; i < count; ++i) {
+    const at::Tensor& p = params[i];
+    if (!flat_walkable({params, grads, exp_avgs, exp_avg_sqs}, i, p.scalar_type())) {
+      adam_update_one_aten_(p, grads[i], exp_avgs[i], exp_avg_sqs[i], step, lr, beta1, beta2, eps);
+      continue;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "adam_update_cpu_", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      flat_loop<scalar_t>({p.mutable_data_ptr(), const_cast<void*>(grads[i].const_data_ptr()),
+                           exp_avgs[i].mutable_data_ptr(), exp_avg_sqs[i].mutable_data_ptr()},
+                          p.numel(), AdamStep<acc_t>::make(step, lr, beta1, beta2, eps));
+    });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(anml_fast, CPU, m) {
+  m.impl("sgd_update", &sgd_update_cpu);
+  m.impl("adam_update_", &adam_update_cpu_);
+}
+
+}  // namespace anml_fast

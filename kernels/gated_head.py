@@ -1,0 +1,654 @@
+"""ANML's gated head as fused Triton ops: sigmoid gate, linear layer, and optionally mean cross-entropy.
+
+Forward:  g = sigmoid(z); a = h * g; logits = a @ W^T + b; loss = mean_b (logsumexp(logits_b) - logits_b[y_b]).
+Backward: dl = dlogits, or (softmax(logits) - onehot(y)) * dloss / B for the loss;
+          dW = dl^T a; db = sum_b dl; da = dl W; dh = da * g; dz = da * h * g * (1 - g).
+
+Shapes: h, z [B, F]; W [O, F]; b [O]; y int64 [B]. ANML: F = 2304, O = 1000, B = 1 (inner loop,
+meta-test) or 84 (meta-loss). float32 and float64; every kernel computes in its input's dtype.
+
+Ops (namespace `anml_fast`, all `torch.library.triton_op`, each with an explicit fake):
+  gated_head_fwd(h, gate_logits, weight, bias) -> logits
+  gated_head_bwd(grad_logits, h, gate_logits, weight, input_grad, weight_grad) -> (dh, dz, dW, db)
+  gated_head_ce_fwd(h, gate_logits, weight, bias, target) -> (loss, logits, lse)
+  gated_head_ce_bwd(grad_loss, h, gate_logits, weight, logits, lse, target, input_grad, weight_grad)
+      -> (dh, dz, dW, db)
+  gated_head_ce_sgd_(h, gate_logits, weight!, bias!, target, lr) -> (loss, dh, dz)
+The first and third have autograd. Their kernels' backward is not differentiable again: under
+create_graph (second order) the backward differentiates the plain-PyTorch twin instead, so double
+backward works and only first-order grads come from the kernels. The `*_bwd` ops return empty
+tensors for the grads they were told to skip.
+
+Kernels, shared by the ops:
+  _gated_head_fwd_kernel        logits tiles (+ per-tile row max and sum of exps for the loss)
+  _gated_head_ce_loss_kernel    one program: logsumexp per row from those partials, mean loss
+  _gated_head_bwd_weight_kernel dW and db (or W -= lr dW, b -= lr db in place), and optionally
+                                da summed over its own block of outputs (W is already in registers)
+  _gated_head_bwd_input_kernel  da = dl W (or the sum of those partials), then dh and dz
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+# tl.dot on float32 defaults to TF32 on NVIDIA tensor cores (10-bit mantissa: measured 5e-4 error
+# on the logits at B = 84 against 1e-8 for PyTorch). PyTorch's own float32 matmul is IEEE unless
+# the user opts into TF32, and ANML's inner loop compounds 20 updates, so the kernels hold to
+# float32 accuracy: the error-vs-float64 test requires at most 2x PyTorch's. "ieee" (FMA) does
+# that for the logits and dW on an H100. For da = dl @ W (K = 1000, B = 84) it gave 3.6x cuBLAS's
+# error on dh, while "tf32x3" (three TF32 tensor-core products, float32 accumulation) gave 0.8-1.5x
+# of cuBLAS's on dh and dz in a separate measurement, and was faster; so the input-grad kernel uses
+# that. (At B = 1 no tl.dot runs at all: every kernel is a broadcast multiply-and-sum.)
+DOT_PRECISION = "ieee"
+INPUT_GRAD_DOT_PRECISION = "tf32x3"
+
+# The loss-with-input-grad path: below this many rows, the weight-grad kernel (which holds a tile
+# of W in registers anyway) also emits da summed over its block of outputs, and a small kernel adds
+# those partials up; W is then read once in the backward instead of twice. The partials cost
+# n_out_blocks * B * F floats: 16 * 1 * 2304 at B = 1 (1.6% of W), but 134% of W at B = 84, where
+# a separate dl @ W kernel is cheaper.
+FUSE_INPUT_GRAD_MAX_ROWS = 16
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_gate(H_ptr, Z_ptr, rows, cols, row_mask, col_mask, n_features):
+    """h and g = sigmoid(z) for a [rows, cols] tile (zeros outside the masks)."""
+    offs = rows[:, None] * n_features + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    h = tl.load(H_ptr + offs, mask=mask, other=0.0)
+    z = tl.load(Z_ptr + offs, mask=mask, other=0.0)
+    return h, tl.sigmoid(z)
+
+
+@triton.jit
+def _dloss_scale(GradLoss_ptr, n_rows, dt: tl.constexpr, GRAD_LOSS_IS_ONE: tl.constexpr):
+    """dloss / B in the compute dtype (a Python 1.0 would be a float32 constant, too coarse for float64)."""
+    if GRAD_LOSS_IS_ONE:
+        grad = tl.full((1,), 1.0, dt)
+    else:
+        grad = tl.load(GradLoss_ptr + tl.arange(0, 1))
+    return grad / n_rows
+
+
+@triton.jit
+def _dlogits_tile(DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, scale, rows, outs, row_mask,
+                  out_mask, n_outputs, FROM_CE: tl.constexpr):
+    """The gradient w.r.t. a [rows, outs] tile of logits, zero outside the masks.
+
+    From the loss it is rebuilt from the saved logits and logsumexp, so dlogits never exists in
+    memory: (exp(logit - lse) - [out == y]) * scale, with scale = dloss / B.
+    """
+    offs = rows[:, None] * n_outputs + outs[None, :]
+    mask = row_mask[:, None] & out_mask[None, :]
+    if FROM_CE:
+        logits = tl.load(Logits_ptr + offs, mask=mask, other=0.0)
+        lse = tl.load(Lse_ptr + rows, mask=row_mask, other=0.0)
+        y = tl.load(Target_ptr + rows, mask=row_mask, other=-1)
+        p = tl.exp(logits - lse[:, None])
+        dl = tl.where(outs[None, :] == y[:, None], p - 1.0, p) * scale
+        dl = tl.where(mask, dl, 0.0)
+    else:
+        dl = tl.load(DLogits_ptr + offs, mask=mask, other=0.0)
+    return dl
+
+
+@triton.jit
+def _gated_head_fwd_kernel(
+    H_ptr, Z_ptr, W_ptr, Bias_ptr, Logits_ptr, PartMax_ptr, PartSum_ptr,
+    n_rows, n_features, n_outputs,
+    WITH_LSE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """One [BLOCK_B rows, BLOCK_O outputs] tile of logits, reducing over all features.
+
+    Grid (out blocks, row blocks). With WITH_LSE it also writes, per row, the max and the sum of
+    exp(logit - max) over its outputs: the loss kernel combines those, so the logits are read back
+    only at the target (no full second pass over [B, O]).
+    """
+    pid_o = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    dt = H_ptr.dtype.element_ty
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    row_mask = rows < n_rows
+    out_mask = outs < n_outputs
+
+    acc = tl.zeros((BLOCK_B, BLOCK_O), dtype=dt)
+    for f0 in range(0, n_features, BLOCK_F):
+        cols = f0 + tl.arange(0, BLOCK_F)
+        col_mask = cols < n_features
+        # Every out block recomputes the gate for its rows: B x F sigmoids per block are far
+        # cheaper than a launch, and h, z stay in L2 (84 x 2304 x 8 bytes).
+        h, g = _load_gate(H_ptr, Z_ptr, rows, cols, row_mask, col_mask, n_features)
+        a = h * g
+        w = tl.load(W_ptr + outs[:, None] * n_features + cols[None, :],
+                    mask=out_mask[:, None] & col_mask[None, :], other=0.0)
+        if USE_DOT:
+            # A fresh dot per chunk, then one add: blocked summation. Accumulating all 2304
+            # products in one running sum loses ~2x accuracy against cuBLAS at B = 84.
+            acc += tl.dot(a, tl.trans(w), input_precision=DOT_PRECISION, out_dtype=dt)
+        else:
+            # B = 1 (tl.dot needs >= 16 rows; this is a plain GEMV) and float64 (tl.dot on
+            # float64 does not compile on every Triton this package supports).
+            acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+    bias = tl.load(Bias_ptr + outs, mask=out_mask, other=0.0)
+    logits = acc + bias[None, :]
+    tl.store(Logits_ptr + rows[:, None] * n_outputs + outs[None, :], logits,
+             mask=row_mask[:, None] & out_mask[None, :])
+
+    if WITH_LSE:
+        masked = tl.where(out_mask[None, :], logits, float("-inf"))
+        row_max = tl.max(masked, axis=1)
+        row_sum = tl.sum(tl.exp(masked - row_max[:, None]), axis=1)
+        n_out_blocks = tl.num_programs(0)
+        tl.store(PartMax_ptr + rows * n_out_blocks + pid_o, row_max, mask=row_mask)
+        tl.store(PartSum_ptr + rows * n_out_blocks + pid_o, row_sum, mask=row_mask)
+
+
+@triton.jit
+def _gated_head_ce_loss_kernel(
+    Logits_ptr, Target_ptr, PartMax_ptr, PartSum_ptr, Lse_ptr, Loss_ptr,
+    n_rows, n_outputs, n_out_blocks,
+    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One program: lse per row from the forward's partials, and the mean loss.
+
+    A single program sums the rows in a fixed order, so the loss is deterministic (no atomics);
+    its input is B x n_out_blocks x 2 numbers, so one program is enough.
+    """
+    dt = Logits_ptr.dtype.element_ty
+    parts = tl.arange(0, BLOCK_P)
+    part_mask = parts < n_out_blocks
+    total = tl.zeros((BLOCK_B,), dtype=dt)
+    for b0 in range(0, n_rows, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < n_rows
+        offs = rows[:, None] * n_out_blocks + parts[None, :]
+        mask = row_mask[:, None] & part_mask[None, :]
+        part_max = tl.load(PartMax_ptr + offs, mask=mask, other=float("-inf"))
+        part_sum = tl.load(PartSum_ptr + offs, mask=mask, other=0.0)
+        row_max = tl.max(part_max, axis=1)
+        # Padding rows (all -inf, sum 0) would give nan and log(0); make them harmless, then drop them.
+        row_max = tl.where(row_mask, row_max, 0.0)
+        row_sum = tl.sum(part_sum * tl.exp(part_max - row_max[:, None]), axis=1)
+        lse = row_max + tl.log(tl.where(row_mask, row_sum, 1.0))
+        y = tl.load(Target_ptr + rows, mask=row_mask, other=0)
+        target_logit = tl.load(Logits_ptr + rows * n_outputs + y, mask=row_mask, other=0.0)
+        tl.store(Lse_ptr + rows, lse, mask=row_mask)
+        total += tl.where(row_mask, lse - target_logit, 0.0)
+    tl.store(Loss_ptr, tl.sum(total, axis=0) / n_rows)
+
+
+@triton.jit
+def _gated_head_bwd_weight_kernel(
+    H_ptr, Z_ptr, W_ptr, Bias_ptr, DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, GradLoss_ptr,
+    DW_ptr, DB_ptr, DAPart_ptr, lr_hi, lr_lo,
+    n_rows, n_features, n_outputs,
+    FROM_CE: tl.constexpr, GRAD_LOSS_IS_ONE: tl.constexpr, SGD: tl.constexpr,
+    WITH_DA_PARTIAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """One [BLOCK_O, BLOCK_F] tile of dW = dl^T a, reducing over all rows (grid: out x feature blocks).
+
+    SGD: the tile is applied to W in place (W -= lr * dW, and b -= lr * db by the feature-block-0
+    programs) and dW is never written. Each program reads and writes only its own tile of W, which
+    it loads before any store, and nothing else in this launch reads W: no races, and the da
+    partials below see the old W. If da comes from the separate input kernel instead, that kernel
+    must run before this one (the launcher orders them so).
+    WITH_DA_PARTIAL: also writes da_part[out block] = dl[:, out block] @ W[out block, feature block].
+    """
+    pid_o = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    dt = H_ptr.dtype.element_ty
+    outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    cols = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    out_mask = outs < n_outputs
+    col_mask = cols < n_features
+    w_offs = outs[:, None] * n_features + cols[None, :]
+    w_mask = out_mask[:, None] & col_mask[None, :]
+    if SGD or WITH_DA_PARTIAL:
+        w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0)
+    scale = _dloss_scale(GradLoss_ptr, n_rows, dt, GRAD_LOSS_IS_ONE)
+
+    acc = tl.zeros((BLOCK_O, BLOCK_F), dtype=dt)
+    db = tl.zeros((BLOCK_O,), dtype=dt)
+    for b0 in range(0, n_rows, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < n_rows
+        dl = _dlogits_tile(DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, scale, rows, outs,
+                           row_mask, out_mask, n_outputs, FROM_CE)
+        h, g = _load_gate(H_ptr, Z_ptr, rows, cols, row_mask, col_mask, n_features)
+        a = h * g
+        if USE_DOT:
+            # Only B / BLOCK_B (3) steps here: a running accumulator loses nothing.
+            acc = tl.dot(tl.trans(dl), a, acc, input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(dl[:, :, None] * a[:, None, :], axis=0)
+        db += tl.sum(dl, axis=0)
+        if WITH_DA_PARTIAL:
+            if USE_DOT:
+                da_part = tl.dot(dl, w, input_precision=DOT_PRECISION, out_dtype=dt)
+            else:
+                da_part = tl.sum(dl[:, :, None] * w[None, :, :], axis=1)
+            part_offs = (pid_o * n_rows + rows[:, None]) * n_features + cols[None, :]
+            tl.store(DAPart_ptr + part_offs, da_part, mask=row_mask[:, None] & col_mask[None, :])
+
+    if SGD:
+        # Triton passes Python floats as float32; lr = hi + lo keeps it exact for float64.
+        lr = tl.cast(lr_hi, dt) + tl.cast(lr_lo, dt)
+        tl.store(W_ptr + w_offs, w - lr * acc, mask=w_mask)
+        if pid_f == 0:
+            bias = tl.load(Bias_ptr + outs, mask=out_mask, other=0.0)
+            tl.store(Bias_ptr + outs, bias - lr * db, mask=out_mask)
+    else:
+        tl.store(DW_ptr + w_offs, acc, mask=w_mask)
+        if pid_f == 0:
+            tl.store(DB_ptr + outs, db, mask=out_mask)
+
+
+@triton.jit
+def _gated_head_bwd_input_kernel(
+    H_ptr, Z_ptr, W_ptr, DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, GradLoss_ptr, DAPart_ptr,
+    DH_ptr, DZ_ptr,
+    n_rows, n_features, n_outputs, n_parts,
+    FROM_CE: tl.constexpr, GRAD_LOSS_IS_ONE: tl.constexpr, FROM_PARTIAL: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """One [BLOCK_B, BLOCK_F] tile of dh = da * g and dz = da * h * g * (1 - g) (grid: feature x row blocks).
+
+    da = dl @ W reduced over all outputs here, or (FROM_PARTIAL) the sum of the weight kernel's
+    per-out-block partials, added in a fixed order (deterministic).
+    """
+    pid_f = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    dt = H_ptr.dtype.element_ty
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    row_mask = rows < n_rows
+    col_mask = cols < n_features
+    mask = row_mask[:, None] & col_mask[None, :]
+
+    da = tl.zeros((BLOCK_B, BLOCK_F), dtype=dt)
+    if FROM_PARTIAL:
+        for p in range(0, n_parts):
+            da += tl.load(DAPart_ptr + (p * n_rows + rows[:, None]) * n_features + cols[None, :],
+                          mask=mask, other=0.0)
+    else:
+        scale = _dloss_scale(GradLoss_ptr, n_rows, dt, GRAD_LOSS_IS_ONE)
+        for o0 in range(0, n_outputs, BLOCK_O):
+            outs = o0 + tl.arange(0, BLOCK_O)
+            out_mask = outs < n_outputs
+            dl = _dlogits_tile(DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, scale, rows, outs,
+                               row_mask, out_mask, n_outputs, FROM_CE)
+            w = tl.load(W_ptr + outs[:, None] * n_features + cols[None, :],
+                        mask=out_mask[:, None] & col_mask[None, :], other=0.0)
+            if USE_DOT:
+                da += tl.dot(dl, w, input_precision=DOT_PRECISION, out_dtype=dt)  # blocked sum
+            else:
+                da += tl.sum(dl[:, :, None] * w[None, :, :], axis=1)
+
+    h, g = _load_gate(H_ptr, Z_ptr, rows, cols, row_mask, col_mask, n_features)
+    dh = da * g
+    offs = rows[:, None] * n_features + cols[None, :]
+    tl.store(DH_ptr + offs, dh, mask=mask)
+    tl.store(DZ_ptr + offs, dh * h * (1.0 - g), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations for the real shapes (O = 1000, F = 2304; B = 1 and 84) on Hopper
+# ----------------------------------------------------------------------------------------------
+#
+# B = 1: every kernel is a GEMV or an outer product over W (9.2 MB in float32): bound by memory
+# bandwidth, so the grids aim at >= 1 program per SM (132 on H100) with wide, contiguous loads.
+# tl.dot needs >= 16 rows, so these use broadcast multiply-and-sum instead (dot = False).
+# B > 1, float32: tl.dot (IEEE FMA; 3xTF32 tensor cores for da) on row blocks of 16 (B = 84:
+# 6 blocks, 12% padding). num_stages = 2-3 lets Triton prefetch the next tiles while the FMAs run; at most
+# 3 x (16 x 64 + 64 x 64) x 4 bytes = 60 KB of shared memory, of Hopper's 228 KB.
+# The numbers below won a small sweep on an H100 (CUDA-graph replays at ANML's shapes); their
+# neighbours were within 10-20%, so they are not fragile.
+# B > 1, float64 (gradcheck, references): broadcast multiply-and-sum on small tiles, whose
+# [rows, outs, features] product must fit in registers. Correct, not fast.
+
+
+def _use_dot(h: torch.Tensor) -> bool:
+    return h.shape[0] > 1 and h.dtype == torch.float32
+
+
+def _fwd_config(n_rows: int, dot: bool) -> dict:
+    if n_rows == 1:
+        # 4 outputs per program: 250 programs (~2 per SM), each streaming a 4 x 2304 strip of W
+        # in 1024-wide chunks (16 KB per step in flight, 32 floats per thread at 4 warps).
+        # 6.4 us on an H100 (9.2 MB: ~1.4 TB/s; launch-latency bound at this size).
+        return dict(BLOCK_B=1, BLOCK_O=4, BLOCK_F=1024, num_warps=4, num_stages=1)
+    if not dot:
+        return dict(BLOCK_B=4, BLOCK_O=16, BLOCK_F=32, num_warps=4, num_stages=1)
+    # 16 x 64 tiles: 16 out blocks x 6 row blocks = 96 programs at B = 84; the row blocks re-read
+    # W from L2 (50 MB), not HBM.
+    return dict(BLOCK_B=16, BLOCK_O=64, BLOCK_F=64, num_warps=4, num_stages=3)
+
+
+def _weight_config(n_rows: int, dot: bool) -> dict:
+    # dW is 1000 x 2304 whatever B is: 64 x 128 tiles give 16 x 18 = 288 programs (>2 per SM),
+    # each writing (or, for SGD, reading and writing) a 32 KB tile; 8 warps keep the accumulator
+    # and the W tile at 32 + 32 registers per thread.
+    if n_rows == 1:
+        return dict(BLOCK_B=1, BLOCK_O=64, BLOCK_F=128, num_warps=8, num_stages=1)
+    if not dot:
+        return dict(BLOCK_B=4, BLOCK_O=32, BLOCK_F=32, num_warps=8, num_stages=1)
+    # B > 1: 64 x 64 tiles (16 x 36 = 576 programs), the K loop over rows in blocks of 32
+    # (B = 84: 3 steps); smaller tiles than at B = 1 because each step is now a real GEMM tile.
+    return dict(BLOCK_B=32, BLOCK_O=64, BLOCK_F=64, num_warps=4, num_stages=2)
+
+
+def _input_config(n_rows: int, dot: bool, from_partial: bool) -> dict:
+    if from_partial:
+        # Adding 16 partials of B x 2304: tiny; 256-wide feature blocks, a row block covers B.
+        return dict(BLOCK_B=triton.next_power_of_2(n_rows), BLOCK_O=16, BLOCK_F=256,
+                    num_warps=4, num_stages=1)
+    if n_rows == 1:
+        # da = dl @ W for one row: 64-wide feature strips give 36 programs reading 256-byte
+        # segments of each W row; only used when W needs no grad (else the partials are cheaper).
+        return dict(BLOCK_B=1, BLOCK_O=64, BLOCK_F=64, num_warps=4, num_stages=1)
+    if not dot:
+        return dict(BLOCK_B=4, BLOCK_O=32, BLOCK_F=32, num_warps=4, num_stages=1)
+    # B = 84: 36 feature blocks x 6 row blocks = 216 programs, K loop of 16 over the outputs.
+    return dict(BLOCK_B=16, BLOCK_O=64, BLOCK_F=64, num_warps=4, num_stages=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (plain functions over tensors; the ops below call them)
+# ----------------------------------------------------------------------------------------------
+
+def _check_inputs(h, gate_logits, weight, bias, target=None):
+    if h.dim() != 2 or gate_logits.shape != h.shape:
+        raise ValueError(f"gated head: h and gate_logits must both be [B, F], got "
+                         f"{tuple(h.shape)} and {tuple(gate_logits.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != h.shape[1] or bias.shape != (weight.shape[0],):
+        raise ValueError(f"gated head: weight must be [O, F={h.shape[1]}] and bias [O], got "
+                         f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+    if h.dtype not in SUPPORTED_DTYPES or any(t.dtype != h.dtype for t in (gate_logits, weight, bias)):
+        raise TypeError(f"gated head: the Triton ops take float32 or float64, all alike; got "
+                        f"{h.dtype}, {gate_logits.dtype}, {weight.dtype}, {bias.dtype} "
+                        f"(use the plain-PyTorch backend for other dtypes)")
+    if target is not None and (target.shape != (h.shape[0],) or target.dtype != torch.int64):
+        raise ValueError(f"gated head: target must be int64 [B={h.shape[0]}], got "
+                         f"{target.dtype} {tuple(target.shape)}")
+    devices = {t.device for t in (h, gate_logits, weight, bias) + ((target,) if target is not None else ())}
+    if len(devices) != 1:
+        raise ValueError(f"gated head: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _launch_fwd(h, z, weight, bias, logits, part_max, part_sum, with_lse):
+    n_rows, n_features = h.shape
+    n_outputs = weight.shape[0]
+    dot = _use_dot(h)
+    cfg = _fwd_config(n_rows, dot)
+    grid = (triton.cdiv(n_outputs, cfg["BLOCK_O"]), triton.cdiv(n_rows, cfg["BLOCK_B"]))
+    wrap_triton(_gated_head_fwd_kernel)[grid](
+        h, z, weight, bias, logits, part_max, part_sum, n_rows, n_features, n_outputs,
+        WITH_LSE=with_lse, USE_DOT=dot, DOT_PRECISION=DOT_PRECISION, **cfg)
+
+
+def _launch_ce_fwd(h, z, weight, bias, target, loss, logits, lse):
+    n_rows = h.shape[0]
+    n_outputs = weight.shape[0]
+    n_blocks = triton.cdiv(n_outputs, _fwd_config(n_rows, _use_dot(h))["BLOCK_O"])
+    part_max = torch.empty((n_rows, n_blocks), device=h.device, dtype=h.dtype)
+    part_sum = torch.empty((n_rows, n_blocks), device=h.device, dtype=h.dtype)
+    _launch_fwd(h, z, weight, bias, logits, part_max, part_sum, True)
+    wrap_triton(_gated_head_ce_loss_kernel)[(1,)](
+        logits, target, part_max, part_sum, lse, loss, n_rows, n_outputs, n_blocks,
+        BLOCK_B=min(32, triton.next_power_of_2(n_rows)), BLOCK_P=triton.next_power_of_2(n_blocks),
+        num_warps=4)
+
+
+def _launch_bwd(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh, dz, dweight, dbias,
+                *, from_ce, sgd, lr, input_grad, weight_grad, fuse_input_grad=None):
+    """The backward kernels, in an order that is safe for the in-place SGD update.
+
+    from_ce: dl comes from (logits, lse, target, grad_loss; grad_loss None means 1), else dlogits.
+    sgd: apply W -= lr dW, b -= lr db in place instead of writing dweight, dbias.
+    fuse_input_grad: None picks by B (FUSE_INPUT_GRAD_MAX_ROWS); tests force either path.
+    """
+    n_rows, n_features = h.shape
+    n_outputs = weight.shape[0]
+    use_dot = _use_dot(h)
+    placeholder = h  # pointer arguments a specialisation never reads
+    dlogits = placeholder if dlogits is None else dlogits
+    logits = placeholder if logits is None else logits
+    lse = placeholder if lse is None else lse
+    target = placeholder if target is None else target
+    grad_loss_is_one = grad_loss is None
+    grad_loss = placeholder if grad_loss is None else grad_loss
+    if fuse_input_grad is None:
+        fuse_input_grad = n_rows <= FUSE_INPUT_GRAD_MAX_ROWS
+    fuse = input_grad and weight_grad and fuse_input_grad
+
+    wcfg = _weight_config(n_rows, use_dot)
+    n_parts = triton.cdiv(n_outputs, wcfg["BLOCK_O"])
+    da_part = (torch.empty((n_parts, n_rows, n_features), device=h.device, dtype=h.dtype)
+               if fuse else placeholder)
+
+    if input_grad and not fuse:
+        # Before the weight kernel: with sgd, that one overwrites W, and da needs the old W.
+        icfg = _input_config(n_rows, use_dot, from_partial=False)
+        grid = (triton.cdiv(n_features, icfg["BLOCK_F"]), triton.cdiv(n_rows, icfg["BLOCK_B"]))
+        wrap_triton(_gated_head_bwd_input_kernel)[grid](
+            h, z, weight, dlogits, logits, lse, target, grad_loss, placeholder, dh, dz,
+            n_rows, n_features, n_outputs, 0,
+            FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss_is_one, FROM_PARTIAL=False,
+            USE_DOT=use_dot, DOT_PRECISION=INPUT_GRAD_DOT_PRECISION, **icfg)
+    if weight_grad or sgd:
+        lr_hi = struct.unpack("f", struct.pack("f", lr))[0]  # lr as two float32s: hi + lo
+        lr_lo = lr - lr_hi
+        grid = (n_parts, triton.cdiv(n_features, wcfg["BLOCK_F"]))
+        wrap_triton(_gated_head_bwd_weight_kernel)[grid](
+            h, z, weight, bias, dlogits, logits, lse, target, grad_loss,
+            dweight, dbias, da_part, lr_hi, lr_lo, n_rows, n_features, n_outputs,
+            FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss_is_one, SGD=sgd, WITH_DA_PARTIAL=fuse,
+            USE_DOT=use_dot, DOT_PRECISION=DOT_PRECISION, **wcfg)
+    if fuse:
+        icfg = _input_config(n_rows, use_dot, from_partial=True)
+        grid = (triton.cdiv(n_features, icfg["BLOCK_F"]), triton.cdiv(n_rows, icfg["BLOCK_B"]))
+        wrap_triton(_gated_head_bwd_input_kernel)[grid](
+            h, z, weight, dlogits, logits, lse, target, grad_loss, da_part, dh, dz,
+            n_rows, n_features, n_outputs, n_parts,
+            FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss_is_one, FROM_PARTIAL=True,
+            USE_DOT=False, DOT_PRECISION=DOT_PRECISION, **icfg)
+
+
+def _grad_buffers(h, weight, input_grad, weight_grad):
+    empty = lambda: h.new_empty((0,))
+    dh = torch.empty_like(h) if input_grad else empty()
+    dz = torch.empty_like(h) if input_grad else empty()
+    dw = torch.empty_like(weight) if weight_grad else empty()
+    db = weight.new_empty((weight.shape[0],)) if weight_grad else empty()
+    return dh, dz, dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# Ops
+# ----------------------------------------------------------------------------------------------
+
+@triton_op("anml_fast::gated_head_fwd", mutates_args=())
+def gated_head_fwd(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor) -> torch.Tensor:
+    _check_inputs(h, gate_logits, weight, bias)
+    h, gate_logits, weight, bias = (t.contiguous() for t in (h, gate_logits, weight, bias))
+    logits = h.new_empty((h.shape[0], weight.shape[0]))
+    if h.shape[0] > 0:
+        _launch_fwd(h, gate_logits, weight, bias, logits, logits, logits, False)
+    return logits
+
+
+@triton_op("anml_fast::gated_head_bwd", mutates_args=())
+def gated_head_bwd(grad_logits: torch.Tensor, h: torch.Tensor, gate_logits: torch.Tensor,
+                   weight: torch.Tensor, input_grad: bool, weight_grad: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_logits, h, gate_logits, weight = (t.contiguous() for t in (grad_logits, h, gate_logits, weight))
+    dh, dz, dw, db = _grad_buffers(h, weight, input_grad, weight_grad)
+    if h.shape[0] == 0:
+        # No rows: the grads are zero (the kernels would launch an empty grid).
+        return dh.zero_(), dz.zero_(), dw.zero_(), db.zero_()
+    _launch_bwd(h, gate_logits, weight, weight, grad_logits, None, None, None, None, dh, dz, dw, db,
+                from_ce=False, sgd=False, lr=0.0, input_grad=input_grad, weight_grad=weight_grad)
+    return dh, dz, dw, db
+
+
+@triton_op("anml_fast::gated_head_ce_fwd", mutates_args=())
+def gated_head_ce_fwd(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor, target: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_inputs(h, gate_logits, weight, bias, target)
+    if h.shape[0] == 0:
+        raise ValueError("gated_head_cross_entropy: empty batch (the mean over no rows is undefined)")
+    h, gate_logits, weight, bias, target = (t.contiguous() for t in (h, gate_logits, weight, bias, target))
+    loss = h.new_empty(())
+    logits = h.new_empty((h.shape[0], weight.shape[0]))
+    lse = h.new_empty((h.shape[0],))
+    _launch_ce_fwd(h, gate_logits, weight, bias, target, loss, logits, lse)
+    return loss, logits, lse
+
+
+@triton_op("anml_fast::gated_head_ce_bwd", mutates_args=())
+def gated_head_ce_bwd(grad_loss: torch.Tensor, h: torch.Tensor, gate_logits: torch.Tensor,
+                      weight: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor,
+                      target: torch.Tensor, input_grad: bool, weight_grad: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_loss, h, gate_logits, weight, target = (
+        t.contiguous() for t in (grad_loss, h, gate_logits, weight, target))
+    dh, dz, dw, db = _grad_buffers(h, weight, input_grad, weight_grad)
+    _launch_bwd(h, gate_logits, weight, weight, None, logits, lse, target, grad_loss, dh, dz, dw, db,
+                from_ce=True, sgd=False, lr=0.0, input_grad=input_grad, weight_grad=weight_grad)
+    return dh, dz, dw, db
+
+
+@triton_op("anml_fast::gated_head_ce_sgd_", mutates_args=("weight", "bias"))
+def gated_head_ce_sgd_(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor, target: torch.Tensor, lr: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_inputs(h, gate_logits, weight, bias, target)
+    if h.shape[0] == 0:
+        raise ValueError("gated_head_ce_sgd_: empty batch")
+    if not (weight.is_contiguous() and bias.is_contiguous()):
+        raise ValueError("gated_head_ce_sgd_: weight and bias are updated in place and must be contiguous")
+    h, gate_logits, target = (t.contiguous() for t in (h, gate_logits, target))
+    loss = h.new_empty(())
+    logits = h.new_empty((h.shape[0], weight.shape[0]))
+    lse = h.new_empty((h.shape[0],))
+    dh, dz = torch.empty_like(h), torch.empty_like(h)
+    _launch_ce_fwd(h, gate_logits, weight, bias, target, loss, logits, lse)
+    _launch_bwd(h, gate_logits, weight, bias, None, logits, lse, target, None, dh, dz, h, h,
+                from_ce=True, sgd=True, lr=lr, input_grad=True, weight_grad=True)
+    return loss, dh, dz
+
+
+# Explicit fakes (shapes only). triton_op would trace the implementation itself, but that needs
+# wrap_triton's graph capture, which Triton's CPU interpreter bypasses; explicit fakes keep
+# FakeTensor tracing (torch.compile's Dynamo, opcheck's fake test) working in both settings.
+
+@gated_head_fwd.register_fake
+def _(h, gate_logits, weight, bias):
+    _check_inputs(h, gate_logits, weight, bias)
+    return h.new_empty((h.shape[0], weight.shape[0]))
+
+
+@gated_head_bwd.register_fake
+def _(grad_logits, h, gate_logits, weight, input_grad, weight_grad):
+    return _grad_buffers(h, weight, input_grad, weight_grad)
+
+
+@gated_head_ce_fwd.register_fake
+def _(h, gate_logits, weight, bias, target):
+    _check_inputs(h, gate_logits, weight, bias, target)
+    return h.new_empty(()), h.new_empty((h.shape[0], weight.shape[0])), h.new_empty((h.shape[0],))
+
+
+@gated_head_ce_bwd.register_fake
+def _(grad_loss, h, gate_logits, weight, logits, lse, target, input_grad, weight_grad):
+    return _grad_buffers(h, weight, input_grad, weight_grad)
+
+
+@gated_head_ce_sgd_.register_fake
+def _(h, gate_logits, weight, bias, target, lr):
+    _check_inputs(h, gate_logits, weight, bias, target)
+    return h.new_empty(()), torch.empty_like(h), torch.empty_like(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+
+def _twin_logits(h, gate_logits, weight, bias):
+    # The plain-PyTorch twin's math (anml_fast.ops.reference), repeated so that this package
+    # does not import the ops package that imports it.
+    return torch.nn.functional.linear(h * torch.sigmoid(gate_logits), weight, bias)
+
+
+def _twin_grads(out, inputs, need, grad_out):
+    """Grads of a twin recomputation, as a graph (create_graph): the second-order path."""
+    wanted = [t for t, n in zip(inputs, need) if n]
+    grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+    return tuple(next(grads) if n else None for n in need)
+
+
+# The kernels' backward is not itself differentiable. Autograd runs a backward with grad mode on
+# exactly when create_graph was asked for (second-order meta-gradients); the backward then
+# differentiates the plain-PyTorch twin instead, which autograd can differentiate again. The
+# forward's values and all first-order grads stay the kernels'. (anml_fast::conv_block does the same.)
+
+def _setup_gated_head(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_gated_head(ctx, grad_logits):
+    h, gate_logits, weight, bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():
+        return _twin_grads(_twin_logits(h, gate_logits, weight, bias), (h, gate_logits, weight, bias),
+                           need, grad_logits)
+    input_grad, weight_grad = need[0] or need[1], need[2] or need[3]
+    dh, dz, dw, db = gated_head_bwd(grad_logits, h, gate_logits, weight, input_grad, weight_grad)
+    return (dh if need[0] else None, dz if need[1] else None,
+            dw if need[2] else None, db if need[3] else None)
+
+
+def _setup_gated_head_ce(ctx, inputs, output):
+    h, gate_logits, weight, bias, target = inputs
+    _, logits, lse = output
+    ctx.save_for_backward(h, gate_logits, weight, bias, target, logits, lse)
+    # logits and lse are outputs only so that the backward can reuse them.
+    ctx.mark_non_differentiable(logits, lse)
+
+
+def _backward_gated_head_ce(ctx, grad_loss, _grad_logits, _grad_lse):
+    h, gate_logits, weight, bias, target, logits, lse = ctx.saved_tensors
+    need = ctx.needs_input_grad[:4]
+    if torch.is_grad_enabled():
+        loss = torch.nn.functional.cross_entropy(_twin_logits(h, gate_logits, weight, bias), target)
+        return _twin_grads(loss, (h, gate_logits, weight, bias), need, grad_loss) + (None,)
+    input_grad, weight_grad = need[0] or need[1], need[2] or need[3]
+    dh, dz, dw, db = gated_head_ce_bwd(grad_loss, h, gate_logits, weight, logits, lse, target,
+                                       input_grad, weight_grad)
+    return (dh if need[0] else None, dz if need[1] else None,
+            dw if need[2] else None, db if need[3] else None, None)
+
+
+gated_head_fwd.register_autograd(_backward_gated_head, setup_context=_setup_gated_head)
+gated_head_ce_fwd.register_autograd(_backward_gated_head_ce, setup_context=_setup_gated_head_ce)
+
+
+def interpreted() -> bool:
+    """Whether these kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return type(_gated_head_fwd_kernel).__name__ == "InterpretedFunction"
