@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from _measure import record_peak  # bench/_measure.py
 
 gh = importlib.import_module("anml_fast.ops.gated_head")
 
@@ -70,14 +71,6 @@ def timed(fn, mode):
         torch.cuda.synchronize()
     return run
 
-
-def record_peak(benchmark, fn):
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    benchmark.extra_info["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph"])

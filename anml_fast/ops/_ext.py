@@ -6,8 +6,12 @@ work without it (plain-PyTorch twins), so a failed load is remembered, not raise
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
+from typing import Callable
+
+import torch
 
 _module: ModuleType | None = None
 _error: str | None = None
@@ -35,3 +39,32 @@ def with_cuda() -> bool:
     """Whether the extension holds CUDA kernels (it was built against a CUDA toolkit)."""
     module = load()
     return bool(module is not None and getattr(module, "WITH_CUDA", 0))
+
+
+class DeviceSelfTest:
+    """Whether a compiled op works, per device type, by running it once (the answer is remembered).
+
+    `check(device_type)` runs the op against its twin and returns None, or why it failed.
+    """
+
+    def __init__(self, check: Callable[[str], str | None]):
+        self._check = functools.cache(check)
+
+    @staticmethod
+    def _types(device) -> list[str]:
+        if device is not None:
+            return [torch.device(device).type]
+        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+    def available(self, device: str | torch.device | None = None) -> bool:
+        """Whether the op runs, and agrees with its twin, on `device` (default: the CPU and, if
+        present, the GPU)."""
+        return all(self._check(t) is None for t in self._types(device))
+
+    def unavailable_reason(self, device: str | torch.device | None = None) -> str | None:
+        """Why `available(device)` is False (None when it is True)."""
+        for t in self._types(device):
+            reason = self._check(t)
+            if reason is not None:
+                return f"{t}: {reason}"
+        return None

@@ -16,7 +16,6 @@ again. The forward's values, and first-order gradients, stay the fused kernels'.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -112,7 +111,6 @@ if _LOADED:
     _register()
 
 
-@functools.cache
 def _failure_on(device_type: str) -> str | None:
     """Runs the op forward and backward once on `device_type` against the twin; None if it works."""
     if not _LOADED:
@@ -134,22 +132,6 @@ def _failure_on(device_type: str) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def _device_types(device) -> list[str]:
-    if device is not None:
-        return [torch.device(device).type]
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def available(device: str | torch.device | None = None) -> bool:
-    """Whether the compiled op runs, and agrees with the twin, on `device` (default: the CPU and,
-    if present, the GPU). The check runs the op once per device type and is then remembered."""
-    return all(_failure_on(t) is None for t in _device_types(device))
-
-
-def unavailable_reason(device: str | torch.device | None = None) -> str | None:
-    """Why `available(device)` is False (None when it is True)."""
-    for t in _device_types(device):
-        reason = _failure_on(t)
-        if reason is not None:
-            return f"{t}: {reason}"
-    return None
+_self_test = _ext.DeviceSelfTest(_failure_on)
+available = _self_test.available
+unavailable_reason = _self_test.unavailable_reason
