@@ -1,0 +1,104 @@
+"""The whole batch-1 PLN inner step (forward, backward, SGD update) at the protocol's sizes.
+
+twin:  the model's forward on the plain-PyTorch ops, autograd, torch._foreach SGD (what the
+       meta-trainer runs with backend="torch");
+fused: `pln_sgd_step_fused`, no autograd: compiled conv blocks, the Triton head's fused
+       cross-entropy SGD step, the conv blocks' fused backward, one multi-tensor SGD launch.
+Each eagerly and replayed from a CUDA graph (launch overhead gone on both sides). Timed calls end
+with torch.cuda.synchronize().
+
+    python3 -m pytest bench/bench_inner_step.py --benchmark-json=inner_step.json
+    python3 bench/bench_inner_step.py inner_step.json     # the markdown table
+"""
+import json
+import sys
+
+import pytest
+import torch
+from _measure import record_kernel_time, record_peak  # bench/_measure.py
+
+from anml_fast import ops
+from anml_fast.models import ModelConfig, build
+from anml_fast.training.inner_step import PLN_NAMES, pln_sgd_step_autograd, pln_sgd_step_fused
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not all(v is True for k, v in ops.available().items() if k.endswith("cuda")),
+    reason="needs a CUDA GPU and every compiled op working on it")
+
+ROUNDS = 300
+
+
+def _setup():
+    net = build(ModelConfig())
+    g = torch.Generator(device="cuda").manual_seed(0)
+    params = net.init_params(g, "cuda")
+    x = torch.randn(1, 3, 28, 28, device="cuda", generator=g) * 0.01 - 0.0427
+    y = torch.tensor([5], device="cuda")
+    with torch.no_grad():
+        gate = net.gate(params, x)
+    return net, params, x, y, gate
+
+
+def _step(impl):
+    net, params, x, y, gate = _setup()
+    pln = {n: params[n] for n in PLN_NAMES}
+    if impl == "twin":
+        def run():
+            with ops.use_backend("torch"):
+                return pln_sgd_step_autograd(net, params, pln, x, y, gate, 0.1)
+    else:
+        def run():
+            return pln_sgd_step_fused(net, params, pln, x, y, gate, 0.1)
+    return run
+
+
+def _graphed(fn):
+    """Capture fn once (after warm-up on a side stream) and return a replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.parametrize("impl", ["fused", "twin"])
+def test_pln_inner_step(benchmark, impl, mode):
+    step = _step(impl)
+    call = _graphed(step) if mode == "graph" else step
+
+    def run():
+        call()
+        torch.cuda.synchronize()
+    record_peak(benchmark, run)
+    record_kernel_time(benchmark, run)
+    benchmark.extra_info["card"] = torch.cuda.get_device_name()
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=20)
+
+
+def table(path: str) -> str:
+    """Median (IQR) microseconds per step, and the speed-up over the twin in the same mode."""
+    rows = {}
+    for b in json.load(open(path))["benchmarks"]:
+        if "bench_inner_step" not in b["fullname"]:
+            continue
+        p, s, info = b["params"], b["stats"], b["extra_info"]
+        rows.setdefault(p["mode"], {})[p["impl"]] = (s["median"] * 1e6, s["iqr"] * 1e6,
+                                                     info.get("kernel_us"), info.get("peak_mb"))
+    lines = ["| PLN inner step, batch 1 | impl | wall us (IQR) | vs twin | GPU us | peak MB |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for mode, r in sorted(rows.items()):
+        twin = r.get("twin", (None,))[0]
+        for impl, (m, iqr, gpu, peak) in sorted(r.items()):
+            lines.append(f"| {mode} | {impl} | {m:.1f} ({iqr:.1f}) | {twin / m:.2f}x | "
+                         f"{gpu if gpu is None else f'{gpu:.1f}'} | {peak if peak is None else f'{peak:.1f}'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(sys.argv[1]))

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (the device tool) that checks and measures everything GPU-side:
+#   build the extension there, run the whole test suite (GPU tests included), run every kernel
+#   benchmark (bench/run_all.py), and the demo on the fused ops. Logs and tables go to $OUT.
+# Carry a prepared Omniglot cache as .carry/omniglot.safetensors (`anml-fast prepare-data --out`).
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-session}
+mkdir -p "$OUT"
+export ANML_FAST_CACHE=/tmp/anml-cache MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+start=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "built in $(( $(date +%s) - start )) s"
+python3 -c "import json, anml_fast.ops as o; print(json.dumps(o.available(), indent=1))" | tee "$OUT/available.json"
+python3 -m pytest -q -p no:cacheprovider tests > "$OUT/tests.log" 2>&1; tail -8 "$OUT/tests.log"
+[ "${BENCH:-1}" = 1 ] && python3 bench/run_all.py --out "$OUT" > "$OUT/bench.log" 2>&1; tail -30 "$OUT/bench.log"
+if [ "${DEMO:-0}" = 1 ]; then
+  anml-fast demo --data .carry/omniglot.safetensors --out /tmp/demo --quiet > "$OUT/demo.log" 2>&1
+  tail -15 "$OUT/demo.log"
+fi

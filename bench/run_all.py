@@ -1,0 +1,50 @@
+"""Run every kernel benchmark on this machine's GPU and write the results where the README links.
+
+    python3 bench/run_all.py [--out bench/results]
+
+Writes OUT/<card>.json (pytest-benchmark's JSON: every round, the machine, the commit) and
+OUT/<card>.md (one table per benchmark file, each op against its plain-PyTorch twin in the same
+run, with the card and the date). Needs a CUDA GPU and the compiled extension.
+"""
+import argparse
+import datetime
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FILES = ["bench_conv_block", "bench_gated_head", "bench_multi_tensor", "bench_inner_step"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and Markdown")
+    args = ap.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("run_all.py: error: no CUDA GPU here; the benchmarks time GPU kernels", file=sys.stderr)
+        return 2
+    card = torch.cuda.get_device_name()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / f"{slug}.json"
+    rc = subprocess.call([sys.executable, "-m", "pytest", "-q", *[str(HERE / f"{f}.py") for f in FILES],
+                          f"--benchmark-json={js}"], cwd=HERE.parent)
+    if rc != 0:
+        print(f"run_all.py: error: the benchmarks failed (pytest exit {rc})", file=sys.stderr)
+        return rc
+    sys.path.insert(0, str(HERE))
+    parts = [f"# Kernel benchmarks on {card} ({datetime.date.today()}, torch {torch.__version__})", ""]
+    for f in FILES:
+        parts += [f"## {f.removeprefix('bench_')}", "", importlib.import_module(f).table(str(js)), ""]
+    (out / f"{slug}.md").write_text("\n".join(parts))
+    print("\n".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
