@@ -79,3 +79,36 @@ def test_meta_training_on_compiled_ops_starts_like_twins_in_float32(synthetic_da
     for a, b in zip(fast, twin):
         if "meta_loss" in a:
             assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=5e-2), a["step"]
+
+
+def _compiled_model_step(compile_backend, device):
+    net = build(TINY)
+    params = net.init_params(torch.Generator(device).manual_seed(0), device)
+    x, y = torch.randn(2, 3, 28, 28, device=device), torch.tensor([1, 2], device=device)
+
+    def step(loss_fn, p, x, y):
+        # forward and loss traced whole (fullgraph); the backward is the ops' registered autograd
+        leaves = {k: v.detach().requires_grad_() for k, v in p.items()}
+        loss = loss_fn(leaves, x, y)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        return loss, ops.sgd_update(list(leaves.values()), list(grads), 0.1)
+
+    with ops.use_backend("compiled"):
+        ops.available()  # resolve the self-tests before tracing
+        torch._dynamo.reset()
+        compiled = torch.compile(net.loss, fullgraph=True, backend=compile_backend)
+        loss, new = step(compiled, params, x, y)
+        ref_loss, ref_new = step(net.loss, params, x, y)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    for a, b in zip(new, ref_new):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_fullgraph_over_a_model_step_on_cpu():
+    # CPU: dynamo's "eager" backend; AOTAutograd would run Triton's interpreter on fake tensors
+    _compiled_model_step("eager", "cpu")
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_over_a_model_step_on_gpu():
+    _compiled_model_step("inductor", "cuda")

@@ -75,6 +75,20 @@ def _check(name: str) -> None:
         raise ValueError(f"backend {name!r} is not one of {BACKENDS}")
 
 
+_works: dict[tuple[str, str], bool] = {}  # (op, device type) -> the self-test's answer
+
+
+def _compiled_works(op: str, device: torch.device, backend: str) -> bool:
+    key = (op, device.type)
+    if key not in _works:
+        if torch.compiler.is_compiling():
+            # the self-test runs kernels: never trace it. Unresolved here, only a forced
+            # "compiled" uses the compiled op (call available() first to resolve it).
+            return backend == "compiled"
+        _works[key] = _COMPILED[op].available(device)
+    return _works[key]
+
+
 def choose(op: str, device: torch.device, backend: str | None = None, rows: int = 1) -> Callable:
     """The implementation of `op` that runs for tensors on `device` (`rows`: the batch size)."""
     backend = backend or _setting
@@ -83,13 +97,13 @@ def choose(op: str, device: torch.device, backend: str | None = None, rows: int 
     if backend == "torch":
         return getattr(reference, op)
     if backend == "compiled":
-        if not module.available(device):
+        if not _compiled_works(op, device, backend):
             raise RuntimeError(f"compiled {op} does not work on {device.type} here: "
                                f"{module.unavailable_reason(device)} (use backend='torch')")
         return getattr(module, op)
     if device.type != "cuda" or (module is _gated_head_triton and rows > _TRITON_HEAD_MAX_ROWS):
         return getattr(reference, op)
-    return getattr(module, op) if module.available(device) else getattr(reference, op)
+    return getattr(module, op) if _compiled_works(op, device, backend) else getattr(reference, op)
 
 
 def conv_block(x, weight, bias, norm_weight, norm_bias, pool: bool, *, backend: str | None = None):
@@ -129,7 +143,8 @@ def available() -> dict:
     report: dict = {"torch": True}
     for op, module in _COMPILED.items():
         for dev in devices:
-            report[f"{op}@{dev}"] = True if module.available(dev) else module.unavailable_reason(dev)
+            _works[(op, dev)] = ok = module.available(dev)
+            report[f"{op}@{dev}"] = True if ok else module.unavailable_reason(dev)
     return report
 
 
