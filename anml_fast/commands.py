@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 from .cli import _log, data_root, load_data, resolve_device

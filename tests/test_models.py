@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anml_fast.models import ANML, FunctionalModel, ModelConfig, build
+from anml_fast.models import FunctionalModel, ModelConfig, build
 from conftest import TINY, assert_close
 
 

@@ -48,7 +48,14 @@ class DeviceSelfTest:
     """
 
     def __init__(self, check: Callable[[str], str | None]):
-        self._check = functools.cache(check)
+        def guarded(device_type: str) -> str | None:
+            if load() is None:
+                return f"extension not loaded: {error()}"
+            try:
+                return check(device_type)
+            except Exception as e:  # no kernel for this device, a driver or architecture mismatch, ...
+                return f"{type(e).__name__}: {e}"
+        self._check = functools.cache(guarded)
 
     @staticmethod
     def _types(device) -> list[str]:

@@ -131,7 +131,7 @@ def unavailable_reason(device: str | torch.device | None = None) -> str | None:
 
 
 def _self_test() -> str | None:
-    kernels = _kernels()
+    _kernels()  # raises, with the reason, when the Triton kernels did not import
     if torch.cuda.is_available():
         device = torch.device("cuda")
     elif _kernels_interpreted():
