@@ -112,3 +112,22 @@ def test_torch_compile_fullgraph_over_a_model_step_on_cpu():
 @pytest.mark.gpu
 def test_torch_compile_fullgraph_over_a_model_step_on_gpu():
     _compiled_model_step("inductor", "cuda")
+
+
+def test_meta_test_trajectories_on_the_fused_output_layer_step_equal_twins(synthetic_data):
+    from anml_fast.data.tasks import MetaTestSet
+    from anml_fast.evaluation.trajectories import FeatureBank, Trajectory, run_output_layer
+
+    net = build(TINY)
+    params = net.init_params(torch.Generator().manual_seed(0))
+    test_set = MetaTestSet(synthetic_data, "cpu")
+    g = torch.Generator().manual_seed(4)
+    # one class (15 steps): Triton's interpreter runs each step's ~130 programs in numpy
+    trajs = [Trajectory(test_set.draw_classes(g, 1), lr) for lr in (1e-3, 1e-4)]
+    bank = FeatureBank(net, params, test_set)
+    out = {}
+    for backend in ("compiled", "torch"):
+        with ops.use_backend(backend):
+            out[backend] = run_output_layer(bank, net, trajs, "adam", False, torch.Generator().manual_seed(2))
+    for (a_tr, a_te), (b_tr, b_te) in zip(out["compiled"], out["torch"]):
+        assert a_tr == pytest.approx(b_tr, abs=1 / 15 + 1e-6) and a_te == pytest.approx(b_te, abs=1 / 5 + 1e-6)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.tasks import MetaTestSet, as_rgb
+from .. import ops
 from ..models import Network, Params, select
 
 
@@ -60,16 +61,6 @@ def _class_order(n_classes: int, per_class: int, iid: bool, generator: torch.Gen
     return torch.arange(n_classes * per_class, device=device)
 
 
-def _adam_batched_(p, g, m, v, step: int, lr: torch.Tensor, beta1=0.9, beta2=0.999, eps=1e-8):
-    """torch.optim.Adam's step for a stack of independent tensors with one learning rate each."""
-    bc1 = 1 - beta1 ** step
-    bc2_sqrt = (1 - beta2 ** step) ** 0.5
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = (v.sqrt() / bc2_sqrt).add_(eps)
-    p.sub_(m / denom * (lr / bc1).view(-1, *[1] * (p.dim() - 1)))
-
-
 @torch.no_grad()
 def run_output_layer(bank: FeatureBank, net: Network, trajs: list[Trajectory], optimizer: str,
                      iid: bool, generator: torch.Generator,
@@ -107,15 +98,13 @@ def run_output_layer(bank: FeatureBank, net: Network, trajs: list[Trajectory], o
     S = Xseq.shape[1]
     for s in range(S):
         f = Xseq[:, s]  # [T, F]
-        logits = torch.baddbmm(b.unsqueeze(2), W, f.unsqueeze(2)).squeeze(2)  # [T, O]
-        d = torch.softmax(logits, 1)
-        d[rows, Yseq[:, s]] -= 1  # d(cross-entropy)/d(logits) at batch size 1
-        gW = d.unsqueeze(2) * f.unsqueeze(1)
         if optimizer == "adam":
-            _adam_batched_(W, gW, mW, vW, s + 1, lr)
-            _adam_batched_(b, d, mb, vb, s + 1, lr)
+            ops.output_layer_adam_step_(W, b, mW, vW, mb, vb, f, Yseq[:, s], lr, s + 1)
         else:
-            W.sub_(gW * lr.view(-1, 1, 1))
+            logits = torch.baddbmm(b.unsqueeze(2), W, f.unsqueeze(2)).squeeze(2)  # [T, O]
+            d = torch.softmax(logits, 1)
+            d[rows, Yseq[:, s]] -= 1  # d(cross-entropy)/d(logits) at batch size 1
+            W.sub_((d.unsqueeze(2) * f.unsqueeze(1)) * lr.view(-1, 1, 1))
             b.sub_(d * lr.view(-1, 1))
         if on_steps is not None and ((s + 1) % 100 == 0 or s + 1 == S):
             on_steps(T * ((s + 1) % 100 or 100))

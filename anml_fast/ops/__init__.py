@@ -8,6 +8,7 @@ signature (the twin is the fallback and the tests' reference):
   gated_head, gated_head_cross_entropy   Triton: gate, linear layer and cross-entropy fused
   gated_head_ce_sgd_                     Triton: the head's batch-1 SGD step, dW never written
   sgd_update, adam_update_               C++/CUDA extension: one launch over all tensors
+  output_layer_adam_step_                Triton: T meta-test output layers' Adam step, gW never written
 
 Which one runs, per call (`backend=`), for a block (`with use_backend(...)`), or for the process
 (`set_backend`):
@@ -32,6 +33,7 @@ from . import reference
 from . import conv_block as _conv_block_ext  # bound before the op names below, which they shadow
 from . import gated_head as _gated_head_triton
 from . import multi_tensor as _multi_tensor_ext
+from . import output_layer as _output_layer_triton
 
 BACKENDS = ("auto", "compiled", "torch")
 _setting = "auto"
@@ -44,6 +46,7 @@ _COMPILED = {
     "gated_head": _gated_head_triton,
     "gated_head_cross_entropy": _gated_head_triton,
     "gated_head_ce_sgd_": _gated_head_triton,
+    "output_layer_adam_step_": _output_layer_triton,
 }
 
 
@@ -137,6 +140,10 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, step: int, lr: float, bet
                                                           step, lr, beta1, beta2, eps)
 
 
+def output_layer_adam_step_(W, b, mW, vW, mb, vb, f, y, lr, step: int, *, backend: str | None = None) -> None:
+    choose("output_layer_adam_step_", W.device, backend)(W, b, mW, vW, mb, vb, f, y, lr, step)
+
+
 def available() -> dict:
     """What works here, per op and device type: True, or the reason it does not."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -150,4 +157,4 @@ def available() -> dict:
 
 __all__ = ["BACKENDS", "available", "choose", "get_backend", "set_backend", "use_backend", "reference",
            "conv_block", "gated_head", "gated_head_cross_entropy", "gated_head_ce_sgd_",
-           "sgd_update", "adam_update_"]
+           "sgd_update", "adam_update_", "output_layer_adam_step_"]

@@ -69,3 +69,31 @@ def adam_update_(params: list[torch.Tensor], grads: list[torch.Tensor],
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / bc2_sqrt).add_(eps)
         p.addcdiv_(m, denom, value=-lr / bc1)
+
+
+def adam_update_batched_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int,
+                         lr: torch.Tensor, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+    """torch.optim.Adam's step for a stack of independent tensors, one learning rate each (lr [T])."""
+    bc1 = 1 - beta1 ** step
+    bc2_sqrt = (1 - beta2 ** step) ** 0.5
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    p.sub_(m / denom * (lr / bc1).view(-1, *[1] * (p.dim() - 1)))
+
+
+@torch.no_grad()
+def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, vW: torch.Tensor,
+                            mb: torch.Tensor, vb: torch.Tensor, f: torch.Tensor, y: torch.Tensor,
+                            lr: torch.Tensor, step: int) -> None:
+    """One meta-test step of T independent output layers (W [T, O, F], b [T, O]), in place.
+
+    logits = W[t] f[t] + b[t];  d = softmax(logits) - onehot(y[t]);  gW = d f[t]^T, gb = d;
+    then Adam step `step` (betas 0.9, 0.999, eps 1e-8) at learning rate lr[t] on W, b and moments.
+    """
+    logits = torch.baddbmm(b.unsqueeze(2), W, f.unsqueeze(2)).squeeze(2)
+    d = torch.softmax(logits, 1)
+    d[torch.arange(W.shape[0], device=W.device), y] -= 1  # d(cross-entropy)/d(logits) at batch size 1
+    gW = d.unsqueeze(2) * f.unsqueeze(1)
+    adam_update_batched_(W, gW, mW, vW, step, lr)
+    adam_update_batched_(b, d, mb, vb, step, lr)

@@ -1,0 +1,125 @@
+"""The meta-test output-layer step on its fused Triton op (`anml_fast.kernels.output_layer`), and its twin.
+
+  output_layer_adam_step_(W, b, mW, vW, mb, vb, f, y, lr, step) -> None
+      For T independent trajectories: logits = W[t] f[t] + b[t], d = softmax(logits) - onehot(y[t]),
+      gW = d f[t]^T, gb = d, then torch.optim.Adam's step s (betas 0.9, 0.999, eps 1e-8) with
+      learning rate lr[t], applied in place to W, b and the moments mW, vW, mb, vb.
+
+The twin `output_layer_adam_step_reference_` (`ops.reference.output_layer_adam_step_`) has the same
+signature; it is the Adam step of `anml_fast.evaluation.trajectories.run_output_layer`.
+The Triton version takes float32 or float64 on CUDA (or on CPU when the kernels were defined under
+TRITON_INTERPRET=1); it never materialises gW. `available()` runs it once against the twin.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["output_layer_adam_step_", "output_layer_adam_step_reference_", "available",
+           "unavailable_reason"]
+
+# the plain-PyTorch twin (ops/reference.py), under the name the tests use
+from .reference import output_layer_adam_step_ as output_layer_adam_step_reference_  # noqa: E402
+
+
+# ---------------------------------------------------------------- Triton
+
+def _import_kernels():
+    try:
+        from anml_fast.kernels import output_layer as kernels
+    except ModuleNotFoundError as e:
+        if e.name != "anml_fast.kernels":
+            raise
+        # A source checkout run without installing (PYTHONPATH=.): setup.py maps kernels/ to
+        # anml_fast.kernels only at install time; only one name is ever imported, so the op is
+        # registered once.
+        from kernels import output_layer as kernels
+    return kernels
+
+
+# At import, not on first use: torch.compile cannot trace an import inside the op.
+try:
+    _KERNELS, _IMPORT_ERROR = _import_kernels(), None
+except Exception as e:  # anything at all means "these kernels are not here"
+    _KERNELS, _IMPORT_ERROR = None, f"{type(e).__name__}: {e}"
+
+
+def _kernels():
+    if _KERNELS is None:
+        raise RuntimeError(f"anml_fast's Triton output-layer op is not available ({_IMPORT_ERROR}); "
+                           "use output_layer_adam_step_reference_")
+    return _KERNELS
+
+
+def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, vW: torch.Tensor,
+                            mb: torch.Tensor, vb: torch.Tensor, f: torch.Tensor, y: torch.Tensor,
+                            lr: torch.Tensor, step: int) -> None:
+    """One fused Adam step of T output layers, in place (see the module docstring).
+
+    Like an optimizer step, it runs outside autograd. The state tensors must be contiguous; f, y
+    and lr may be strided views (f = Xseq[:, s] is one).
+    """
+    with torch.no_grad():
+        _kernels().output_layer_adam_step_(W, b, mW, vW, mb, vb, f, y, lr, int(step))
+
+
+# ---------------------------------------------------------------- availability
+
+def _kernels_interpreted() -> bool:
+    return _KERNELS is not None and _KERNELS.interpreted()
+
+
+_STATE: dict[str, object] = {}
+
+
+def available(device: str | torch.device | None = None) -> bool:
+    """Whether the Triton op runs here (for tensors on `device`, if given): runs it once against
+    its twin (cached). On CPU only when the kernels were defined under TRITON_INTERPRET=1."""
+    if device is not None:
+        on_cuda = torch.device(device).type == "cuda"
+        if on_cuda != torch.cuda.is_available() or (not on_cuda and not _kernels_interpreted()):
+            return False
+    if "ok" not in _STATE:
+        try:
+            _STATE["reason"] = _self_test()
+        except Exception as e:  # anything at all means "do not use this op here"
+            _STATE["reason"] = f"{type(e).__name__}: {e}"
+        _STATE["ok"] = _STATE["reason"] is None
+    return bool(_STATE["ok"])
+
+
+def unavailable_reason(device: str | torch.device | None = None) -> str | None:
+    """Why `available(device)` said no (None if it said yes or has not run)."""
+    if device is not None and torch.device(device).type == "cpu" and not _kernels_interpreted():
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    return _STATE.get("reason")  # type: ignore[return-value]
+
+
+def _self_test() -> str | None:
+    _kernels()
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif _kernels_interpreted():
+        device = torch.device("cpu")
+    else:
+        return "no CUDA device, and the kernels were not defined under TRITON_INTERPRET=1"
+    g = torch.Generator().manual_seed(0)
+    T, O, F_ = 3, 37, 50  # odd sizes: every mask is exercised
+    W = torch.randn(T, O, F_, generator=g) * 0.2
+    b = torch.randn(T, O, generator=g) * 0.1
+    f = torch.randn(T, F_, generator=g).relu()
+    y = torch.randint(0, O, (T,), generator=g)
+    lr = torch.tensor([1e-3, 3e-4, 1e-2])
+    state = [t.to(device) for t in (W, b, torch.zeros_like(W), torch.zeros_like(W),
+                                    torch.zeros_like(b), torch.zeros_like(b))]
+    ref = [t.clone() for t in state]
+    f, y, lr = f.to(device), y.to(device), lr.to(device)
+    for step in (1, 2):
+        output_layer_adam_step_(*state, f, y, lr, step)
+        output_layer_adam_step_reference_(*ref, f, y, lr, step)
+    for name, got, want in zip(("W", "b", "mW", "vW", "mb", "vb"), state, ref):
+        if not torch.allclose(got, want, atol=1e-5, rtol=1e-4):
+            return f"{name} differs from the plain-PyTorch twin on {device} " \
+                   f"(max |diff| {(got - want).abs().max().item():.3g})"
+    return None

@@ -1,0 +1,178 @@
+"""The fused meta-test output-layer Adam step against its twin and run_output_layer's arithmetic."""
+import re
+
+import pytest
+import torch
+
+from anml_fast.ops.reference import adam_update_batched_ as _adam_batched_
+from anml_fast.ops import output_layer as ol
+from tests.conftest import assert_close
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+pytestmark = pytest.mark.skipif(not ol.available(DEVICE), reason=str(ol.unavailable_reason(DEVICE)))
+
+# Adam normalises the gradient, so the update is ~lr per element whatever the logits' rounding;
+# W's error is then a few ulps of W plus lr x (relative error of m / sqrt(v)). Observed under the
+# interpreter over 12 steps, max |diff| on any state tensor: 9e-8 (float32), 2.2e-16 (float64);
+# the bounds leave ~10x (~50x for float64, whose sums reorder against baddbmm's blocking).
+TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float64: dict(atol=1e-14, rtol=1e-12)}
+# 300 > BLOCK_F: several feature blocks; O = 1: the degenerate single class
+SHAPES = [(3, 37, 50), (2, 19, 300), (1, 1, 7)]
+NAMES = ("W", "b", "mW", "vW", "mb", "vb")
+
+
+def make_state(T, O, F_, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(T, O, F_, generator=g, dtype=dtype) * (2 / F_) ** 0.5  # Kaiming-normal scale
+    b = torch.zeros(T, O, dtype=dtype)
+    state = (W, b, torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b))
+    return [t.to(DEVICE) for t in state]
+
+
+def make_sequence(T, O, F_, S, dtype=torch.float32, seed=1):
+    """Xseq [T, S, F] (ReLU features, some exact zeros) and Yseq [T, S], as run_output_layer has them."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(T, S, F_, generator=g, dtype=dtype).relu()
+    Y = torch.randint(0, O, (T, S), generator=g)
+    lr = torch.logspace(-4, -2, T, dtype=dtype)
+    return X.to(DEVICE), Y.to(DEVICE), lr.to(DEVICE)
+
+
+def run_output_layer_steps(W, b, Xseq, Yseq, lr):
+    """run_output_layer's Adam loop body (evaluation/trajectories.py), verbatim, on given state."""
+    T = W.shape[0]
+    mW, vW, mb, vb = (torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b))
+    rows = torch.arange(T, device=W.device)
+    for s in range(Xseq.shape[1]):
+        f = Xseq[:, s]
+        logits = torch.baddbmm(b.unsqueeze(2), W, f.unsqueeze(2)).squeeze(2)
+        d = torch.softmax(logits, 1)
+        d[rows, Yseq[:, s]] -= 1
+        gW = d.unsqueeze(2) * f.unsqueeze(1)
+        _adam_batched_(W, gW, mW, vW, s + 1, lr)
+        _adam_batched_(b, d, mb, vb, s + 1, lr)
+    return W, b, mW, vW, mb, vb
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_twin_over_steps(shape, dtype):
+    T, O, F_ = shape
+    S = 5
+    Xseq, Yseq, lr = make_sequence(T, O, F_, S, dtype)
+    fused = make_state(T, O, F_, dtype)
+    ref = [t.clone() for t in fused]
+    for s in range(S):
+        # f and y are the strided views run_output_layer passes
+        ol.output_layer_adam_step_(*fused, Xseq[:, s], Yseq[:, s], lr, s + 1)
+        ol.output_layer_adam_step_reference_(*ref, Xseq[:, s], Yseq[:, s], lr, s + 1)
+        for name, got, want in zip(NAMES, fused, ref):
+            assert_close(got, want, **TOL[dtype], what=f"{name} after step {s + 1}")
+    if O > 1:  # with one class softmax is 1 and d = 0: nothing moves
+        assert not torch.equal(fused[0], make_state(T, O, F_, dtype)[0])
+
+
+def test_twin_is_run_output_layer_bitwise():
+    T, O, F_, S = 3, 37, 50, 6
+    Xseq, Yseq, lr = make_sequence(T, O, F_, S)
+    W, b = make_state(T, O, F_)[:2]
+    want = run_output_layer_steps(W.clone(), b.clone(), Xseq, Yseq, lr)
+    twin = make_state(T, O, F_)
+    for s in range(S):
+        ol.output_layer_adam_step_reference_(*twin, Xseq[:, s], Yseq[:, s], lr, s + 1)
+    for name, got, w in zip(NAMES, twin, want):
+        assert torch.equal(got, w), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_multi_step_matches_run_output_layer(dtype):
+    T, O, F_, S = 4, 23, 70, 12
+    Xseq, Yseq, lr = make_sequence(T, O, F_, S, dtype, seed=7)
+    W, b = make_state(T, O, F_, dtype, seed=3)[:2]
+    want = run_output_layer_steps(W.clone(), b.clone(), Xseq, Yseq, lr)
+    fused = make_state(T, O, F_, dtype, seed=3)
+    for s in range(S):
+        ol.output_layer_adam_step_(*fused, Xseq[:, s], Yseq[:, s], lr, s + 1)
+    for name, got, w in zip(NAMES, fused, want):
+        assert_close(got, w, **TOL[dtype], what=name)
+
+
+def test_contiguous_f_and_y_too():
+    T, O, F_ = 2, 11, 40
+    Xseq, Yseq, lr = make_sequence(T, O, F_, 1)
+    fused = make_state(T, O, F_)
+    ref = [t.clone() for t in fused]
+    f, y = Xseq[:, 0].contiguous(), Yseq[:, 0].contiguous()
+    ol.output_layer_adam_step_(*fused, f, y, lr, 1)
+    ol.output_layer_adam_step_reference_(*ref, f, y, lr, 1)
+    for name, got, want in zip(NAMES, fused, ref):
+        assert_close(got, want, **TOL[torch.float32], what=name)
+
+
+def test_rejects_bad_inputs():
+    T, O, F_ = 2, 5, 8
+    Xseq, Yseq, lr = make_sequence(T, O, F_, 1)
+    state = make_state(T, O, F_)
+    with pytest.raises(ValueError, match="step counts from 1"):
+        ol.output_layer_adam_step_(*state, Xseq[:, 0], Yseq[:, 0], lr, 0)
+    with pytest.raises(ValueError, match="f must be"):
+        ol.output_layer_adam_step_(*state, Xseq[:, 0, :4], Yseq[:, 0], lr, 1)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ol.output_layer_adam_step_(*state, Xseq[:, 0].double(), Yseq[:, 0], lr, 1)
+    W_strided = state[0].transpose(1, 2).contiguous().transpose(1, 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        ol.output_layer_adam_step_(W_strided, *state[1:], Xseq[:, 0], Yseq[:, 0], lr, 1)
+
+
+def test_op_is_registered_with_mutations():
+    schema = str(torch.ops.anml_fast.output_layer_adam_step_.default._schema)
+    for name in NAMES:
+        assert re.search(rf"Tensor\(\w+!\) {name}\b", schema), (name, schema)
+    for name in ("f", "y", "lr"):
+        assert not re.search(rf"Tensor\(\w+!\) {name}\b", schema), (name, schema)
+
+
+# On CPU the kernels run in Triton's interpreter, which wrap_triton cannot capture into a graph, so
+# opcheck's AOT-dispatch test (which calls the kernels with fake tensors) runs on GPU only; the
+# CPU keeps the schema (mutation declarations checked against what the op really writes),
+# autograd-registration and fake-tensor checks.
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") + \
+    (("test_aot_dispatch_dynamic",) if CUDA else ())
+
+
+def test_opcheck():
+    T, O, F_ = 3, 37, 50
+    Xseq, Yseq, lr = make_sequence(T, O, F_, 1)
+    state = make_state(T, O, F_)
+    torch.library.opcheck(torch.ops.anml_fast.output_layer_adam_step_.default,
+                          (*state, Xseq[:, 0], Yseq[:, 0], lr, 1), test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 8])
+def test_anml_size_on_gpu(T):
+    O, F_, S = 1000, 2304, 10
+    Xseq, Yseq, lr = make_sequence(T, O, F_, S)
+    fused = make_state(T, O, F_)
+    ref = [t.clone() for t in fused]
+    for s in range(S):
+        ol.output_layer_adam_step_(*fused, Xseq[:, s], Yseq[:, s], lr, s + 1)
+        ol.output_layer_adam_step_reference_(*ref, Xseq[:, s], Yseq[:, s], lr, s + 1)
+    for name, got, want in zip(NAMES, fused, ref):
+        assert_close(got, want, **TOL[torch.float32], what=name)
+
+
+@pytest.mark.gpu
+def test_compiles_fullgraph_on_gpu():
+    T, O, F_ = 2, 1000, 2304
+    Xseq, Yseq, lr = make_sequence(T, O, F_, 2)
+    fused = make_state(T, O, F_)
+    ref = [t.clone() for t in fused]
+    step = torch.compile(ol.output_layer_adam_step_, fullgraph=True)
+    for s in range(2):
+        step(*fused, Xseq[:, s], Yseq[:, s], lr, s + 1)
+        ol.output_layer_adam_step_reference_(*ref, Xseq[:, s], Yseq[:, s], lr, s + 1)
+    for name, got, want in zip(NAMES, fused, ref):
+        assert_close(got, want, **TOL[torch.float32], what=name)
