@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _triton
+
 __all__ = [
     "gated_head", "gated_head_cross_entropy", "gated_head_ce_sgd_",
     "gated_head_reference", "gated_head_cross_entropy_reference", "gated_head_ce_sgd_reference_",
@@ -34,25 +36,9 @@ from .reference import gated_head_cross_entropy as gated_head_cross_entropy_refe
 
 # ---------------------------------------------------------------- Triton
 
-def _import_kernels():
-    try:
-        from anml_fast.kernels import gated_head as kernels
-    except ModuleNotFoundError as e:
-        if e.name != "anml_fast.kernels":
-            raise
-        # A source checkout run without installing (PYTHONPATH=.): setup.py maps kernels/ to
-        # anml_fast.kernels only at install time. Only one of the two names is ever imported
-        # here, so the ops are registered once.
-        from kernels import gated_head as kernels
-    return kernels
-
-
-# Imported with this module, not on first use: torch.compile cannot trace an import inside the
-# ops. A failure (no Triton, say) is kept for available() and for the error the ops then raise.
-try:
-    _KERNELS, _IMPORT_ERROR = _import_kernels(), None
-except Exception as e:  # anything at all means "these kernels are not here"
-    _KERNELS, _IMPORT_ERROR = None, f"{type(e).__name__}: {e}"
+# At import, not on first use (torch.compile cannot trace an import inside the ops); a failure is
+# kept for available() and for the error the ops then raise.
+_KERNELS, _IMPORT_ERROR = _triton.import_kernels("gated_head")
 
 
 def _kernels():

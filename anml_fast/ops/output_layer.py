@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _triton
+
 __all__ = ["output_layer_adam_step_", "output_layer_adam_step_reference_", "available",
            "unavailable_reason"]
 
@@ -23,24 +25,9 @@ from .reference import output_layer_adam_step_ as output_layer_adam_step_referen
 
 # ---------------------------------------------------------------- Triton
 
-def _import_kernels():
-    try:
-        from anml_fast.kernels import output_layer as kernels
-    except ModuleNotFoundError as e:
-        if e.name != "anml_fast.kernels":
-            raise
-        # A source checkout run without installing (PYTHONPATH=.): setup.py maps kernels/ to
-        # anml_fast.kernels only at install time; only one name is ever imported, so the op is
-        # registered once.
-        from kernels import output_layer as kernels
-    return kernels
-
-
-# At import, not on first use: torch.compile cannot trace an import inside the op.
-try:
-    _KERNELS, _IMPORT_ERROR = _import_kernels(), None
-except Exception as e:  # anything at all means "these kernels are not here"
-    _KERNELS, _IMPORT_ERROR = None, f"{type(e).__name__}: {e}"
+# At import, not on first use (torch.compile cannot trace an import inside the ops); a failure is
+# kept for available() and for the error the ops then raise.
+_KERNELS, _IMPORT_ERROR = _triton.import_kernels("output_layer")
 
 
 def _kernels():
