@@ -12,8 +12,11 @@ start=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "built in $(( $(date +%s) - start )) s"
 python3 -c "import json, anml_fast.ops as o; print(json.dumps(o.available(), indent=1))" | tee "$OUT/available.json"
-python3 -m pytest -q -p no:cacheprovider tests > "$OUT/tests.log" 2>&1; tail -8 "$OUT/tests.log"
-[ "${BENCH:-1}" = 1 ] && python3 bench/run_all.py --out "$OUT" > "$OUT/bench.log" 2>&1; tail -30 "$OUT/bench.log"
+timeout ${TEST_S:-330} python3 -m pytest -q -p no:cacheprovider --durations=15 -rfE tests ${TESTARGS:-} > "$OUT/tests.log" 2>&1
+echo "tests exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30; tail -25 "$OUT/tests.log"
+if [ "${BENCH:-1}" = 1 ]; then
+  timeout ${BENCH_S:-200} python3 bench/run_all.py --out "$OUT" > "$OUT/bench.log" 2>&1; echo "bench exit $?"; tail -60 "$OUT/bench.log"
+fi
 if [ "${DEMO:-0}" = 1 ]; then
   anml-fast demo --data .carry/omniglot.safetensors --out /tmp/demo --quiet > "$OUT/demo.log" 2>&1
   tail -15 "$OUT/demo.log"
