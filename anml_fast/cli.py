@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between held-out continual-learning checks, 0 for none [1000]")
     p.add_argument("--eval-classes", type=int, default=None, help="classes in the held-out check [10]")
     p.add_argument("--eval-lr", type=float, default=None, help="Adam learning rate of the held-out check [0.001]")
+    p.add_argument("--no-graph", action="store_true",
+                   help="launch every kernel eagerly instead of replaying the meta-step from a CUDA graph "
+                        "(for debuggers and profilers; same results; the graph is used on CUDA only)")
 
     p = sub.add_parser("evaluate", formatter_class=fmt, help="meta-test a model (the continual-learning protocol)",
                        description=("For each class count: reset the output layer, learn the classes' 15 "

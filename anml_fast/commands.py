@@ -55,7 +55,7 @@ def meta_train(args) -> int:
     device = resolve_device(args.device)
     data = load_data(args)
     trainer = MetaTrainer(cfg, data, args.out, device=device, resume=args.resume,
-                          progress=not args.quiet, log=_log)
+                          progress=not args.quiet, log=_log, graph=False if args.no_graph else None)
     _log(f"meta-training {cfg.model} on {device}: {cfg.steps} steps, "
          f"{'second' if cfg.second_order else 'first'}-order, inner layers {','.join(trainer.inner_names[:1])}..., "
          f"out {args.out}")

@@ -21,3 +21,13 @@ def record_peak(benchmark, fn):
     fn()
     torch.cuda.synchronize()
     benchmark.extra_info["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def own_benchmarks(path: str, module_file: str) -> list[dict]:
+    """The entries of a pytest-benchmark JSON that came from one bench file (run_all.py writes one
+    JSON for all of them)."""
+    import json
+    from pathlib import Path
+
+    stem = Path(module_file).stem
+    return [b for b in json.load(open(path))["benchmarks"] if stem in b["fullname"]]

@@ -11,12 +11,11 @@ inputs is recorded in extra_info. cuDNN runs with PyTorch's defaults (TF32 allow
     python3 bench/bench_conv_block.py conv_block.json      # the markdown table for the README
 """
 import importlib
-import json
 import sys
 
 import pytest
 import torch
-from _measure import record_kernel_time, record_peak  # bench/_measure.py
+from _measure import record_kernel_time, record_peak, own_benchmarks  # bench/_measure.py
 
 from anml_fast import ops
 from anml_fast.ops import reference
@@ -112,9 +111,7 @@ def test_forward_backward(benchmark, impl, layer, B):
 def table(path: str) -> str:
     """Median (IQR) wall time and GPU kernel time in microseconds, compiled next to twin."""
     rows = {}
-    for bench in json.load(open(path))["benchmarks"]:
-        if "bench_conv_block" not in bench["fullname"]:  # one JSON may hold several files' results
-            continue
+    for bench in own_benchmarks(path, __file__):
         p, s, info = bench["params"], bench["stats"], bench["extra_info"]
         kind = bench["name"].split("[")[0].removeprefix("test_")
         rows.setdefault((kind, p["layer"], p["B"]), {})[p["impl"]] = (

@@ -12,12 +12,11 @@ time (plus one synchronisation): at these sizes eager times are mostly Python an
     python3 bench/bench_gated_head.py gated_head.json      # the markdown table for the README
 """
 import importlib
-import json
 import sys
 
 import pytest
 import torch
-from _measure import record_peak  # bench/_measure.py
+from _measure import record_peak, own_benchmarks  # bench/_measure.py
 
 gh = importlib.import_module("anml_fast.ops.gated_head")
 
@@ -135,7 +134,7 @@ def test_sgd_step(benchmark, impl, B, mode):
 def table(path: str) -> str:
     """Median and interquartile range in microseconds, fused next to twin, from a benchmark JSON."""
     rows = {}
-    for bench in json.load(open(path))["benchmarks"]:
+    for bench in own_benchmarks(path, __file__):
         p, s = bench["params"], bench["stats"]
         kind = bench["name"].split("[")[0].removeprefix("test_")
         key = (kind, p.get("op", "sgd"), p["B"], p.get("mode", "eager"))

@@ -10,12 +10,11 @@ with torch.cuda.synchronize().
     python3 -m pytest bench/bench_inner_step.py --benchmark-json=inner_step.json
     python3 bench/bench_inner_step.py inner_step.json     # the markdown table
 """
-import json
 import sys
 
 import pytest
 import torch
-from _measure import record_kernel_time, record_peak  # bench/_measure.py
+from _measure import record_kernel_time, record_peak, own_benchmarks  # bench/_measure.py
 
 from anml_fast import ops
 from anml_fast.models import ModelConfig, build
@@ -84,9 +83,7 @@ def test_pln_inner_step(benchmark, impl, mode):
 def table(path: str) -> str:
     """Median (IQR) microseconds per step, and the speed-up over the twin in the same mode."""
     rows = {}
-    for b in json.load(open(path))["benchmarks"]:
-        if "bench_inner_step" not in b["fullname"]:
-            continue
+    for b in own_benchmarks(path, __file__):
         p, s, info = b["params"], b["stats"], b["extra_info"]
         rows.setdefault(p["mode"], {})[p["impl"]] = (s["median"] * 1e6, s["iqr"] * 1e6,
                                                      info.get("kernel_us"), info.get("peak_mb"))

@@ -10,12 +10,11 @@ ends with torch.cuda.synchronize(); peak memory above the inputs is recorded in 
     python3 bench/bench_multi_tensor.py multi_tensor.json      # the markdown table for the README
 """
 import importlib
-import json
 import sys
 
 import pytest
 import torch
-from _measure import record_kernel_time, record_peak  # bench/_measure.py
+from _measure import record_kernel_time, record_peak, own_benchmarks  # bench/_measure.py
 
 from anml_fast.models import ModelConfig, build, select
 from anml_fast.ops import reference
@@ -89,9 +88,7 @@ def test_adam_update(benchmark, impl, part):
 def table(path: str) -> str:
     """Median (IQR) wall time and GPU kernel time in microseconds per implementation."""
     rows = {}
-    for bench in json.load(open(path))["benchmarks"]:
-        if "bench_multi_tensor" not in bench["fullname"]:  # one JSON may hold several files' results
-            continue
+    for bench in own_benchmarks(path, __file__):
         p, s, info = bench["params"], bench["stats"], bench["extra_info"]
         op = bench["name"].split("[")[0].removeprefix("test_")
         rows.setdefault((op, p["part"]), {})[p["impl"]] = (

@@ -40,11 +40,37 @@ def conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return conv_block_forward(x, weight, bias, norm_weight, norm_bias, pool)[0]
 
 
+def check_args(x, weight, bias, norm_weight, norm_bias) -> None:
+    """The C++ op's argument checks, in Python. A C++ exception that crosses into Python aborts
+    the whole process on some builds (seen on the GPU machine's torch image, where the extension
+    and torch link different libstdc++ pieces), so the wrappers never let the op throw."""
+    if x.dim() != 4:
+        raise RuntimeError(f"conv_block: x must be [N, C_in, H, W], got {tuple(x.shape)}")
+    if weight.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise RuntimeError(f"conv_block: weight must be [C_out, C_in, kH, kW] with C_in = {x.shape[1]}, "
+                           f"got {tuple(weight.shape)}")
+    c_out = weight.shape[0]
+    for t in (bias, norm_weight, norm_bias):
+        if t.dim() != 1 or t.shape[0] != c_out:
+            raise RuntimeError(f"conv_block: bias, norm_weight and norm_bias must be [C_out] = [{c_out}], "
+                               f"got {tuple(t.shape)}")
+    if x.shape[2] < weight.shape[2] or x.shape[3] < weight.shape[3]:
+        raise RuntimeError(f"conv_block: input {tuple(x.shape)} is smaller than the kernel {tuple(weight.shape)}")
+    if not x.dtype.is_floating_point:
+        raise RuntimeError(f"conv_block: x must be floating point, got {x.dtype}")
+    for t in (weight, bias, norm_weight, norm_bias):
+        if t.dtype != x.dtype:
+            raise RuntimeError(f"conv_block: all arguments must be {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise RuntimeError(f"conv_block: all arguments must be on {x.device}, got {t.device}")
+
+
 def conv_block_forward(x, weight, bias, norm_weight, norm_bias, pool: bool):
     """The op itself: (out, conv_out, mean, rstd), the last three being what its backward reads."""
     if not _LOADED:
         raise RuntimeError(f"anml_fast's compiled extension is not available ({_ext.error()}); "
                            "use backend='torch'")
+    check_args(x, weight, bias, norm_weight, norm_bias)
     return torch.ops.anml_fast.conv_block(x, weight, bias, norm_weight, norm_bias, bool(pool))
 
 

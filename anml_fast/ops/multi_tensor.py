@@ -28,11 +28,32 @@ def _require() -> None:
                            "use backend='torch'")
 
 
+def _check_lists(op: str, params, **others) -> None:
+    """The C++ op's argument checks, in Python: see ops/conv_block.py's check_args for why."""
+    for what, lst in others.items():
+        if len(lst) != len(params):
+            raise RuntimeError(f"{op}: {len(params)} params but {len(lst)} {what}")
+    for i, p in enumerate(params):
+        if not p.dtype.is_floating_point:
+            raise RuntimeError(f"{op}: params[{i}] must be floating point, got {p.dtype}")
+        if p.device != params[0].device:
+            raise RuntimeError(f"{op}: params[{i}] is on {p.device} but params[0] is on {params[0].device}")
+        for what, lst in others.items():
+            t = lst[i]
+            if t.shape != p.shape:
+                raise RuntimeError(f"{op}: {what}[{i}] has shape {tuple(t.shape)} but params[{i}] has {tuple(p.shape)}")
+            if t.device != p.device:
+                raise RuntimeError(f"{op}: {what}[{i}] is on {t.device} but params[{i}] is on {p.device}")
+            if not t.dtype.is_floating_point:
+                raise RuntimeError(f"{op}: {what}[{i}] must be floating point, got {t.dtype}")
+
+
 def sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
     """New tensors w - lr * g, in one kernel launch on the GPU. Same as the twin's."""
     _require()
     if not params:  # no tensor to pick a device from
         return []
+    _check_lists("sgd_update", params, grads=grads)
     return torch.ops.anml_fast.sgd_update(params, grads, float(lr))
 
 
@@ -43,6 +64,9 @@ def adam_update_(params: list[torch.Tensor], grads: list[torch.Tensor],
     _require()
     if not params:
         return
+    if int(step) < 1:
+        raise RuntimeError(f"adam_update_: step counts from 1, got {step}")
+    _check_lists("adam_update_", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     torch.ops.anml_fast.adam_update_(params, grads, exp_avgs, exp_avg_sqs, int(step), float(lr),
                                      float(beta1), float(beta2), float(eps))
 

@@ -21,6 +21,15 @@ _TRUNK = [f"pln.{kind}{i}.{p}" for i in (1, 2, 3) for kind in ("conv", "norm") f
 PLN_NAMES = tuple(_TRUNK + ["pln.fc.weight", "pln.fc.bias"])
 
 
+def fused_available(net, inner_names, device: torch.device) -> bool:
+    """Whether the inner loop may run `pln_sgd_step_fused`: ANML adapting exactly its PLN, and the
+    dispatcher picking the compiled conv block, head step and SGD update on this device."""
+    if not isinstance(net, ANML) or tuple(inner_names) != PLN_NAMES:
+        return False
+    return all(ops.choose(op, device) is not getattr(ops.reference, op)
+               for op in ("conv_block", "gated_head_ce_sgd_", "sgd_update"))
+
+
 def pln_sgd_step_autograd(net: ANML, fixed: Params, pln: Params, x: torch.Tensor, y: torch.Tensor,
                           gate: torch.Tensor, lr: float) -> tuple[torch.Tensor, Params]:
     leaves = {n: pln[n].detach().requires_grad_() for n in PLN_NAMES}

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..data.tasks import MetaTrainBatch
 from ..models import Network, Params, select
+from .inner_step import fused_available, pln_sgd_step_fused
 
 
 @dataclass
@@ -43,6 +44,12 @@ def inner_loop(net: Network, params: Params, inner_names: list[str], x: torch.Te
     # First order: run the trajectory on detached leaves, then attach the summed step to w0.
     fixed = {n: p.detach() for n, p in params.items()}
     gate = None if gate is None else gate.detach()
+    if gate is not None and fused_available(net, inner_names, x.device):
+        # no autograd at all in the inner loop: fused forward, backward and update per image
+        fast = {n: fixed[n] for n in inner_names}
+        for k in range(x.shape[0]):
+            _, fast = pln_sgd_step_fused(net, fixed, fast, x[k:k + 1], y[k:k + 1], gate[k:k + 1], lr)
+        return {n: fast[n] + (params[n] - fixed[n]) for n in inner_names}
     leaves = {n: fixed[n].clone().requires_grad_() for n in inner_names}
     for k in range(x.shape[0]):
         loss = net.loss({**fixed, **leaves}, x[k:k + 1], y[k:k + 1], None if gate is None else gate[k:k + 1])

@@ -26,7 +26,8 @@ from ..data.tasks import REMEMBER_SIZE, MetaTestSet, MetaTrainSampler
 from ..errors import AnmlFastError
 from ..models import ModelConfig, build, select
 from .adam import Adam
-from .meta_step import meta_loss_and_grads
+from .graphed import GraphedMetaStep
+from .meta_step import StepResult, meta_loss_and_grads
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -87,7 +88,8 @@ class MetaTrainer:
     def __init__(self, config: MetaTrainConfig, data: OmniglotImages, out_dir: str | Path,
                  device: str | torch.device = "cpu", resume: bool = False, progress: bool = True,
                  log: Callable[[str], None] = print,
-                 on_step: Callable[[int], None] | None = None, dtype: torch.dtype = torch.float32):
+                 on_step: Callable[[int], None] | None = None, dtype: torch.dtype = torch.float32,
+                 graph: bool | None = None):
         config.validate()
         self.config, self.out = config, Path(out_dir)
         self.device = torch.device(device)
@@ -102,6 +104,12 @@ class MetaTrainer:
         self.params = self.net.init_params(self.generator, self.device, dtype)
         self.opt = Adam(self.params, lr=config.meta_lr)
         self.step = 0
+        # graph: replay the meta-step from a CUDA graph (None: on CUDA devices); `--no-graph`
+        # keeps every kernel launch visible to a debugger or profiler
+        self.use_graph = self.device.type == "cuda" if graph is None else graph
+        if self.use_graph and self.device.type != "cuda":
+            raise AnmlFastError(f"CUDA graphs need a CUDA device, not {self.device} (drop the graph option)")
+        self._graphed = None
         self._prepare_out(resume)
 
     # -- output folder and resume -------------------------------------------------------------
@@ -161,12 +169,7 @@ class MetaTrainer:
         seen, t_last = 0, time.perf_counter()
         try:
             while self.step < c.steps:
-                batch = self.sampler.sample(self.generator, c.tasks, c.traj_len, c.remember)
-                self.net.reset_output_rows(self.params, batch.classes, self.generator)
-                grads, res = meta_loss_and_grads(self.net, self.params, batch, self.inner_names,
-                                                 c.inner_lr, c.second_order)
-                self.opt.step(grads)
-                self.step += 1
+                res = self.step_once()
                 loss_sum += res.loss
                 correct_sum += res.correct
                 seen += res.count
@@ -192,6 +195,28 @@ class MetaTrainer:
             bar.close()
             tb.close()
         return self.out / MODEL_FILE
+
+    def step_once(self) -> StepResult:
+        """One meta-step (sample, re-draw the output rows, meta-gradient, Adam); reads nothing back.
+        Its result's tensors may be overwritten by the next step."""
+        c = self.config
+        batch = self.sampler.sample(self.generator, c.tasks, c.traj_len, c.remember)
+        self.net.reset_output_rows(self.params, batch.classes, self.generator)
+        grads, res = self._meta_step(batch)
+        self.opt.step(grads)
+        self.step += 1
+        return res
+
+    def _meta_grads(self, batch):
+        c = self.config
+        return meta_loss_and_grads(self.net, self.params, batch, self.inner_names, c.inner_lr, c.second_order)
+
+    def _meta_step(self, batch):
+        if not self.use_graph:
+            return self._meta_grads(batch)
+        if self._graphed is None:
+            self._graphed = GraphedMetaStep(self._meta_grads, batch)
+        return self._graphed(batch)
 
     def _write_metrics(self, row: dict, tb) -> None:
         with open(self.out / METRICS_FILE, "a") as f:
