@@ -45,6 +45,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["anml_fast", "anml_fast.*"]) + ["anml_fast.kernels"],
     package_dir={"anml_fast.kernels": "kernels"},
+    # the shipped meta-trained models (anml_fast/pretrained/<name>/: manifest.json + safetensors shards)
+    package_data={"anml_fast": ["pretrained/*/*.json", "pretrained/*/*.safetensors"]},
     install_requires=[
         "torch>=2.11",
         "torchvision>=0.26",

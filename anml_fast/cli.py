@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "results.png to --out, after every class count."))
     _common(p)
     p.add_argument("model", nargs="?", default=None,
-                   help="a model.safetensors / checkpoint file or a meta-train run folder (omit with --scratch)")
+                   help="a model.safetensors / checkpoint file, a meta-train run folder, a shipped-model "
+                        "folder, or pretrained:NAME for a model shipped with the package "
+                        "(see `anml-fast export-model --help`); omit with --scratch")
     p.add_argument("--out", default=None, help="results folder [runs/eval-<name>]")
     p.add_argument("--resume", action="store_true", help="skip the class counts already in --out/results.json")
     p.add_argument("--classes", type=_ints, default=list(CLASS_COUNTS), help="class counts")
@@ -138,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="the original .net / .model file")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--kind", choices=["anml", "oml"], default=None, help="model kind (default: from the tensors)")
+    _common(p, data=False, device=False)
+
+    p = sub.add_parser("export-model", formatter_class=fmt,
+                       help="write a model as a shippable folder of checksummed shards",
+                       description=("Write a model's parameters (not its training state) as safetensors shards "
+                                    "of at most 15 MiB plus manifest.json (config, provenance, SHA-256 of every "
+                                    "shard). `evaluate` reads such a folder directly; the package ships its "
+                                    "pretrained models this way (anml_fast/pretrained/<name>)."))
+    p.add_argument("model", help="a model.safetensors / checkpoint file, a run folder or a shipped-model folder")
+    p.add_argument("--out", required=True, help="the folder to write (its name prefixes the shard files)")
+    p.add_argument("--note", default=None, help="free text stored in the manifest's provenance")
     _common(p, data=False, device=False)
 
     p = sub.add_parser("demo", formatter_class=fmt, help="meta-train briefly, evaluate against scratch, print a table",

@@ -76,6 +76,36 @@ def _model_file(path: str) -> Path:
     return p
 
 
+def _load_model(spec: str, device):
+    """(checkpoint, short name, what to record as its source) of a MODEL argument: a model or
+    checkpoint file, a meta-train run folder, a shipped-model folder or `pretrained:NAME`."""
+    from . import checkpoint, pretrained
+
+    folder = pretrained.resolve(spec)
+    if folder is not None:
+        return pretrained.load(folder, device=device), folder.name, str(spec)
+    path = _model_file(spec)
+    name = path.parent.name if path.stem in ("model", "checkpoint") else path.stem
+    return checkpoint.load(path, device=device, with_state=False), name, str(path)
+
+
+def export_model(args) -> int:
+    import datetime
+
+    from . import pretrained
+
+    ck, _, spec = _load_model(args.model, "cpu")
+    provenance = {"source": spec, "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  **ck.info}
+    if args.note:
+        provenance["note"] = args.note
+    out = pretrained.export(ck, args.out, provenance)
+    m = pretrained.manifest(out)
+    print(f"{spec}: {ck.config.kind} model written to {out} as {len(m['shards'])} shard(s) "
+          f"({', '.join(e['file'] for e in m['shards'])}) with {pretrained.MANIFEST}")
+    return 0
+
+
 def evaluate(args) -> int:
     import torch
 
@@ -97,11 +127,9 @@ def evaluate(args) -> int:
         params = net.init_params(torch.Generator(device).manual_seed(args.seed), device)
         name, source = f"scratch-{mcfg.kind}", {"scratch": mcfg.to_dict(), "seed": args.seed}
     else:
-        path = _model_file(args.model)
-        ck = checkpoint.load(path, device=device, with_state=False)
+        ck, name, spec = _load_model(args.model, device)
         net, params = build(ck.config), ck.params
-        name = path.parent.name if path.stem in ("model", "checkpoint") else path.stem
-        source = {"model": str(path), "sha256": checkpoint.digest(ck.params)}
+        source = {"model": spec, "sha256": checkpoint.digest(ck.params)}
     if args.iid:
         name += "-iid"
     out = Path(args.out or f"runs/eval-{name}")
