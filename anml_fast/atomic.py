@@ -22,6 +22,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # fsync so that the rename cannot land before the data on a power loss
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); results and models are meant to be shared
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The paper-reproduction runs (docs/results.md) on a GPU machine, as plain CLI commands:
+#   anml     the reference's README run (ANML, 20,000 first-order meta-steps, inner lr 0.1, meta lr
+#            0.001, seed 9: all defaults of `anml-fast meta-train`), exported as a shipped-model
+#            folder, then the full evaluation (schedule 10..600, output layer only, lr search)
+#   scratch  the same evaluation of a randomly initialised ANML
+#   oml      OML with the same meta-training budget, and its evaluation
+#   iid      the i.i.d. oracle: ANML's evaluation with the images shuffled across classes
+#            (reads the exported model from MODEL, default $OUT/anml-seed9)
+#   tests    pytest on TESTS (skipped when less than TEST_MIN_S seconds of BUDGET_S are left)
+# Usage: OUT=/tmp/out RUNS="anml scratch" bash bench/reproduce.sh
+# Writes $OUT/log.txt (every command, its exit status and time), $OUT/runs.tar (metrics, configs,
+# results, without checkpoints) and the exported model folder(s).
+set -uo pipefail
+OUT=${OUT:-/tmp/reproduce}
+DATA=${DATA:-.carry/omniglot.safetensors}
+RUNS=${RUNS:-anml scratch}
+BUDGET_S=${BUDGET_S:-570}
+LOG=$OUT/log.txt
+mkdir -p "$OUT" runs
+export ANML_FAST_CACHE=/tmp/anml-cache
+t0=$(date +%s)
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$LOG"
+python3 -m pip install --no-build-isolation --no-deps -e . >> "$LOG" 2>&1 || { tail -30 "$LOG"; exit 1; }
+echo "built after $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
+
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2 s
+  shift 2
+  s=$(date +%s)
+  echo "== $name: $*" >> "$LOG"
+  timeout "$limit" "$@" >> "$LOG" 2>&1
+  echo "== $name: exit $? after $(( $(date +%s) - s )) s" | tee -a "$LOG"
+}
+
+for run in $RUNS; do
+  case $run in
+    anml)
+      step train-anml 220 anml-fast meta-train --data "$DATA" --out runs/anml-seed9 --quiet
+      tail -2 runs/anml-seed9/metrics.jsonl
+      step export-anml 60 anml-fast export-model runs/anml-seed9 --out "$OUT/anml-seed9" \
+        --note "anml-fast meta-train --out runs/anml-seed9 (defaults: 20000 first-order steps, seed 9)"
+      step eval-anml 150 anml-fast evaluate runs/anml-seed9 --data "$DATA" --out runs/eval-anml-seed9 --quiet ;;
+    scratch)
+      step eval-scratch 150 anml-fast evaluate --scratch --data "$DATA" --out runs/eval-scratch --quiet ;;
+    oml)
+      step train-oml 260 anml-fast meta-train --model oml --data "$DATA" --out runs/oml-seed9 --quiet
+      step export-oml 60 anml-fast export-model runs/oml-seed9 --out "$OUT/oml-seed9"
+      step eval-oml 150 anml-fast evaluate runs/oml-seed9 --data "$DATA" --out runs/eval-oml-seed9 --quiet ;;
+    iid)
+      step eval-iid 150 anml-fast evaluate "${MODEL:-$OUT/anml-seed9}" --iid --data "$DATA" \
+        --out runs/eval-anml-seed9-iid --quiet ;;
+    tests)
+      left=$(( BUDGET_S - ($(date +%s) - t0) ))
+      if [ "$left" -ge "${TEST_MIN_S:-40}" ]; then
+        step tests "$left" python3 -m pytest -q -p no:cacheprovider --tb=short -rfE ${TESTS:-tests}
+      else
+        echo "== tests: skipped, $left s left" | tee -a "$LOG"
+      fi ;;
+    *) echo "reproduce.sh: unknown run '$run'" | tee -a "$LOG" ;;
+  esac
+done
+tar cf "$OUT/runs.tar" --exclude='*.safetensors' --exclude=tb runs
+grep -E "classes  lr|^== .*exit|error" "$LOG" | tail -40
