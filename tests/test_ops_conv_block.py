@@ -292,7 +292,10 @@ def test_cuda_matches_cpu_and_is_deterministic():
         cuda_b = run(cb.conv_block, [a.cuda() for a in args], True, upstream.cuda())
     for name, a, b, c in zip(NAMES, cuda_a, cuda_b, cpu):
         assert torch.equal(a, b), f"{name} differs between two identical CUDA runs"
-        assert_close(a.cpu(), c, atol=1e-4, rtol=1e-4, what=name)
+        # grad_weight sums 20 x 11 x 11 products per entry with cancellation (entries ~30 next to
+        # ~0): the two devices' summation orders differ by ~2e-5 of the largest entry
+        scale = c.abs().max().item()
+        assert_close(a.cpu(), c, atol=5e-5 * max(scale, 1.0), rtol=1e-4, what=name)
 
 
 @gpu
