@@ -22,6 +22,7 @@ W, mW, vW) in float32, against ~100 for the plain-PyTorch loop's dozen elementwi
 """
 from __future__ import annotations
 
+import math
 import struct
 
 import torch
@@ -87,12 +88,13 @@ def _adam_update(P_ptr, M_ptr, V_ptr, offs, mask, g, one_minus_beta1, beta2, one
     tl.store(V_ptr + offs, v, mask=mask)
 
 
-@triton.jit
+# step is a runtime value (no recompilation per step, and under torch.compile it may be symbolic)
+@triton.jit(do_not_specialize=["step"])
 def _output_layer_adam_kernel(
     W_ptr, Bias_ptr, MW_ptr, VW_ptr, MB_ptr, VB_ptr, F_ptr, Y_ptr, LR_ptr, Logits_ptr,
     n_outputs, n_features, f_row_stride, y_stride, lr_stride,
-    omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, bc1_hi, bc1_lo,
-    bc2s_hi, bc2s_lo,
+    omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, lb1_hi, lb1_lo,
+    lb2_hi, lb2_lo, step,
     BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_ALL_O: tl.constexpr,
 ):
     """Adam on one [BLOCK_O, BLOCK_F] tile of W[t] (grid: out blocks x feature blocks, T).
@@ -127,8 +129,14 @@ def _output_layer_adam_kernel(
     beta2 = _scalar(b2_hi, b2_lo, dt)
     one_minus_beta2 = _scalar(omb2_hi, omb2_lo, dt)
     eps = _scalar(eps_hi, eps_lo, dt)
-    bc2_sqrt = _scalar(bc2s_hi, bc2s_lo, dt)
-    step_size = tl.load(LR_ptr + t * lr_stride) / _scalar(bc1_hi, bc1_lo, dt)
+    # Bias corrections 1 - beta**step from the step number, in float64 whatever dt is (as the host
+    # computes them for torch.optim.Adam): beta**step = exp(step * log(beta)), log(beta) exact to
+    # float64 from its two float32 halves. Computed here rather than on the host, so that under
+    # torch.compile a symbolic step never meets host float arithmetic.
+    s64 = step.to(tl.float64)
+    bc1 = 1.0 - tl.exp(s64 * _scalar(lb1_hi, lb1_lo, tl.float64))
+    bc2_sqrt = tl.sqrt(1.0 - tl.exp(s64 * _scalar(lb2_hi, lb2_lo, tl.float64))).to(dt)
+    step_size = tl.load(LR_ptr + t * lr_stride) / bc1.to(dt)
 
     cols = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     col_mask = cols < n_features
@@ -205,14 +213,13 @@ def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, 
     cfg = LOGITS_CONFIG
     wrap_triton(_output_layer_logits_kernel)[(triton.cdiv(O, cfg["BLOCK_O"]), T)](
         W, b, f, logits, O, F_, f.stride(0), **cfg)
-    bc1 = 1 - BETA1 ** step
-    bc2_sqrt = (1 - BETA2 ** step) ** 0.5
-    scalars = [x for v in (1 - BETA1, BETA2, 1 - BETA2, EPS, bc1, bc2_sqrt) for x in _split(v)]
+    scalars = [x for v in (1 - BETA1, BETA2, 1 - BETA2, EPS, math.log(BETA1), math.log(BETA2))
+               for x in _split(v)]
     cfg = ADAM_CONFIG
     grid = (triton.cdiv(O, cfg["BLOCK_O"]), max(1, triton.cdiv(F_, cfg["BLOCK_F"])), T)
     wrap_triton(_output_layer_adam_kernel)[grid](
         W, b, mW, vW, mb, vb, f, y, lr, logits, O, F_, f.stride(0), y.stride(0), lr.stride(0),
-        *scalars, BLOCK_ALL_O=triton.next_power_of_2(O), **cfg)
+        *scalars, step, BLOCK_ALL_O=triton.next_power_of_2(O), **cfg)
 
 
 # Explicit fake: triton_op would trace the implementation, which needs wrap_triton's graph
