@@ -164,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a CPU too, meta-train a fresh model instead of evaluating the shipped one")
     p.add_argument("--out", default="runs/demo", help="demo folder (meta-train run and results)")
     p.add_argument("--steps", type=int, default=None, help="meta-training steps [CPU 300, GPU 3000]")
-    p.add_argument("--classes", type=_ints, default=None, help="class counts [CPU 10 25, GPU 10 50 100 200]")
+    p.add_argument("--classes", type=_ints, default=None,
+                   help="class counts [shipped model on a CPU: 10 50 100; --meta-train on a CPU: 10 25; "
+                        "GPU: 10 50 100 200]")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
+    _common(p)
     return ap
 
 

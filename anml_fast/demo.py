@@ -12,7 +12,7 @@ from .evaluation.protocol import EvalConfig, Evaluator, report, write_outputs
 # Sized so that the CPU demo fits in about 10 minutes on 2 cores (one first-order meta-step there
 # costs about a second); on a GPU, long enough that meta-training clearly beats scratch.
 CPU = {"steps": 300, "classes": [10, 25], "lrs": [0.001, 0.0003, 0.0001], "search_draws": 1, "runs": 3}
-# The shipped model on a CPU: a few minutes on 2 cores (features once per image, then batched
+# The shipped model on a CPU: about 5 minutes on 2 cores (features once per image, then batched
 # output-layer trajectories on the twins).
 PRETRAINED_CPU = {"classes": [10, 50, 100], "lrs": [0.001, 0.0003, 0.0001], "search_draws": 1, "runs": 3}
 RESULTS_DOC = "docs/results.md"
@@ -112,7 +112,7 @@ def _demo_pretrained(args, device: str) -> int:
              > results[1]["class_counts"][str(n)]["final"]["test_mean"]]
     print(f"The shipped ANML is ahead of scratch (test accuracy) at {len(ahead)} of {len(classes)} class counts.")
     print(f"This is a small version of the protocol ({len(ecfg.lrs)} rates, {ecfg.final_runs} runs). The full "
-          f"results (schedule 10..600, 14 rates x 10 draws, 10 runs, OML and the oracle beside it) are in "
+          f"results (schedule 10..600, 14 rates x 10 draws, 10 runs, next to the published figures) are in "
           f"{RESULTS_DOC}; `anml-fast demo --meta-train` meta-trains a fresh model instead.")
     print(f"Outputs: {out / 'results.md'}, {out / 'results.png'}")
     return 0
