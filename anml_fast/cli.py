@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if getattr(args, "backend", None):
         ops.set_backend(args.backend)
+    from .distributed import shutdown
+
     try:
         return getattr(commands, args.command.replace("-", "_"))(args)
     except AnmlFastError as e:
@@ -212,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"anml-fast {args.command}: interrupted (rerun with --resume to continue)", file=sys.stderr)
         return 130
+    finally:
+        shutdown()  # leave torchrun's process group, if this process joined one
 
 
 if __name__ == "__main__":

@@ -47,20 +47,41 @@ def _train_config(args):
     return MetaTrainConfig(**given)
 
 
+def _distributed(args):
+    """(Dist, device) of this process: torchrun's process group if launched by it (see
+    anml_fast/distributed.py), else a single process on --device."""
+    from .distributed import init_from_env
+
+    return init_from_env(resolve_device(args.device))
+
+
+def _load_data_once(args, dist):
+    """The data, with the cache built by one process per machine while the others wait."""
+    if dist.local_rank == 0:
+        data = load_data(args)
+    dist.barrier()
+    if dist.local_rank != 0:
+        data = load_data(args)
+    return data
+
+
 def meta_train(args) -> int:
     from .training.trainer import MetaTrainer
 
-    cfg = _train_config(args)
+    dist, device = _distributed(args)
+    cfg = dist.from_main(lambda: _train_config(args))  # on resume rank 0's folder decides
     cfg.validate()
-    device = resolve_device(args.device)
-    data = load_data(args)
+    data = _load_data_once(args, dist)
+    log = _log if dist.is_main else (lambda msg: None)
     trainer = MetaTrainer(cfg, data, args.out, device=device, resume=args.resume,
-                          progress=not args.quiet, log=_log, graph=False if args.no_graph else None)
-    _log(f"meta-training {cfg.model} on {device}: {cfg.steps} steps, "
-         f"{'second' if cfg.second_order else 'first'}-order, inner layers {','.join(trainer.inner_names[:1])}..., "
-         f"out {args.out}")
+                          progress=not args.quiet, log=log, graph=False if args.no_graph else None, dist=dist)
+    procs = f" x {dist.world} processes ({cfg.tasks // dist.world} tasks each)" if dist.enabled else ""
+    log(f"meta-training {cfg.model} on {device}{procs}: {cfg.steps} steps, {cfg.tasks} task(s) per step, "
+        f"{'second' if cfg.second_order else 'first'}-order, inner layers {','.join(trainer.inner_names[:1])}..., "
+        f"out {args.out}")
     model = trainer.run()
-    print(f"model written to {model}")
+    if dist.is_main:
+        print(f"model written to {model}")
     return 0
 
 
@@ -120,7 +141,7 @@ def evaluate(args) -> int:
     cfg.validate()
     if args.scratch == (args.model is not None):
         raise AnmlFastError("give either a MODEL to evaluate or --scratch, not both or neither")
-    device = resolve_device(args.device)
+    dist, device = _distributed(args)
     if args.scratch:
         mcfg = ModelConfig(kind=args.scratch_model)
         net = build(mcfg)
@@ -133,10 +154,12 @@ def evaluate(args) -> int:
     if args.iid:
         name += "-iid"
     out = Path(args.out or f"runs/eval-{name}")
-    data = load_data(args)
+    data = _load_data_once(args, dist)
     ev = Evaluator(net, params, MetaTestSet(data, device), cfg, out, system=name, source=source,
-                   progress=not args.quiet, log=_log)
+                   progress=not args.quiet, log=_log, dist=dist)
     results = ev.run(resume=args.resume)
+    if not dist.is_main:
+        return 0
     print(report.table([results]))
     print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
     return 0

@@ -39,6 +39,11 @@ class MetaTrainBatch:
     meta_x: torch.Tensor  # [T, R + L, 3, 28, 28]
     meta_y: torch.Tensor  # [T, R + L]
 
+    def select(self, tasks: slice) -> "MetaTrainBatch":
+        """Some of the tasks (a process's share in a distributed run)."""
+        return MetaTrainBatch(self.classes[tasks], self.traj_x[tasks], self.traj_y[tasks],
+                              self.meta_x[tasks], self.meta_y[tasks])
+
 
 class MetaTrainSampler:
     """Samples the protocol's meta-training tasks from the first 963 background classes."""

@@ -20,6 +20,7 @@ import torch
 
 from ..atomic import write_json
 from ..data.tasks import MetaTestSet
+from ..distributed import Dist
 from ..errors import AnmlFastError
 from ..models import Network, Params
 from . import report
@@ -82,8 +83,13 @@ class Evaluator:
 
     def __init__(self, net: Network, params: Params, test_set: MetaTestSet, cfg: EvalConfig,
                  out_dir: str | Path | None = None, system: str = "model", source: dict | None = None,
-                 progress: bool = True, log: Callable[[str], None] = print):
+                 progress: bool = True, log: Callable[[str], None] = print, dist: Dist | None = None):
         cfg.validate()
+        # several processes (anml_fast.distributed): trajectories dealt round-robin, results
+        # gathered on every rank, rank 0 alone writes, logs and shows progress
+        self.dist = dist or Dist()
+        if not self.dist.is_main:
+            out_dir, progress, log = None, False, (lambda msg: None)
         self.net, self.params, self.test_set, self.cfg = net, params, test_set, cfg
         self.out = Path(out_dir) if out_dir is not None else None
         self.system, self.source = system, source or {}
@@ -94,14 +100,25 @@ class Evaluator:
         self.bank = FeatureBank(net, params, test_set) if self.output_only else None
 
     def _run(self, trajs: list[Trajectory], g: torch.Generator, on_steps) -> list[tuple[float, float]]:
+        keep = [self.dist.mine(i) for i in range(len(trajs))]
         if self.output_only:
-            out, step = [], _max_batch(self.cfg, self.params, self.net)
+            # a chunk holds about max_batch trajectories per process; chunking changes nothing
+            # in the results (the random numbers are drawn per trajectory, in order)
+            out, step = [], _max_batch(self.cfg, self.params, self.net) * self.dist.world
             for i in range(0, len(trajs), step):
                 out += run_output_layer(self.bank, self.net, trajs[i:i + step], self.cfg.optimizer,
-                                        self.cfg.iid, g, on_steps)
+                                        self.cfg.iid, g, on_steps, keep[i:i + step])
+        else:
+            out = run_finetune(self.net, self.params, self.test_set, trajs, self.train_prefixes,
+                               self.cfg.optimizer, self.cfg.iid, g, on_steps, keep)
+        if not self.dist.enabled:
             return out
-        return run_finetune(self.net, self.params, self.test_set, trajs, self.train_prefixes,
-                            self.cfg.optimizer, self.cfg.iid, g, on_steps)
+        merged: list = [None] * len(trajs)
+        mine = [i for i, k in enumerate(keep) if k]
+        for part in self.dist.all_gather_object(list(zip(mine, out))):
+            for i, acc in part:
+                merged[i] = tuple(acc)
+        return merged
 
     def class_count(self, n: int) -> dict:
         """The protocol at one class count, as a JSON-able record."""
@@ -110,7 +127,9 @@ class Evaluator:
         c = self.cfg
         g = torch.Generator(self.test_set.device).manual_seed(_class_count_seed(c.seed, n))
         search = len(c.lrs) > 1
-        total = n * self.test_set.train.shape[1] * ((c.search_draws * len(c.lrs) if search else 0) + c.final_runs)
+        runs = (c.search_draws * len(c.lrs) if search else 0, c.final_runs)
+        mine = sum(sum(self.dist.mine(i) for i in range(r)) for r in runs)  # this process's share
+        total = n * self.test_set.train.shape[1] * mine
         bar = tqdm(total=total, desc=f"{self.system} {n} classes", unit="update", unit_scale=True,
                    disable=not self.progress, dynamic_ncols=True, leave=False)
         t0 = time.perf_counter()
@@ -142,12 +161,7 @@ class Evaluator:
         return record
 
     def run(self, resume: bool = False) -> dict:
-        results = {"system": self.system, "source": self.source, "config": asdict(self.cfg), "class_counts": {}}
-        if self.out is not None and (self.out / RESULTS_JSON).exists():
-            if not resume:
-                raise AnmlFastError(f"{self.out / RESULTS_JSON} exists: pass --resume to finish that "
-                                    f"evaluation, or choose another --out")
-            results = self._resume(results)
+        results = self.dist.from_main(lambda: self._initial_results(resume))
         for n in self.cfg.class_counts:
             if str(n) in results["class_counts"]:
                 self.log(f"{n} classes: done already, skipped")
@@ -159,6 +173,15 @@ class Evaluator:
                      f"  train {f['train_mean']:.3f} ± {f['train_std']:.3f}  ({rec['seconds']:.1f} s)")
             if self.out is not None:
                 write_outputs(self.out, [results])
+        return results
+
+    def _initial_results(self, resume: bool) -> dict:
+        results = {"system": self.system, "source": self.source, "config": asdict(self.cfg), "class_counts": {}}
+        if self.out is not None and (self.out / RESULTS_JSON).exists():
+            if not resume:
+                raise AnmlFastError(f"{self.out / RESULTS_JSON} exists: pass --resume to finish that "
+                                    f"evaluation, or choose another --out")
+            results = self._resume(results)
         return results
 
     def _resume(self, fresh: dict) -> dict:

@@ -64,21 +64,32 @@ def _class_order(n_classes: int, per_class: int, iid: bool, generator: torch.Gen
 @torch.no_grad()
 def run_output_layer(bank: FeatureBank, net: Network, trajs: list[Trajectory], optimizer: str,
                      iid: bool, generator: torch.Generator,
-                     on_steps: Callable[[int], None] | None = None) -> list[tuple[float, float]]:
+                     on_steps: Callable[[int], None] | None = None,
+                     keep: list[bool] | None = None) -> list[tuple[float, float]]:
     """Train a fresh output layer per trajectory, all side by side; (train acc, test acc) each.
 
     All trajectories must have the same number of classes. Randomness, per trajectory in order:
-    the Kaiming-normal output weight, then (with `iid`) the shuffled image order.
+    the Kaiming-normal output weight, then (with `iid`) the shuffled image order. `keep` (one
+    process's share in a distributed run) runs only some trajectories, and returns only theirs;
+    the others' random numbers are still drawn, so each kept one gets exactly its own.
     """
     n = len(trajs[0].classes)
     w_ref = bank.params[f"{net.output_layer}.weight"]
-    T, (O, Fdim) = len(trajs), w_ref.shape
-    dev = w_ref.device
+    (O, Fdim), dev = w_ref.shape, w_ref.device
+    keep = keep or [True] * len(trajs)
+    T = sum(keep)
     W = torch.empty(T, O, Fdim, device=dev, dtype=w_ref.dtype)
-    orders = []
-    for t in range(T):
-        torch.nn.init.kaiming_normal_(W[t], generator=generator)
-        orders.append(_class_order(n, bank.test_set.train.shape[1], iid, generator, dev))
+    scratch = torch.empty(O, Fdim, device=dev, dtype=w_ref.dtype) if T < len(trajs) else None
+    orders, kept = [], []
+    for t, mine in enumerate(keep):
+        torch.nn.init.kaiming_normal_(W[len(kept)] if mine else scratch, generator=generator)
+        order = _class_order(n, bank.test_set.train.shape[1], iid, generator, dev)
+        if mine:
+            orders.append(order)
+            kept.append(trajs[t])
+    trajs = kept
+    if not trajs:
+        return []
     b = torch.zeros(T, O, device=dev, dtype=W.dtype)
     feats_tr, feats_te, y_tr, y_te = [], [], [], []
     for tr in trajs:
@@ -120,15 +131,23 @@ def _accuracy(X: torch.Tensor, Y: torch.Tensor, W: torch.Tensor, b: torch.Tensor
 
 def run_finetune(net: Network, params: Params, test_set: MetaTestSet, trajs: list[Trajectory],
                  train_prefixes: list[str], optimizer: str, iid: bool, generator: torch.Generator,
-                 on_steps: Callable[[int], None] | None = None) -> list[tuple[float, float]]:
-    """Fine-tune the named layers (output layer reset, as in the protocol), one trajectory at a time."""
+                 on_steps: Callable[[int], None] | None = None,
+                 keep: list[bool] | None = None) -> list[tuple[float, float]]:
+    """Fine-tune the named layers (output layer reset, as in the protocol), one trajectory at a
+    time; `keep` as in `run_output_layer`."""
     names = select(list(params), train_prefixes)
     reuse_gate = not select(names, net.gate_params())
     out = []
-    for tr in trajs:
+    keep = keep or [True] * len(trajs)
+    for tr, mine in zip(trajs, keep):
+        n, per = len(tr.classes), test_set.train.shape[1]
+        if not mine:  # draw what this trajectory would draw, and nothing else
+            net.reset_output({k: torch.empty_like(v) for k, v in params.items()
+                              if k.startswith(net.output_layer + ".")}, generator)
+            _class_order(n, per, iid, generator, test_set.device)
+            continue
         p = {k: v.detach().clone() for k, v in params.items()}
         net.reset_output(p, generator)
-        n, per = len(tr.classes), test_set.train.shape[1]
         order = _class_order(n, per, iid, generator, test_set.device)
         xtr = as_rgb(test_set.train[tr.classes].flatten(0, 1))
         ytr = tr.classes.repeat_interleave(per)

@@ -25,6 +25,7 @@ from ..data.cache import OmniglotImages
 from ..data.tasks import REMEMBER_SIZE, MetaTestSet, MetaTrainSampler
 from ..errors import AnmlFastError
 from ..models import ModelConfig, build, select
+from ..distributed import Dist
 from .adam import Adam
 from .graphed import GraphedMetaStep
 from .meta_step import StepResult, meta_loss_and_grads
@@ -89,11 +90,16 @@ class MetaTrainer:
                  device: str | torch.device = "cpu", resume: bool = False, progress: bool = True,
                  log: Callable[[str], None] = print,
                  on_step: Callable[[int], None] | None = None, dtype: torch.dtype = torch.float32,
-                 graph: bool | None = None):
+                 graph: bool | None = None, dist: Dist | None = None):
         config.validate()
         self.config, self.out = config, Path(out_dir)
         self.device = torch.device(device)
-        self.progress, self.log, self.on_step = progress, log, on_step
+        # several processes (anml_fast.distributed): rank 0 writes, logs and shows progress
+        self.dist = dist or Dist()
+        self.share = self.dist.share(config.tasks)
+        self.progress = progress and self.dist.is_main
+        self.log = log if self.dist.is_main else (lambda msg: None)
+        self.on_step = on_step
         self.net = build(config.model_config())
         names = [s.name for s in self.net.param_specs()]
         self.inner_names = select(names, config.inner_layers or self.net.inner_default)
@@ -110,7 +116,22 @@ class MetaTrainer:
         if self.use_graph and self.device.type != "cuda":
             raise AnmlFastError(f"CUDA graphs need a CUDA device, not {self.device} (drop the graph option)")
         self._graphed = None
-        self._prepare_out(resume)
+        self._start(resume)
+
+    def _start(self, resume: bool) -> None:
+        """Rank 0 prepares the folder (or resumes); then every rank takes its state, so that the
+        other processes need neither the folder nor the same file system."""
+        if not self.dist.enabled:
+            self._prepare_out(resume)
+            return
+        self.dist.from_main(lambda: self._prepare_out(resume))
+        state = {"step": self.step, "rng": self.generator.get_state().tolist()}
+        state = self.dist.broadcast_object(state)
+        self.step = state["step"]
+        self.generator.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        self.opt.step_count = self.step
+        self.dist.broadcast_tensors_(list(self.params.values()) + list(self.opt.exp_avg.values())
+                                     + list(self.opt.exp_avg_sq.values()))
 
     # -- output folder and resume -------------------------------------------------------------
     def _prepare_out(self, resume: bool) -> None:
@@ -161,7 +182,7 @@ class MetaTrainer:
             if not (self.out / MODEL_FILE).exists():
                 self._save(final=True)
             return self.out / MODEL_FILE
-        tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1)
+        tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1) if self.dist.is_main else None
         bar = tqdm(total=c.steps, initial=self.step, unit="step", desc="meta-train",
                    disable=not self.progress, dynamic_ncols=True)
         loss_sum = torch.zeros((), device=self.device)
@@ -185,15 +206,18 @@ class MetaTrainer:
                     bar.set_postfix(loss=f"{row['meta_loss']:.3f}", acc=f"{row['meta_acc']:.3f}")
                     loss_sum.zero_(), correct_sum.zero_()
                     seen, t_last = 0, now
-                if c.eval_every and self.step % c.eval_every == 0:
+                if c.eval_every and self.step % c.eval_every == 0 and self.dist.is_main:
                     self._write_metrics(self._heldout(), tb)
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps:
-                    self._save(final=self.step == c.steps)
+                    self.dist.check_identical(self.params)
+                    if self.dist.is_main:
+                        self._save(final=self.step == c.steps)
                 if self.on_step is not None:
                     self.on_step(self.step)
         finally:
             bar.close()
-            tb.close()
+            if tb is not None:
+                tb.close()
         return self.out / MODEL_FILE
 
     def step_once(self) -> StepResult:
@@ -202,7 +226,13 @@ class MetaTrainer:
         c = self.config
         batch = self.sampler.sample(self.generator, c.tasks, c.traj_len, c.remember)
         self.net.reset_output_rows(self.params, batch.classes, self.generator)
+        if self.dist.enabled:  # every rank drew the whole batch; each meta-trains on its share
+            batch = batch.select(self.share)
         grads, res = self._meta_step(batch)
+        if self.dist.enabled:
+            self.dist.all_reduce_mean_([g for g in grads.values() if g is not None] + [res.loss])
+            self.dist.all_reduce_sum_(res.correct)
+            res = StepResult(res.loss, res.correct, res.count * self.dist.world)
         self.opt.step(grads)
         self.step += 1
         return res
@@ -219,6 +249,8 @@ class MetaTrainer:
         return self._graphed(batch)
 
     def _write_metrics(self, row: dict, tb) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.out / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
         for k, v in row.items():
