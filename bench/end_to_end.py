@@ -17,8 +17,9 @@ Rows (--rows picks some; the JSON keeps rows from earlier calls on the same card
   traj       one 600-class output-layer trajectory (9,000 Adam updates)
   protocol   the 600-class output-layer protocol (14 rates x 10 search draws + 10 final runs)
   schedule   the whole schedule 10..600, output layer only (results written to --eval-out)
-  finetune   600 classes with the whole PLN fine-tuned: timed on a prefix of one trajectory and
-             projected to 150 trajectories (the trajectories are not batched yet)
+  finetune   600 classes with the whole PLN fine-tuned (150 trajectories): the batched
+             trajectories against one-by-one twins, each timed over a prefix of the updates
+             and projected to 9,000
 Models: --model FILE, else the model the train row wrote, else a fresh initialisation (timings do
 not depend on the weights). Baselines that would take minutes (protocol, schedule) are estimated
 from their per-step cost measured on the same stacked trajectories; the table says so.
@@ -198,21 +199,25 @@ def row_protocol(net, params, test_set, counts, out_dir=None, system="model") ->
             "test_acc": accs}
 
 
-def row_finetune(net, params, test_set, steps: int) -> dict:
-    """One whole-PLN trajectory's first `steps` updates, projected to 150 x 9,000."""
+def row_finetune(net, params, test_set, updates: int) -> dict:
+    """600-class whole-PLN protocol (150 trajectories x 9,000 updates), projected from a prefix:
+    fast = all 150 side by side (run_finetune_batched), baseline = one by one (run_finetune, the
+    twins), each timed over trajectories of `updates` updates."""
     from anml_fast import ops
+    from anml_fast.evaluation.finetune_batched import run_finetune_batched
     from anml_fast.evaluation.trajectories import Trajectory, run_finetune
 
     g = torch.Generator(DEVICE).manual_seed(0)
-    n = max(1, steps // 15)
-    traj = [Trajectory(test_set.draw_classes(g, n), 1e-4)]
+    n = max(1, updates // 15)
+    trajs = [Trajectory(test_set.draw_classes(g, n), 1e-4) for _ in range(150)]
     out = {}
-    for col, backend in (("fast", "auto"), ("baseline", "torch")):
-        with ops.use_backend(backend):
-            run_finetune(net, params, test_set, [Trajectory(traj[0].classes[:1], 1e-4)], ["pln"], "adam", False, g)
-            sec, peak = _sync_time(lambda: run_finetune(net, params, test_set, traj, ["pln"], "adam", False, g))
-        out[col] = sec / (n * 15) * 9000 * 150
-        out[f"{col}_peak_mb"] = peak
+    run_finetune_batched(net, params, test_set, trajs[:2], ["pln"], "adam", False, g)  # warm-up
+    sec, peak = _sync_time(lambda: run_finetune_batched(net, params, test_set, trajs, ["pln"], "adam", False, g))
+    out["fast"], out["fast_peak_mb"] = sec / (n * 15) * 9000, peak
+    with ops.use_backend("torch"):
+        run_finetune(net, params, test_set, trajs[:1], ["pln"], "adam", False, g)
+        sec, peak = _sync_time(lambda: run_finetune(net, params, test_set, trajs[:2], ["pln"], "adam", False, g))
+    out["baseline"], out["baseline_peak_mb"] = sec / 2 / (n * 15) * 9000 * 150, peak
     out.update(unit="s", projected_from_updates=n * 15)
     return out
 
