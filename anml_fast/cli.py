@@ -142,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["anml", "oml"], default=None, help="model kind (default: from the tensors)")
     _common(p, data=False, device=False)
 
+    p = sub.add_parser("compare", formatter_class=fmt, help="put several evaluations in one table and plot",
+                       description=("Read results.json files (or the folders `evaluate` wrote) and write one "
+                                    "table (results.md), plot (results.png) and results.json with every system. "
+                                    "Evaluations given the same name with --as are folded into one system: "
+                                    "mean and standard deviation over them, e.g. over meta-training seeds."))
+    p.add_argument("results", nargs="+", help="results.json files or evaluation folders")
+    p.add_argument("--as", dest="names", default=None,
+                   help="comma-separated names, one per input (default: the names stored in them); "
+                        "repeat a name to fold those inputs, e.g. anml,anml,anml,scratch")
+    p.add_argument("--out", required=True, help="folder for results.md, results.png and results.json")
+    _common(p, data=False, device=False)
+
     p = sub.add_parser("export-model", formatter_class=fmt,
                        help="write a model as a shippable folder of checksummed shards",
                        description=("Write a model's parameters (not its training state) as safetensors shards "

@@ -110,6 +110,29 @@ def _load_model(spec: str, device):
     return checkpoint.load(path, device=device, with_state=False), name, str(path)
 
 
+def compare(args) -> int:
+    from .atomic import write_json, write_text
+    from .evaluation import compare as cmp
+    from .evaluation.protocol import RESULTS_JSON, RESULTS_MD, RESULTS_PNG, report
+
+    systems = [(i, s) for i, path in enumerate(args.results) for s in cmp.read_results(path)]
+    names = [s["system"] for _, s in systems]
+    if args.names is not None:
+        given = [n.strip() for n in args.names.split(",")]
+        if len(given) != len(args.results):
+            raise AnmlFastError(f"--as gives {len(given)} names for {len(args.results)} inputs; give one per input")
+        names = [given[i] for i, _ in systems]
+    folded = cmp.fold([(n, s) for n, (_, s) in zip(names, systems)])
+    out = Path(args.out)
+    write_json(out / RESULTS_JSON, {"results": folded, "inputs": list(args.results)})
+    text = report.table(folded) + cmp.note(folded)
+    write_text(out / RESULTS_MD, text)
+    report.write_plot(out / RESULTS_PNG, folded)
+    print(text)
+    print(f"written: {out / RESULTS_MD}, {out / RESULTS_PNG}, {out / RESULTS_JSON}")
+    return 0
+
+
 def export_model(args) -> int:
     import datetime
 
