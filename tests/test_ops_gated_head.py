@@ -32,7 +32,7 @@ pytest.importorskip("triton")
 kernels = gh._kernels()
 
 CUDA = torch.cuda.is_available()
-if not CUDA and not gh._kernels_interpreted():
+if not CUDA and not gh._CHECK.interpreted():
     raise RuntimeError("the gated-head kernels were defined for a GPU, but there is none: set "
                        "TRITON_INTERPRET=1 before anything imports anml_fast.ops (tests/conftest.py "
                        "should, when CUDA is absent)")
@@ -373,10 +373,10 @@ def test_available_runs_the_ops():
 
 
 def test_available_records_why_not(monkeypatch):
-    def broken():
+    def broken(device):
         raise ImportError("no triton here")
 
-    monkeypatch.setattr(gh, "_STATE", {})
-    monkeypatch.setattr(gh, "_kernels", broken)
+    monkeypatch.setattr(gh._CHECK, "state", {})
+    monkeypatch.setattr(gh._CHECK, "self_test", broken)
     assert not gh.available()
     assert "no triton here" in gh.unavailable_reason()

@@ -79,51 +79,7 @@ def gated_head_ce_sgd_(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch
 
 # ---------------------------------------------------------------- availability
 
-def _kernels_interpreted() -> bool:
-    """Whether the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
-    return _KERNELS is not None and _KERNELS.interpreted()
-
-
-_STATE: dict[str, object] = {}
-
-
-def available(device: str | torch.device | None = None) -> bool:
-    """Whether the Triton ops run here (for tensors on `device`, if given): imports them and runs
-    each once against its twin (cached).
-
-    On CUDA when a GPU is present; otherwise on CPU, which works only when the kernels were
-    defined under TRITON_INTERPRET=1 (Triton's interpreter: for tests, far too slow for training).
-    """
-    if device is not None:
-        on_cuda = torch.device(device).type == "cuda"
-        if on_cuda != torch.cuda.is_available() or (not on_cuda and not _kernels_interpreted()):
-            return False
-    if "ok" not in _STATE:
-        try:
-            _STATE["reason"] = _self_test()
-        except Exception as e:  # anything at all means "do not use these kernels here"
-            _STATE["reason"] = f"{type(e).__name__}: {e}"
-        _STATE["ok"] = _STATE["reason"] is None
-    return bool(_STATE["ok"])
-
-
-def unavailable_reason(device: str | torch.device | None = None) -> str | None:
-    """Why `available(device)` said no (None if it said yes or has not run)."""
-    if device is not None and torch.device(device).type == "cpu" and not _kernels_interpreted():
-        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
-    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device"
-    return _STATE.get("reason")  # type: ignore[return-value]
-
-
-def _self_test() -> str | None:
-    _kernels()  # raises, with the reason, when the Triton kernels did not import
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif _kernels_interpreted():
-        device = torch.device("cpu")
-    else:
-        return "no CUDA device, and the kernels were not defined under TRITON_INTERPRET=1"
+def _self_test(device: torch.device) -> str | None:
     g = torch.Generator().manual_seed(0)
     B, F_, O = 3, 40, 37  # odd sizes: exercise every mask
     h, z = torch.randn(B, F_, generator=g), torch.randn(B, F_, generator=g)
@@ -152,3 +108,8 @@ def _self_test() -> str | None:
             return f"{name} differs from the plain-PyTorch twin on {device} " \
                    f"(max |diff| {(got - want).abs().max().item():.3g})"
     return None
+
+
+_CHECK = _triton.TritonSelfTest(_KERNELS, _IMPORT_ERROR, _self_test)
+available = _CHECK.available
+unavailable_reason = _CHECK.unavailable_reason

@@ -51,46 +51,7 @@ def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, 
 
 # ---------------------------------------------------------------- availability
 
-def _kernels_interpreted() -> bool:
-    return _KERNELS is not None and _KERNELS.interpreted()
-
-
-_STATE: dict[str, object] = {}
-
-
-def available(device: str | torch.device | None = None) -> bool:
-    """Whether the Triton op runs here (for tensors on `device`, if given): runs it once against
-    its twin (cached). On CPU only when the kernels were defined under TRITON_INTERPRET=1."""
-    if device is not None:
-        on_cuda = torch.device(device).type == "cuda"
-        if on_cuda != torch.cuda.is_available() or (not on_cuda and not _kernels_interpreted()):
-            return False
-    if "ok" not in _STATE:
-        try:
-            _STATE["reason"] = _self_test()
-        except Exception as e:  # anything at all means "do not use this op here"
-            _STATE["reason"] = f"{type(e).__name__}: {e}"
-        _STATE["ok"] = _STATE["reason"] is None
-    return bool(_STATE["ok"])
-
-
-def unavailable_reason(device: str | torch.device | None = None) -> str | None:
-    """Why `available(device)` said no (None if it said yes or has not run)."""
-    if device is not None and torch.device(device).type == "cpu" and not _kernels_interpreted():
-        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
-    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device"
-    return _STATE.get("reason")  # type: ignore[return-value]
-
-
-def _self_test() -> str | None:
-    _kernels()
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif _kernels_interpreted():
-        device = torch.device("cpu")
-    else:
-        return "no CUDA device, and the kernels were not defined under TRITON_INTERPRET=1"
+def _self_test(device: torch.device) -> str | None:
     g = torch.Generator().manual_seed(0)
     T, O, F_ = 3, 37, 50  # odd sizes: every mask is exercised
     W = torch.randn(T, O, F_, generator=g) * 0.2
@@ -110,3 +71,8 @@ def _self_test() -> str | None:
             return f"{name} differs from the plain-PyTorch twin on {device} " \
                    f"(max |diff| {(got - want).abs().max().item():.3g})"
     return None
+
+
+_CHECK = _triton.TritonSelfTest(_KERNELS, _IMPORT_ERROR, _self_test)
+available = _CHECK.available
+unavailable_reason = _CHECK.unavailable_reason
