@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description=("Meta-train on the first 963 Omniglot background classes. Defaults are "
                                     "the reference README command: 20,000 first-order steps, inner lr 0.1, "
                                     "meta lr 0.001, seed 9. Writes config.json, metrics.jsonl, tb/ "
-                                    "(TensorBoard), checkpoint.safetensors and, at the end, model.safetensors."))
+                                    "(TensorBoard), checkpoint.safetensors and, at the end, model.safetensors. Under "
+                                    "torchrun (torchrun --nproc_per_node=N -m anml_fast meta-train --tasks N ...) "
+                                    "the processes share each meta-step's tasks."))
     _common(p)
     p.add_argument("--out", default="runs/meta-train", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-lr", type=float, default=None, help="inner-loop SGD learning rate [0.1]")
     p.add_argument("--meta-lr", type=float, default=None, help="outer Adam learning rate [0.001]")
     p.add_argument("--seed", type=int, default=None, help="random seed [9]")
-    p.add_argument("--tasks", type=int, default=None, help="trajectories (classes) per meta-step [1]")
+    p.add_argument("--tasks", type=int, default=None, help="trajectories (classes) per meta-step, over all processes under torchrun [1]")
     p.add_argument("--traj-len", type=int, default=None, help="inner SGD steps per trajectory, at most 20 [20]")
     p.add_argument("--remember", type=int, default=None,
                    help=f"random remember-set images in the meta-loss batch [{REMEMBER_SIZE}]")
@@ -106,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "training drawings in class order at batch size 1, and score on them and "
                                     "on the 5 held-out drawings; learning rate searched over --lrs x "
                                     "--search-draws, then --runs final runs. Writes results.json, results.md, "
-                                    "results.png to --out, after every class count."))
+                                    "results.png to --out, after every class count. Under torchrun the trajectories "
+                                    "are shared out over the processes, with the same results."))
     _common(p)
     p.add_argument("model", nargs="?", default=None,
                    help="a model.safetensors / checkpoint file, a meta-train run folder, a shipped-model "
