@@ -12,6 +12,11 @@
 #            meta-test train accuracy as always
 #   seeds    for each seed in SEEDS (default 1 2 3): meta-train STEPS (default 20000) first-order
 #            steps, then evaluate with the wide grid; `anml-fast compare` folds them afterwards
+#   second   second-order ANML (seed 9, STEPS steps, default 20000: about 10.5 min on an H200, longer
+#            than one call). Runs for at most SECOND_S seconds, then either exports and evaluates the
+#            finished model, or leaves the checkpoint in $OUT as checkpoint.part-* (15 MiB pieces)
+#            beside runs.tar: carry both (e.g. as .carry/pack) and set RESUME_PACK=.carry/pack in the
+#            next call to continue exactly where it stopped.
 #   tests    pytest on TESTS (skipped when less than TEST_MIN_S seconds of BUDGET_S are left)
 # Usage: OUT=/tmp/out RUNS="anml scratch" bash bench/reproduce.sh
 # Writes $OUT/log.txt (every command, its exit status and time), $OUT/runs.tar (metrics, configs,
@@ -66,6 +71,22 @@ for run in $RUNS; do
         step "eval-seed$seed" 170 anml-fast evaluate "runs/anml-s$seed" --lrs "$WIDE_LRS" --data "$DATA" \
           --out "runs/eval-anml-s$seed-widelr" --quiet
       done ;;
+    second)
+      if [ -n "${RESUME_PACK:-}" ]; then
+        tar xf "$RESUME_PACK/runs.tar" runs/anml2-seed9
+        cat "$RESUME_PACK"/checkpoint.part-* > runs/anml2-seed9/checkpoint.safetensors
+      fi
+      step train-second "${SECOND_S:-420}" anml-fast meta-train --second-order --steps "${STEPS:-20000}" \
+        --data "$DATA" --out runs/anml2-seed9 --resume --quiet
+      tail -1 runs/anml2-seed9/metrics.jsonl
+      if [ -f runs/anml2-seed9/model.safetensors ]; then
+        step export-second 60 anml-fast export-model runs/anml2-seed9 --out "$OUT/anml2-seed9"
+        step eval-second 170 anml-fast evaluate runs/anml2-seed9 --lrs "$WIDE_LRS" --data "$DATA" \
+          --out runs/eval-anml2-seed9-widelr --quiet
+      else
+        split -b 15m -d runs/anml2-seed9/checkpoint.safetensors "$OUT/checkpoint.part-"
+        echo "== second: unfinished; checkpoint left in $OUT/checkpoint.part-* with runs.tar" | tee -a "$LOG"
+      fi ;;
     tests)
       left=$(( BUDGET_S - ($(date +%s) - t0) ))
       if [ "$left" -ge "${TEST_MIN_S:-40}" ]; then
