@@ -179,7 +179,7 @@ class MetaTrainer:
         c = self.config
         if self.step >= c.steps:
             self.log(f"{self.out} is already at step {self.step} of {c.steps}")
-            if not (self.out / MODEL_FILE).exists():
+            if self.dist.is_main and not (self.out / MODEL_FILE).exists():
                 self._save(final=True)
             return self.out / MODEL_FILE
         tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1) if self.dist.is_main else None
