@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext, reference
+from ._compare import first_mismatch
 
 _OP = "anml_fast::conv_block"
 _BWD_OP = "anml_fast::conv_block_backward"
@@ -142,15 +143,12 @@ def _failure_on(device_type: str) -> str | None:
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(s, generator=g).to(device_type).requires_grad_()
             for s in [(2, 3, 8, 7), (4, 3, 3, 3), (4,), (4,), (4,)]]
-    grad = None
+    results = []
     for fn in (conv_block, reference.conv_block):
         out = fn(*args, pool=True)
-        got = torch.autograd.grad(out.square().sum(), args)
-        if grad is not None and not all(torch.allclose(a, b, atol=1e-3, rtol=1e-3)
-                                        for a, b in zip((out, *got), grad)):
-            return "results differ from the plain-PyTorch twin"
-        grad = (out, *got)
-    return None
+        results.append((out, *torch.autograd.grad(out.square().sum(), args)))
+    names = ("out", "grad x", "grad weight", "grad bias", "grad norm_weight", "grad norm_bias")
+    return first_mismatch(zip(names, *results), device_type, atol=1e-3, rtol=1e-3)
 
 
 _self_test = _ext.DeviceSelfTest(_failure_on)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import _triton
+from ._compare import first_mismatch
 
 __all__ = [
     "gated_head", "gated_head_cross_entropy", "gated_head_ce_sgd_",
@@ -103,11 +104,8 @@ def _self_test(device: torch.device) -> str | None:
               "sgd weight": (w1, w2), "sgd bias": (b1, b2)}
     checks.update({f"grad {n}": p for n, p in zip(("h", "gate_logits", "weight", "bias"), zip(grads, ref_grads))})
     checks.update({f"sgd {n}": p for n, p in zip(("loss", "dh", "dgate_logits"), zip(sgd, ref_sgd))})
-    for name, (got, want) in checks.items():
-        if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
-            return f"{name} differs from the plain-PyTorch twin on {device} " \
-                   f"(max |diff| {(got - want).abs().max().item():.3g})"
-    return None
+    return first_mismatch(((name, got, want) for name, (got, want) in checks.items()), device,
+                          atol=1e-4, rtol=1e-4)
 
 
 _CHECK = _triton.TritonSelfTest(_KERNELS, _IMPORT_ERROR, _self_test)

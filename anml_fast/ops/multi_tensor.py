@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext, reference
+from ._compare import first_mismatch
 
 _SGD_OP = "anml_fast::sgd_update"
 _ADAM_OP = "anml_fast::adam_update_"
@@ -106,18 +107,19 @@ def _failure_on(device_type: str) -> str | None:
         return [[torch.randn(s, generator=g).to(device_type) for s in shapes] for _ in range(4)]
 
     p, gr, _, _ = lists()
-    for a, b in zip(sgd_update(p, gr, 0.1), reference.sgd_update(p, gr, 0.1)):
-        if not torch.allclose(a, b, atol=1e-6, rtol=1e-6):
-            return "sgd_update differs from the plain-PyTorch twin"
+    failure = first_mismatch((("sgd_update", a, b) for a, b in zip(sgd_update(p, gr, 0.1),
+                                                                    reference.sgd_update(p, gr, 0.1))),
+                             device_type, atol=1e-6, rtol=1e-6)
+    if failure:
+        return failure
     ours = lists()
     ours[3] = [v.abs() for v in ours[3]]
     theirs = [[t.clone() for t in lst] for lst in ours]
     adam_update_(*ours, 3, 1e-2)
     reference.adam_update_(*theirs, 3, 1e-2)
-    for a, b in zip(ours[0] + ours[2] + ours[3], theirs[0] + theirs[2] + theirs[3]):
-        if not torch.allclose(a, b, atol=1e-6, rtol=1e-5):
-            return "adam_update_ differs from the plain-PyTorch twin"
-    return None
+    return first_mismatch((("adam_update_", a, b) for a, b in zip(ours[0] + ours[2] + ours[3],
+                                                                   theirs[0] + theirs[2] + theirs[3])),
+                          device_type, atol=1e-6, rtol=1e-5)
 
 
 _self_test = _ext.DeviceSelfTest(_failure_on)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import _triton
+from ._compare import first_mismatch
 
 __all__ = ["output_layer_adam_step_", "output_layer_adam_step_reference_", "available",
            "unavailable_reason"]
@@ -66,11 +67,7 @@ def _self_test(device: torch.device) -> str | None:
     for step in (1, 2):
         output_layer_adam_step_(*state, f, y, lr, step)
         output_layer_adam_step_reference_(*ref, f, y, lr, step)
-    for name, got, want in zip(("W", "b", "mW", "vW", "mb", "vb"), state, ref):
-        if not torch.allclose(got, want, atol=1e-5, rtol=1e-4):
-            return f"{name} differs from the plain-PyTorch twin on {device} " \
-                   f"(max |diff| {(got - want).abs().max().item():.3g})"
-    return None
+    return first_mismatch(zip(("W", "b", "mW", "vW", "mb", "vb"), state, ref), device, atol=1e-5, rtol=1e-4)
 
 
 _CHECK = _triton.TritonSelfTest(_KERNELS, _IMPORT_ERROR, _self_test)
