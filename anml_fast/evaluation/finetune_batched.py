@@ -18,7 +18,7 @@ from .. import ops
 from ..data.tasks import MetaTestSet, as_rgb
 from ..models import Network, Params, select
 from ..ops.reference import adam_update_batched_
-from .trajectories import Trajectory, _batched_logits, _class_order
+from .trajectories import Trajectory, _batched_logits, _trajectory_starts
 
 
 def _gate_bank(net: Network, params: Params, images: torch.Tensor, classes: torch.Tensor, batch: int = 500):
@@ -45,18 +45,13 @@ def run_finetune_batched(net: Network, params: Params, test_set: MetaTestSet, tr
     per = test_set.train.shape[1]
     dev = test_set.device
 
-    # Random numbers exactly as run_finetune draws them: per trajectory, the output reset, then the order.
     stacks: dict[str, list[torch.Tensor]] = {k: [] for k in batched}
     orders, kept = [], []
-    for tr, mine in zip(trajs, keep):
-        fresh = {k: torch.empty_like(params[k]) for k in out_names}
-        net.reset_output(fresh, generator)
-        order = _class_order(len(tr.classes), per, iid, generator, dev)
-        if mine:
-            for k in batched:
-                stacks[k].append(fresh[k] if k in fresh else params[k].detach())
-            orders.append(order)
-            kept.append(tr)
+    for i, fresh, order in _trajectory_starts(net, params, trajs, keep, generator, per, iid, dev):
+        for k in batched:
+            stacks[k].append(fresh[k] if k in fresh else params[k].detach())
+        orders.append(order)
+        kept.append(trajs[i])
     if not kept:
         return []
     T, lr = len(kept), torch.tensor([tr.lr for tr in kept], device=dev, dtype=params[names[0]].dtype)

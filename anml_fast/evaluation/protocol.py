@@ -68,26 +68,16 @@ def _class_count_seed(seed: int, n: int) -> int:
     return seed * 1_000_003 + n
 
 
-def _max_batch(cfg: EvalConfig, params: Params, net: Network) -> int:
+def _max_batch(cfg: EvalConfig, params: Params, names: list[str], extra_bytes: int = 0) -> int:
+    """Trajectories side by side: --max-batch, else as many as half the free GPU memory holds when
+    each keeps its own copy of `names` (weights, two Adam moments, the gradient and temporaries:
+    6 copies) plus `extra_bytes`; 8 on the CPU."""
     if cfg.max_batch:
         return cfg.max_batch
-    w = params[f"{net.output_layer}.weight"]
-    per_traj = w.numel() * w.element_size() * 6  # W, two Adam moments, gradient and temporaries
-    if w.is_cuda:
-        free, _ = torch.cuda.mem_get_info(w.device)
-        return max(1, int(free * 0.5) // per_traj)
-    return 8
-
-
-def _max_batch_finetune(cfg: EvalConfig, params: Params, prefixes: list[str], net: Network) -> int:
-    if cfg.max_batch:
-        return cfg.max_batch
-    names = set(select(list(params), prefixes)) | {f"{net.output_layer}.weight", f"{net.output_layer}.bias"}
-    any_param = next(iter(params.values()))
-    # per trajectory: weights, two Adam moments, the gradient and temporaries, plus activations
-    per_traj = sum(params[n].numel() for n in names) * any_param.element_size() * 6 + 32 * 2 ** 20
-    if any_param.is_cuda:
-        free, _ = torch.cuda.mem_get_info(any_param.device)
+    t = params[names[0]]
+    per_traj = sum(params[n].numel() for n in names) * t.element_size() * 6 + extra_bytes
+    if t.is_cuda:
+        free, _ = torch.cuda.mem_get_info(t.device)
         return max(1, int(free * 0.5) // per_traj)
     return 8
 
@@ -118,7 +108,8 @@ class Evaluator:
         if self.output_only:
             # a chunk holds about max_batch trajectories per process; chunking changes nothing
             # in the results (the random numbers are drawn per trajectory, in order)
-            out, step = [], _max_batch(self.cfg, self.params, self.net) * self.dist.world
+            out, step = [], _max_batch(self.cfg, self.params, [f"{self.net.output_layer}.weight"])
+            step *= self.dist.world
             for i in range(0, len(trajs), step):
                 out += run_output_layer(self.bank, self.net, trajs[i:i + step], self.cfg.optimizer,
                                         self.cfg.iid, g, on_steps, keep[i:i + step])
@@ -130,7 +121,10 @@ class Evaluator:
         else:
             # all trajectories side by side (vmap); the random numbers are drawn per trajectory in
             # order, so chunks change nothing but memory
-            out, step = [], _max_batch_finetune(self.cfg, self.params, self.train_prefixes, self.net)
+            # per trajectory: its trained layers and reset output layer, plus activations
+            names = sorted(set(select(list(self.params), self.train_prefixes))
+                           | {f"{self.net.output_layer}.weight", f"{self.net.output_layer}.bias"})
+            out, step = [], _max_batch(self.cfg, self.params, names, extra_bytes=32 * 2 ** 20)
             step *= self.dist.world
             for i in range(0, len(trajs), step):
                 out += run_finetune_batched(self.net, self.params, self.test_set, trajs[i:i + step],

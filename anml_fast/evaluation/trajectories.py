@@ -61,6 +61,21 @@ def _class_order(n_classes: int, per_class: int, iid: bool, generator: torch.Gen
     return torch.arange(n_classes * per_class, device=device)
 
 
+def _trajectory_starts(net: Network, params: Params, trajs: list[Trajectory], keep: list[bool],
+                       generator: torch.Generator, per_class: int, iid: bool, device):
+    """The random numbers every trajectory draws, in order: a fresh output layer (Kaiming-normal
+    weight, zero bias), then the order of its images. Yields (index, fresh output-layer params,
+    order) for the kept trajectories; the others' numbers are drawn too (so that each kept one
+    gets exactly its own, whatever the share) and dropped."""
+    names = [f"{net.output_layer}.weight", f"{net.output_layer}.bias"]
+    for i, (tr, mine) in enumerate(zip(trajs, keep)):
+        fresh = {k: torch.empty_like(params[k]) for k in names}
+        net.reset_output(fresh, generator)
+        order = _class_order(len(tr.classes), per_class, iid, generator, device)
+        if mine:
+            yield i, fresh, order
+
+
 @torch.no_grad()
 def run_output_layer(bank: FeatureBank, net: Network, trajs: list[Trajectory], optimizer: str,
                      iid: bool, generator: torch.Generator,
@@ -73,20 +88,17 @@ def run_output_layer(bank: FeatureBank, net: Network, trajs: list[Trajectory], o
     process's share in a distributed run) runs only some trajectories, and returns only theirs;
     the others' random numbers are still drawn, so each kept one gets exactly its own.
     """
-    n = len(trajs[0].classes)
     w_ref = bank.params[f"{net.output_layer}.weight"]
     (O, Fdim), dev = w_ref.shape, w_ref.device
     keep = keep or [True] * len(trajs)
     T = sum(keep)
     W = torch.empty(T, O, Fdim, device=dev, dtype=w_ref.dtype)
-    scratch = torch.empty(O, Fdim, device=dev, dtype=w_ref.dtype) if T < len(trajs) else None
     orders, kept = [], []
-    for t, mine in enumerate(keep):
-        torch.nn.init.kaiming_normal_(W[len(kept)] if mine else scratch, generator=generator)
-        order = _class_order(n, bank.test_set.train.shape[1], iid, generator, dev)
-        if mine:
-            orders.append(order)
-            kept.append(trajs[t])
+    for i, fresh, order in _trajectory_starts(net, bank.params, trajs, keep, generator,
+                                              bank.test_set.train.shape[1], iid, dev):
+        W[len(kept)] = fresh[f"{net.output_layer}.weight"]
+        orders.append(order)
+        kept.append(trajs[i])
     trajs = kept
     if not trajs:
         return []
@@ -139,16 +151,11 @@ def run_finetune(net: Network, params: Params, test_set: MetaTestSet, trajs: lis
     reuse_gate = not select(names, net.gate_params())
     out = []
     keep = keep or [True] * len(trajs)
-    for tr, mine in zip(trajs, keep):
-        n, per = len(tr.classes), test_set.train.shape[1]
-        if not mine:  # draw what this trajectory would draw, and nothing else
-            net.reset_output({k: torch.empty_like(v) for k, v in params.items()
-                              if k.startswith(net.output_layer + ".")}, generator)
-            _class_order(n, per, iid, generator, test_set.device)
-            continue
+    per = test_set.train.shape[1]
+    for i, fresh, order in _trajectory_starts(net, params, trajs, keep, generator, per, iid, test_set.device):
+        tr = trajs[i]
         p = {k: v.detach().clone() for k, v in params.items()}
-        net.reset_output(p, generator)
-        order = _class_order(n, per, iid, generator, test_set.device)
+        p.update(fresh)
         xtr = as_rgb(test_set.train[tr.classes].flatten(0, 1))
         ytr = tr.classes.repeat_interleave(per)
         xte = as_rgb(test_set.test[tr.classes].flatten(0, 1))
