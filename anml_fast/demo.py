@@ -22,7 +22,6 @@ FULL_STEPS = 20000
 
 def run_demo(args) -> int:
     from .data.tasks import MetaTestSet
-    from .models import build
     from .training.trainer import METRICS_FILE, MetaTrainConfig, MetaTrainer
 
     from . import pretrained
@@ -47,26 +46,13 @@ def run_demo(args) -> int:
 
     ecfg = EvalConfig(class_counts=classes, lrs=plan["lrs"] or EvalConfig().lrs,
                       search_draws=plan["search_draws"], final_runs=plan["runs"])
-    test_set = MetaTestSet(data, device)
-    results = []
-    for i, (name, params) in enumerate([
-        ("anml", trainer.params),
-        ("scratch", build(cfg.model_config()).init_params(torch.Generator(device).manual_seed(0), device)),
-    ]):
-        _log(f"[{i + 2}/3] evaluating {name} at {classes} classes ({len(ecfg.lrs)} rates x "
-             f"{ecfg.search_draws} draws, then {ecfg.final_runs} runs)")
-        ev = Evaluator(trainer.net, {k: v.detach() for k, v in params.items()}, test_set, ecfg,
-                       system=name, progress=not args.quiet, log=_log)
-        results.append(ev.run())
-    write_outputs(out, results)
+    results, ahead = _against_scratch(trainer.net, {k: v.detach() for k, v in trainer.params.items()}, "anml",
+                                      MetaTestSet(data, device), ecfg, args, device)
 
     print()
     print(f"Meta-loss over {steps} steps: {losses[0]:.3f} (first {cfg.log_every} steps) -> "
           f"{losses[-1]:.3f} (last {cfg.log_every})" if losses else "")
     print(report.table(results))
-    ahead = [n for n in classes
-             if results[0]["class_counts"][str(n)]["final"]["test_mean"]
-             > results[1]["class_counts"][str(n)]["final"]["test_mean"]]
     if steps < 2000:
         print(f"Note: {steps} meta-steps is far too few for ANML to beat scratch (the protocol uses "
               f"{FULL_STEPS}; it needs a few thousand before it pulls ahead). This run shows the "
@@ -89,30 +75,33 @@ def _demo_pretrained(args, device: str) -> int:
     ck = pretrained.load(pretrained.resolve("pretrained:anml"), device=device)
     info = ck.info
     _log(f"[1/3] loaded pretrained:anml (checksums verified): {info.get('note') or info.get('source', '')}")
-    net = build(ck.config)
-    data = load_data(args)
-    test_set = MetaTestSet(data, device)
     ecfg = EvalConfig(class_counts=classes, lrs=plan["lrs"], search_draws=plan["search_draws"],
                       final_runs=plan["runs"])
-    results = []
-    for i, (name, params) in enumerate([
-        ("anml (shipped)", ck.params),
-        ("scratch", net.init_params(torch.Generator(device).manual_seed(0), device)),
-    ]):
-        _log(f"[{i + 2}/3] evaluating {name} at {classes} classes ({len(ecfg.lrs)} rates x "
-             f"{ecfg.search_draws} draw, then {ecfg.final_runs} runs)")
-        ev = Evaluator(net, params, test_set, ecfg, system=name, progress=not args.quiet, log=_log)
-        results.append(ev.run())
+    results, ahead = _against_scratch(build(ck.config), ck.params, "anml (shipped)",
+                                      MetaTestSet(load_data(args), device), ecfg, args, device)
     out = Path(args.out)
-    write_outputs(out, results)
     print()
     print(report.table(results))
-    ahead = [n for n in classes
-             if results[0]["class_counts"][str(n)]["final"]["test_mean"]
-             > results[1]["class_counts"][str(n)]["final"]["test_mean"]]
     print(f"The shipped ANML is ahead of scratch (test accuracy) at {len(ahead)} of {len(classes)} class counts.")
     print(f"This is a small version of the protocol ({len(ecfg.lrs)} rates, {ecfg.final_runs} runs). The full "
           f"results (schedule 10..600, 14 rates x 10 draws, 10 runs, next to the published figures) are in "
           f"{RESULTS_DOC}; `anml-fast demo --meta-train` meta-trains a fresh model instead.")
     print(f"Outputs: {out / 'results.md'}, {out / 'results.png'}")
     return 0
+
+
+def _against_scratch(net, params, name: str, test_set, ecfg: EvalConfig, args, device: str):
+    """Steps 2 and 3 of both demos: evaluate the model, then a randomly initialised one of the
+    same kind, write the combined outputs to --out; (results, class counts where the model leads)."""
+    results = []
+    draws = f"{ecfg.search_draws} draw{'s' if ecfg.search_draws > 1 else ''}"
+    for i, (system, p) in enumerate([(name, params),
+                                     ("scratch", net.init_params(torch.Generator(device).manual_seed(0), device))]):
+        _log(f"[{i + 2}/3] evaluating {system} at {ecfg.class_counts} classes ({len(ecfg.lrs)} rates x "
+             f"{draws}, then {ecfg.final_runs} runs)")
+        results.append(Evaluator(net, p, test_set, ecfg, system=system, progress=not args.quiet, log=_log).run())
+    write_outputs(Path(args.out), results)
+    ahead = [n for n in ecfg.class_counts
+             if results[0]["class_counts"][str(n)]["final"]["test_mean"]
+             > results[1]["class_counts"][str(n)]["final"]["test_mean"]]
+    return results, ahead
