@@ -31,3 +31,40 @@ def own_benchmarks(path: str, module_file: str) -> list[dict]:
 
     stem = Path(module_file).stem
     return [b for b in json.load(open(path))["benchmarks"] if stem in b["fullname"]]
+
+
+def timings(path: str, module_file: str, key) -> dict:
+    """One bench file's results grouped for a table: {key(bench): {impl: (median us, IQR us,
+    GPU kernel us or None, peak MB or None)}}, where key(bench) picks the row from its name and
+    params."""
+    rows: dict = {}
+    for b in own_benchmarks(path, module_file):
+        s, info = b["stats"], b["extra_info"]
+        rows.setdefault(key(b), {})[b["params"]["impl"]] = (
+            s["median"] * 1e6, s["iqr"] * 1e6, info.get("kernel_us"), info.get("peak_mb"))
+    return rows
+
+
+def test_kind(bench: dict) -> str:
+    """forward, backward, ... from a benchmark named test_<kind>[params]."""
+    return bench["name"].split("[")[0].removeprefix("test_")
+
+
+def time_backward(benchmark, forward, leaves, rounds: int, kernel_time: bool = True) -> None:
+    """Times the gradient of forward() (a scalar) w.r.t. leaves, the forward redone untimed before
+    each round; no peak memory (the forward's saved tensors would blur it)."""
+    def setup():
+        out = forward()
+        torch.cuda.synchronize()
+        return (out,), {}
+
+    def run(out):
+        grads = torch.autograd.grad(out, leaves)
+        torch.cuda.synchronize()
+        return grads
+
+    run(*setup()[0])
+    benchmark.extra_info["peak_mb"] = None
+    if kernel_time:
+        record_kernel_time(benchmark, run, *setup()[0])
+    benchmark.pedantic(run, setup=setup, rounds=rounds, warmup_rounds=10)

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from _measure import record_kernel_time, record_peak, own_benchmarks  # bench/_measure.py
+from _measure import record_kernel_time, record_peak, test_kind, time_backward, timings  # bench/_measure.py
 
 from anml_fast import ops
 from anml_fast.ops import reference
@@ -73,21 +73,7 @@ def test_forward(benchmark, impl, layer, B):
 def test_backward(benchmark, impl, layer, B):
     args, leaves, pool = inputs(layer, B, requires_grad=True)
     fn = IMPLS[impl]
-
-    def setup():
-        out = fn(*args, pool=pool).square().mean()
-        torch.cuda.synchronize()
-        return (out,), {}
-
-    def run(out):
-        grads = torch.autograd.grad(out, leaves)
-        torch.cuda.synchronize()
-        return grads
-
-    run(*setup()[0])
-    benchmark.extra_info["peak_mb"] = None  # the forward's saved tensors would blur it
-    record_kernel_time(benchmark, run, *setup()[0])
-    benchmark.pedantic(run, setup=setup, rounds=ROUNDS, warmup_rounds=10)
+    time_backward(benchmark, lambda: fn(*args, pool=pool).square().mean(), leaves, ROUNDS)
 
 
 @pytest.mark.parametrize("B", BATCHES)
@@ -110,12 +96,7 @@ def test_forward_backward(benchmark, impl, layer, B):
 
 def table(path: str) -> str:
     """Median (IQR) wall time and GPU kernel time in microseconds, compiled next to twin."""
-    rows = {}
-    for bench in own_benchmarks(path, __file__):
-        p, s, info = bench["params"], bench["stats"], bench["extra_info"]
-        kind = bench["name"].split("[")[0].removeprefix("test_")
-        rows.setdefault((kind, p["layer"], p["B"]), {})[p["impl"]] = (
-            s["median"] * 1e6, s["iqr"] * 1e6, info.get("kernel_us"), info.get("peak_mb"))
+    rows = timings(path, __file__, lambda b: (test_kind(b), b["params"]["layer"], b["params"]["B"]))
     lines = ["| pass | block | B | wall us, compiled (IQR) | wall us, twin (IQR) | wall speed-up | "
              "GPU us, compiled / twin | GPU speed-up | peak MB, compiled / twin |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from _measure import record_peak, own_benchmarks  # bench/_measure.py
+from _measure import record_peak, test_kind, time_backward, timings  # bench/_measure.py
 
 gh = importlib.import_module("anml_fast.ops.gated_head")
 
@@ -90,20 +90,7 @@ def test_forward(benchmark, impl, op, B, mode):
 @pytest.mark.parametrize("impl", ["fused", "twin"])
 def test_backward(benchmark, impl, op, B):
     leaves, y = inputs(B, requires_grad=True)
-
-    def setup():
-        out = call(impl, op, leaves, y)
-        torch.cuda.synchronize()
-        return (out,), {}
-
-    def run(out):
-        grads = torch.autograd.grad(out, leaves)
-        torch.cuda.synchronize()
-        return grads
-
-    run(*setup()[0])
-    benchmark.extra_info["peak_mb"] = None  # the forward's saved tensors would blur it
-    benchmark.pedantic(run, setup=setup, rounds=ROUNDS, warmup_rounds=10)
+    time_backward(benchmark, lambda: call(impl, op, leaves, y), leaves, ROUNDS, kernel_time=False)
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph"])
@@ -133,19 +120,15 @@ def test_sgd_step(benchmark, impl, B, mode):
 
 def table(path: str) -> str:
     """Median and interquartile range in microseconds, fused next to twin, from a benchmark JSON."""
-    rows = {}
-    for bench in own_benchmarks(path, __file__):
-        p, s = bench["params"], bench["stats"]
-        kind = bench["name"].split("[")[0].removeprefix("test_")
-        key = (kind, p.get("op", "sgd"), p["B"], p.get("mode", "eager"))
-        rows.setdefault(key, {})[p["impl"]] = (s["median"] * 1e6, s["iqr"] * 1e6, bench["extra_info"].get("peak_mb"))
+    rows = timings(path, __file__, lambda b: (test_kind(b), b["params"].get("op", "sgd"), b["params"]["B"],
+                                              b["params"].get("mode", "eager")))
     lines = ["| pass | op | B | mode | fused median (IQR) us | twin median (IQR) us | speed-up | peak MB fused / twin |",
              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     mb = lambda v: "-" if v is None else f"{v:.1f}"
     for (kind, op, B, mode), r in sorted(rows.items()):
         if "fused" not in r or "twin" not in r:
             continue
-        (fm, fi, fp), (tm, ti, tp) = r["fused"], r["twin"]
+        (fm, fi, _, fp), (tm, ti, _, tp) = r["fused"], r["twin"]
         lines.append(f"| {kind} | {op} | {B} | {mode} | {fm:.1f} ({fi:.1f}) | {tm:.1f} ({ti:.1f}) | "
                      f"{tm / fm:.2f}x | {mb(fp)} / {mb(tp)} |")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from _measure import record_kernel_time, record_peak, own_benchmarks  # bench/_measure.py
+from _measure import record_kernel_time, record_peak, timings  # bench/_measure.py
 
 from anml_fast import ops
 from anml_fast.models import ModelConfig, build
@@ -82,11 +82,7 @@ def test_pln_inner_step(benchmark, impl, mode):
 
 def table(path: str) -> str:
     """Median (IQR) microseconds per step, and the speed-up over the twin in the same mode."""
-    rows = {}
-    for b in own_benchmarks(path, __file__):
-        p, s, info = b["params"], b["stats"], b["extra_info"]
-        rows.setdefault(p["mode"], {})[p["impl"]] = (s["median"] * 1e6, s["iqr"] * 1e6,
-                                                     info.get("kernel_us"), info.get("peak_mb"))
+    rows = timings(path, __file__, lambda b: b["params"]["mode"])
     lines = ["| PLN inner step, batch 1 | impl | wall us (IQR) | vs twin | GPU us | peak MB |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for mode, r in sorted(rows.items()):

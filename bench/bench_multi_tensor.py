@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from _measure import record_kernel_time, record_peak, own_benchmarks  # bench/_measure.py
+from _measure import record_kernel_time, record_peak, test_kind, timings  # bench/_measure.py
 
 from anml_fast.models import ModelConfig, build, select
 from anml_fast.ops import reference
@@ -87,12 +87,7 @@ def test_adam_update(benchmark, impl, part):
 
 def table(path: str) -> str:
     """Median (IQR) wall time and GPU kernel time in microseconds per implementation."""
-    rows = {}
-    for bench in own_benchmarks(path, __file__):
-        p, s, info = bench["params"], bench["stats"], bench["extra_info"]
-        op = bench["name"].split("[")[0].removeprefix("test_")
-        rows.setdefault((op, p["part"]), {})[p["impl"]] = (
-            s["median"] * 1e6, s["iqr"] * 1e6, info.get("kernel_us"), info.get("peak_mb"))
+    rows = timings(path, __file__, lambda b: (test_kind(b), b["params"]["part"]))
     lines = ["| op | tensors | impl | wall us (IQR) | wall vs twin | GPU us | GPU vs twin | peak MB |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     num = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
