@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="meta-training steps [20000]")
     p.add_argument("--inner-lr", type=float, default=None, help="inner-loop SGD learning rate [0.1]")
     p.add_argument("--meta-lr", type=float, default=None, help="outer Adam learning rate [0.001]")
+    p.add_argument("--meta-lr-schedule", choices=["constant", "cosine"], default=None,
+                   help="outer learning rate over the run: constant (the reference), or cosine decay "
+                        "from --meta-lr to 0 at --steps [constant]")
     p.add_argument("--seed", type=int, default=None, help="random seed [9]")
     p.add_argument("--tasks", type=int, default=None, help="trajectories (classes) per meta-step, over all processes under torchrun [1]")
     p.add_argument("--traj-len", type=int, default=None, help="inner SGD steps per trajectory, at most 20 [20]")

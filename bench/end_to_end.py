@@ -111,12 +111,13 @@ def row_train(data, steps: int, out: Path) -> dict:
 
 
 def _eval_parts(data, model: Path | None):
-    from anml_fast import checkpoint
     from anml_fast.data.tasks import MetaTestSet
     from anml_fast.models import ModelConfig, build
 
     if model is not None:
-        ck = checkpoint.load(model, device=DEVICE)
+        from anml_fast.commands import _load_model  # any MODEL the CLI takes, pretrained:NAME too
+
+        ck = _load_model(str(model), DEVICE)[0]
         net, params = build(ck.config), ck.params
     else:
         net = build(ModelConfig())
@@ -125,26 +126,29 @@ def _eval_parts(data, model: Path | None):
 
 
 def _per_step_ms(bank, net, T: int, backend: str, steps: int) -> float:
-    """ms per output-layer Adam step of T stacked 600-class trajectories on `backend`."""
+    """ms per output-layer Adam step of T stacked 600-class trajectories on `backend`, replayed
+    from CUDA graphs as run_output_layer does."""
     from anml_fast import ops
+    from anml_fast.evaluation.trajectories import run_steps
 
     w = bank.params[f"{net.output_layer}.weight"]
     W = w.expand(T, *w.shape).clone()
     b = torch.zeros(T, w.shape[0], device=w.device)
     state = [W, b, torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)]
-    f = torch.rand(T, w.shape[1], device=w.device)
-    y = torch.randint(w.shape[0], (T,), device=w.device)
+    S = 256  # later steps reuse the last image (the index is clamped): the same work
+    X = torch.rand(T, S, w.shape[1], device=w.device)
+    Y = torch.randint(w.shape[0], (T, S), device=w.device)
     lr = torch.full((T,), 1e-3, device=w.device)
     fn = ops.choose("output_layer_adam_step_", w.device, backend)
-    for s in range(3):
-        fn(*state, f, y, lr, s + 1)
+    step = torch.ones((), dtype=torch.int64, device=w.device)
 
-    def run():
-        for s in range(steps):
-            fn(*state, f, y, lr, s + 4)
+    def one():
+        fn(*state, X, Y, lr, step)
+        step.add_(1)
 
-    sec, _ = _sync_time(run)
-    return 1e3 * sec / steps
+    run_steps(one, 101, w.device)  # compiles, captures and replays once: not timed
+    sec, _ = _sync_time(lambda: run_steps(one, steps + 1, w.device))
+    return 1e3 * sec / (steps + 1)
 
 
 def row_traj(net, params, test_set) -> dict:
@@ -254,7 +258,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="Omniglot root folder or prepared cache file")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    ap.add_argument("--model", default=None, help="model file to evaluate (default: see above)")
+    ap.add_argument("--model", default=None,
+                    help="model to evaluate, as `anml-fast evaluate` takes it (default: see above)")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and Markdown")
     ap.add_argument("--train-steps", type=int, default=20000, help="steps of the train row [20000]")
     ap.add_argument("--train-out", default="runs/anml-seed9", help="run folder of the train row")
@@ -282,7 +287,7 @@ def main() -> int:
     js = out / f"end-to-end-{slug}.json"
     doc = json.loads(js.read_text()) if js.exists() else {"rows": {}}
     doc.update(card=card, torch=torch.__version__, date=str(datetime.date.today()))
-    model = Path(args.model) if args.model else None
+    model = args.model
 
     def save(key, value):
         doc["rows"][key] = value
@@ -296,7 +301,7 @@ def main() -> int:
         save("step2", row_steps(data, True, max(args.step_count // 4, 10)))
     if "train" in rows:
         save("train", row_train(data, args.train_steps, Path(args.train_out)))
-        model = model or Path(args.train_out) / "model.safetensors"
+        model = model or str(Path(args.train_out) / "model.safetensors")
     parts = _eval_parts(data, model) if set(rows) & {"traj", "protocol", "schedule", "finetune"} else None
     if "traj" in rows:
         save("traj", row_traj(*parts))

@@ -1,15 +1,21 @@
 """One meta-test step of T independent output layers, each a softmax classifier trained by Adam.
 
-Per trajectory t (batch size 1):  logits = W[t] f[t] + b[t];  d = softmax(logits) - onehot(y[t]);
-gW = d f[t]^T, gb = d;  then torch.optim.Adam's step (betas 0.9, 0.999, eps 1e-8, bias corrections
-for step s, learning rate lr[t]) on W[t], b[t] and their moments, in place. No backward: this is
-the optimizer step itself, outside autograd.
+Step s (read from `step`, a one-element int64 tensor on the device) learns image s - 1 of every
+trajectory's sequence: with f = X[t, s - 1], y = Y[t, s - 1] (batch size 1),
+logits = W[t] f + b[t];  d = softmax(logits) - onehot(y);  gW = d f^T, gb = d;  then
+torch.optim.Adam's step s (betas 0.9, 0.999, eps 1e-8, learning rate lr[t]) on W[t], b[t] and their
+moments, in place. No backward: this is the optimizer step itself, outside autograd.
 
-Shapes: W, mW, vW [T, O, F]; b, mb, vb [T, O]; f [T, F]; y int64 [T]; lr [T]. ANML: O = 1000,
-F = 2304. float32 and float64 (the kernels compute in the state's dtype).
+The step number lives on the device, not in a launch argument, so that a CUDA graph of many steps
+(each followed by `step += 1`) replays a whole trajectory, and so that torch.compile sees a tensor
+rather than a symbolic int. The image index is clamped into 0..S-1 (a device value cannot be
+checked without a sync); callers keep 1 <= step <= S.
+
+Shapes: W, mW, vW [T, O, F]; b, mb, vb [T, O]; X [T, S, F]; Y int64 [T, S]; lr [T]; step int64 [1]
+or []. ANML: O = 1000, F = 2304. float32 and float64 (the kernels compute in the state's dtype).
 
 Op (namespace `anml_fast`, a `torch.library.triton_op` with an explicit fake):
-  output_layer_adam_step_(W!, b!, mW!, vW!, mb!, vb!, f, y, lr, step) -> ()
+  output_layer_adam_step_(W!, b!, mW!, vW!, mb!, vb!, X, Y, lr, step) -> ()
 
 Kernels:
   _output_layer_logits_kernel  logits [T, O]: T independent GEMVs (each W[t] is read once)
@@ -45,9 +51,15 @@ def _scalar(hi, lo, dt: tl.constexpr):
 
 
 @triton.jit
+def _image_index(Step_ptr, n_steps):
+    """0-based index of the image this step learns, clamped into the sequence."""
+    return tl.minimum(tl.maximum(tl.load(Step_ptr) - 1, 0), n_steps - 1)
+
+
+@triton.jit
 def _output_layer_logits_kernel(
-    W_ptr, Bias_ptr, F_ptr, Logits_ptr,
-    n_outputs, n_features, f_row_stride,
+    W_ptr, Bias_ptr, X_ptr, Step_ptr, Logits_ptr,
+    n_outputs, n_features, n_steps, x_traj_stride, x_step_stride,
     BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """logits[t, out block] = W[t, out block] @ f[t] + b[t, out block]. Grid (out blocks, T)."""
@@ -55,6 +67,7 @@ def _output_layer_logits_kernel(
     # int64: T * O * F passes 2**31 at ~930 ANML-sized trajectories
     t = tl.program_id(1).to(tl.int64)
     dt = W_ptr.dtype.element_ty
+    f_base = X_ptr + t * x_traj_stride + _image_index(Step_ptr, n_steps).to(tl.int64) * x_step_stride
     outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     out_mask = outs < n_outputs
     w_base = W_ptr + t * n_outputs * n_features
@@ -64,7 +77,7 @@ def _output_layer_logits_kernel(
     for f0 in range(0, n_features, BLOCK_F):
         cols = f0 + tl.arange(0, BLOCK_F)
         col_mask = cols < n_features
-        f = tl.load(F_ptr + t * f_row_stride + cols, mask=col_mask, other=0.0)
+        f = tl.load(f_base + cols, mask=col_mask, other=0.0)
         w = tl.load(w_base + outs[:, None] * n_features + cols[None, :],
                     mask=out_mask[:, None] & col_mask[None, :], other=0.0)
         acc += w * f[None, :]
@@ -88,13 +101,13 @@ def _adam_update(P_ptr, M_ptr, V_ptr, offs, mask, g, one_minus_beta1, beta2, one
     tl.store(V_ptr + offs, v, mask=mask)
 
 
-# step is a runtime value (no recompilation per step, and under torch.compile it may be symbolic)
-@triton.jit(do_not_specialize=["step"])
+@triton.jit
 def _output_layer_adam_kernel(
-    W_ptr, Bias_ptr, MW_ptr, VW_ptr, MB_ptr, VB_ptr, F_ptr, Y_ptr, LR_ptr, Logits_ptr,
-    n_outputs, n_features, f_row_stride, y_stride, lr_stride,
+    W_ptr, Bias_ptr, MW_ptr, VW_ptr, MB_ptr, VB_ptr, X_ptr, Y_ptr, LR_ptr, Step_ptr, Logits_ptr,
+    n_outputs, n_features, n_steps, x_traj_stride, x_step_stride, y_traj_stride, y_step_stride,
+    lr_stride,
     omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, lb1_hi, lb1_lo,
-    lb2_hi, lb2_lo, step,
+    lb2_hi, lb2_lo,
     BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_ALL_O: tl.constexpr,
 ):
     """Adam on one [BLOCK_O, BLOCK_F] tile of W[t] (grid: out blocks x feature blocks, T).
@@ -106,6 +119,8 @@ def _output_layer_adam_kernel(
     pid_f = tl.program_id(1)
     t = tl.program_id(2).to(tl.int64)
     dt = W_ptr.dtype.element_ty
+    step = tl.load(Step_ptr)
+    i = _image_index(Step_ptr, n_steps).to(tl.int64)
 
     # The row's normaliser, recomputed by every program: O logits from L2 (4 KB at O = 1000) cost
     # far less than a launch, or than a [T] buffer written by a third kernel.
@@ -118,7 +133,7 @@ def _output_layer_adam_kernel(
     outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     out_mask = outs < n_outputs
     logits = tl.load(Logits_ptr + t * n_outputs + outs, mask=out_mask, other=0.0)
-    y = tl.load(Y_ptr + t * y_stride)
+    y = tl.load(Y_ptr + t * y_traj_stride + i * y_step_stride)
     p = tl.exp(logits - row_max) / row_sum
     d = tl.where(outs == y, p - 1.0, p)
     d = tl.where(out_mask, d, 0.0)
@@ -131,8 +146,7 @@ def _output_layer_adam_kernel(
     eps = _scalar(eps_hi, eps_lo, dt)
     # Bias corrections 1 - beta**step from the step number, in float64 whatever dt is (as the host
     # computes them for torch.optim.Adam): beta**step = exp(step * log(beta)), log(beta) exact to
-    # float64 from its two float32 halves. Computed here rather than on the host, so that under
-    # torch.compile a symbolic step never meets host float arithmetic.
+    # float64 from its two float32 halves. Computed here, since the step is only known here.
     s64 = step.to(tl.float64)
     bc1 = 1.0 - tl.exp(s64 * _scalar(lb1_hi, lb1_lo, tl.float64))
     bc2_sqrt = tl.sqrt(1.0 - tl.exp(s64 * _scalar(lb2_hi, lb2_lo, tl.float64))).to(dt)
@@ -140,7 +154,7 @@ def _output_layer_adam_kernel(
 
     cols = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     col_mask = cols < n_features
-    f = tl.load(F_ptr + t * f_row_stride + cols, mask=col_mask, other=0.0)
+    f = tl.load(X_ptr + t * x_traj_stride + i * x_step_stride + cols, mask=col_mask, other=0.0)
     offs = t * n_outputs * n_features + outs[:, None] * n_features + cols[None, :]
     mask = out_mask[:, None] & col_mask[None, :]
     _adam_update(W_ptr, MW_ptr, VW_ptr, offs, mask, d[:, None] * f[None, :],
@@ -171,7 +185,7 @@ def _split(x: float) -> tuple[float, float]:
     return hi, x - hi
 
 
-def _check_inputs(W, b, mW, vW, mb, vb, f, y, lr, step):
+def _check_inputs(W, b, mW, vW, mb, vb, X, Y, lr, step):
     if W.dim() != 3:
         raise ValueError(f"output_layer_adam_step_: W must be [T, O, F], got {tuple(W.shape)}")
     T, O, F_ = W.shape
@@ -181,52 +195,56 @@ def _check_inputs(W, b, mW, vW, mb, vb, f, y, lr, step):
     if any(t.shape != (T, O) for t in (b, mb, vb)):
         raise ValueError(f"output_layer_adam_step_: b, mb and vb must be [T={T}, O={O}], got "
                          f"{tuple(b.shape)}, {tuple(mb.shape)}, {tuple(vb.shape)}")
-    if f.shape != (T, F_) or lr.shape != (T,) or y.shape != (T,):
-        raise ValueError(f"output_layer_adam_step_: f must be [T={T}, F={F_}], y and lr [T], got "
-                         f"{tuple(f.shape)}, {tuple(y.shape)}, {tuple(lr.shape)}")
-    if W.dtype not in SUPPORTED_DTYPES or any(t.dtype != W.dtype for t in (b, mW, vW, mb, vb, f, lr)):
+    if X.dim() != 3 or X.shape[0] != T or X.shape[2] != F_ or X.shape[1] < 1:
+        raise ValueError(f"output_layer_adam_step_: X must be [T={T}, S>=1, F={F_}], got {tuple(X.shape)}")
+    if Y.shape != X.shape[:2] or lr.shape != (T,):
+        raise ValueError(f"output_layer_adam_step_: Y must be [T, S]={tuple(X.shape[:2])} and lr "
+                         f"[T={T}], got {tuple(Y.shape)} and {tuple(lr.shape)}")
+    if W.dtype not in SUPPORTED_DTYPES or any(t.dtype != W.dtype for t in (b, mW, vW, mb, vb, X, lr)):
         raise TypeError("output_layer_adam_step_: the Triton op takes float32 or float64, all alike "
                         "(use the plain-PyTorch twin for other dtypes)")
-    if y.dtype != torch.int64:
-        raise TypeError(f"output_layer_adam_step_: y must be int64, got {y.dtype}")
-    if step < 1:
-        raise ValueError(f"output_layer_adam_step_: step counts from 1, got {step}")
-    if len({t.device for t in (W, b, mW, vW, mb, vb, f, y, lr)}) != 1:
+    if Y.dtype != torch.int64:
+        raise TypeError(f"output_layer_adam_step_: Y must be int64, got {Y.dtype}")
+    if not isinstance(step, torch.Tensor) or step.dtype != torch.int64 or step.numel() != 1:
+        raise TypeError("output_layer_adam_step_: step must be a one-element int64 tensor on the "
+                        f"state's device (the step number, from 1), got {step!r}")
+    if len({t.device for t in (W, b, mW, vW, mb, vb, X, Y, lr, step)}) != 1:
         raise ValueError("output_layer_adam_step_: all tensors must be on one device")
 
 
 @triton_op("anml_fast::output_layer_adam_step_", mutates_args=("W", "b", "mW", "vW", "mb", "vb"))
 def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, vW: torch.Tensor,
-                            mb: torch.Tensor, vb: torch.Tensor, f: torch.Tensor, y: torch.Tensor,
-                            lr: torch.Tensor, step: int) -> None:
-    _check_inputs(W, b, mW, vW, mb, vb, f, y, lr, step)
+                            mb: torch.Tensor, vb: torch.Tensor, X: torch.Tensor, Y: torch.Tensor,
+                            lr: torch.Tensor, step: torch.Tensor) -> None:
+    _check_inputs(W, b, mW, vW, mb, vb, X, Y, lr, step)
     if not all(t.is_contiguous() for t in (W, b, mW, vW, mb, vb)):
         raise ValueError("output_layer_adam_step_: the state is updated in place and must be contiguous")
-    # f, y, lr go in by stride: run_output_layer's f = Xseq[:, s] is a strided view, and a copy
-    # would be a launch per step.
-    if f.stride(1) != 1:
-        f = f.contiguous()
+    # X, Y, lr go in by stride (a gathered or sliced sequence needs no copy); only the feature
+    # axis must be dense for the vector loads.
+    if X.stride(2) != 1:
+        X = X.contiguous()
     T, O, F_ = W.shape
     if T == 0 or O == 0:
         return
+    S = X.shape[1]
     logits = W.new_empty((T, O))
     cfg = LOGITS_CONFIG
     wrap_triton(_output_layer_logits_kernel)[(triton.cdiv(O, cfg["BLOCK_O"]), T)](
-        W, b, f, logits, O, F_, f.stride(0), **cfg)
+        W, b, X, step, logits, O, F_, S, X.stride(0), X.stride(1), **cfg)
     scalars = [x for v in (1 - BETA1, BETA2, 1 - BETA2, EPS, math.log(BETA1), math.log(BETA2))
                for x in _split(v)]
     cfg = ADAM_CONFIG
     grid = (triton.cdiv(O, cfg["BLOCK_O"]), max(1, triton.cdiv(F_, cfg["BLOCK_F"])), T)
     wrap_triton(_output_layer_adam_kernel)[grid](
-        W, b, mW, vW, mb, vb, f, y, lr, logits, O, F_, f.stride(0), y.stride(0), lr.stride(0),
-        *scalars, step, BLOCK_ALL_O=triton.next_power_of_2(O), **cfg)
+        W, b, mW, vW, mb, vb, X, Y, lr, step, logits, O, F_, S, X.stride(0), X.stride(1),
+        Y.stride(0), Y.stride(1), lr.stride(0), *scalars, BLOCK_ALL_O=triton.next_power_of_2(O), **cfg)
 
 
 # Explicit fake: triton_op would trace the implementation, which needs wrap_triton's graph
 # capture, and Triton's CPU interpreter bypasses that (see kernels/gated_head.py).
 @output_layer_adam_step_.register_fake
-def _(W, b, mW, vW, mb, vb, f, y, lr, step):
-    _check_inputs(W, b, mW, vW, mb, vb, f, y, lr, step)
+def _(W, b, mW, vW, mb, vb, X, Y, lr, step):
+    _check_inputs(W, b, mW, vW, mb, vb, X, Y, lr, step)
     return None
 
 

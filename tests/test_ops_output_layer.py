@@ -40,6 +40,11 @@ def make_sequence(T, O, F_, S, dtype=torch.float32, seed=1):
     return X.to(DEVICE), Y.to(DEVICE), lr.to(DEVICE)
 
 
+def st(s: int) -> torch.Tensor:
+    """The op's step argument: the step number as a device tensor."""
+    return torch.tensor(s, device=DEVICE)
+
+
 def run_output_layer_steps(W, b, Xseq, Yseq, lr):
     """run_output_layer's Adam loop body (evaluation/trajectories.py), verbatim, on given state."""
     T = W.shape[0]
@@ -65,9 +70,8 @@ def test_matches_twin_over_steps(shape, dtype):
     fused = make_state(T, O, F_, dtype)
     ref = [t.clone() for t in fused]
     for s in range(S):
-        # f and y are the strided views run_output_layer passes
-        ol.output_layer_adam_step_(*fused, Xseq[:, s], Yseq[:, s], lr, s + 1)
-        ol.output_layer_adam_step_reference_(*ref, Xseq[:, s], Yseq[:, s], lr, s + 1)
+        ol.output_layer_adam_step_(*fused, Xseq, Yseq, lr, st(s + 1))
+        ol.output_layer_adam_step_reference_(*ref, Xseq, Yseq, lr, st(s + 1))
         for name, got, want in zip(NAMES, fused, ref):
             assert_close(got, want, **TOL[dtype], what=f"{name} after step {s + 1}")
     if O > 1:  # with one class softmax is 1 and d = 0: nothing moves
@@ -81,7 +85,7 @@ def test_twin_is_run_output_layer_bitwise():
     want = run_output_layer_steps(W.clone(), b.clone(), Xseq, Yseq, lr)
     twin = make_state(T, O, F_)
     for s in range(S):
-        ol.output_layer_adam_step_reference_(*twin, Xseq[:, s], Yseq[:, s], lr, s + 1)
+        ol.output_layer_adam_step_reference_(*twin, Xseq, Yseq, lr, st(s + 1))
     for name, got, w in zip(NAMES, twin, want):
         assert torch.equal(got, w), name
 
@@ -93,44 +97,65 @@ def test_multi_step_matches_run_output_layer(dtype):
     W, b = make_state(T, O, F_, dtype, seed=3)[:2]
     want = run_output_layer_steps(W.clone(), b.clone(), Xseq, Yseq, lr)
     fused = make_state(T, O, F_, dtype, seed=3)
-    for s in range(S):
-        ol.output_layer_adam_step_(*fused, Xseq[:, s], Yseq[:, s], lr, s + 1)
+    step = st(1)
+    for s in range(S):  # one step tensor advanced in place, as run_output_layer does
+        ol.output_layer_adam_step_(*fused, Xseq, Yseq, lr, step)
+        step.add_(1)
     for name, got, w in zip(NAMES, fused, want):
         assert_close(got, w, **TOL[dtype], what=name)
 
 
-def test_contiguous_f_and_y_too():
-    T, O, F_ = 2, 11, 40
-    Xseq, Yseq, lr = make_sequence(T, O, F_, 1)
+def test_strided_sequences_too():
+    """X and Y go in by stride: a [S, T, F] buffer seen as [T, S, F], every other step taken."""
+    T, O, F_, S = 2, 11, 40, 6
+    X0, Y0, lr = make_sequence(T, O, F_, S)
+    X = X0.transpose(0, 1).contiguous().transpose(0, 1)[:, ::2]
+    Y = Y0.t().contiguous().t()[:, ::2]
     fused = make_state(T, O, F_)
     ref = [t.clone() for t in fused]
-    f, y = Xseq[:, 0].contiguous(), Yseq[:, 0].contiguous()
-    ol.output_layer_adam_step_(*fused, f, y, lr, 1)
-    ol.output_layer_adam_step_reference_(*ref, f, y, lr, 1)
+    for s in range(1, 4):
+        ol.output_layer_adam_step_(*fused, X, Y, lr, st(s))
+        ol.output_layer_adam_step_reference_(*ref, X.contiguous(), Y.contiguous(), lr, st(s))
+    for name, got, want in zip(NAMES, fused, ref):
+        assert_close(got, want, **TOL[torch.float32], what=name)
+
+
+def test_step_past_the_sequence_reuses_its_last_image():
+    """The image index is clamped (a device value cannot be checked without a sync)."""
+    T, O, F_, S = 2, 7, 12, 3
+    X, Y, lr = make_sequence(T, O, F_, S)
+    fused = make_state(T, O, F_)
+    ref = [t.clone() for t in fused]
+    ol.output_layer_adam_step_(*fused, X, Y, lr, st(S + 2))
+    ol.output_layer_adam_step_reference_(*ref, X[:, -1:], Y[:, -1:], lr, st(S + 2))
     for name, got, want in zip(NAMES, fused, ref):
         assert_close(got, want, **TOL[torch.float32], what=name)
 
 
 def test_rejects_bad_inputs():
     T, O, F_ = 2, 5, 8
-    Xseq, Yseq, lr = make_sequence(T, O, F_, 1)
+    Xseq, Yseq, lr = make_sequence(T, O, F_, 2)
     state = make_state(T, O, F_)
-    with pytest.raises(ValueError, match="step counts from 1"):
-        ol.output_layer_adam_step_(*state, Xseq[:, 0], Yseq[:, 0], lr, 0)
-    with pytest.raises(ValueError, match="f must be"):
-        ol.output_layer_adam_step_(*state, Xseq[:, 0, :4], Yseq[:, 0], lr, 1)
+    with pytest.raises(TypeError, match="step must be a one-element int64 tensor"):
+        ol.output_layer_adam_step_(*state, Xseq, Yseq, lr, 1)
+    with pytest.raises(TypeError, match="step must be a one-element int64 tensor"):
+        ol.output_layer_adam_step_(*state, Xseq, Yseq, lr, st(1).float())
+    with pytest.raises(ValueError, match="X must be"):
+        ol.output_layer_adam_step_(*state, Xseq[:, :, :4], Yseq, lr, st(1))
+    with pytest.raises(ValueError, match="Y must be"):
+        ol.output_layer_adam_step_(*state, Xseq, Yseq[:, :1], lr, st(1))
     with pytest.raises(TypeError, match="float32 or float64"):
-        ol.output_layer_adam_step_(*state, Xseq[:, 0].double(), Yseq[:, 0], lr, 1)
+        ol.output_layer_adam_step_(*state, Xseq.double(), Yseq, lr, st(1))
     W_strided = state[0].transpose(1, 2).contiguous().transpose(1, 2)
     with pytest.raises(ValueError, match="contiguous"):
-        ol.output_layer_adam_step_(W_strided, *state[1:], Xseq[:, 0], Yseq[:, 0], lr, 1)
+        ol.output_layer_adam_step_(W_strided, *state[1:], Xseq, Yseq, lr, st(1))
 
 
 def test_op_is_registered_with_mutations():
     schema = str(torch.ops.anml_fast.output_layer_adam_step_.default._schema)
     for name in NAMES:
         assert re.search(rf"Tensor\(\w+!\) {name}\b", schema), (name, schema)
-    for name in ("f", "y", "lr"):
+    for name in ("X", "Y", "lr", "step"):
         assert not re.search(rf"Tensor\(\w+!\) {name}\b", schema), (name, schema)
 
 
@@ -147,7 +172,7 @@ def test_opcheck():
     Xseq, Yseq, lr = make_sequence(T, O, F_, 1)
     state = make_state(T, O, F_)
     torch.library.opcheck(torch.ops.anml_fast.output_layer_adam_step_.default,
-                          (*state, Xseq[:, 0], Yseq[:, 0], lr, 1), test_utils=OPCHECK_UTILS)
+                          (*state, Xseq, Yseq, lr, st(1)), test_utils=OPCHECK_UTILS)
 
 
 @pytest.mark.gpu
@@ -158,8 +183,8 @@ def test_anml_size_on_gpu(T):
     fused = make_state(T, O, F_)
     ref = [t.clone() for t in fused]
     for s in range(S):
-        ol.output_layer_adam_step_(*fused, Xseq[:, s], Yseq[:, s], lr, s + 1)
-        ol.output_layer_adam_step_reference_(*ref, Xseq[:, s], Yseq[:, s], lr, s + 1)
+        ol.output_layer_adam_step_(*fused, Xseq, Yseq, lr, st(s + 1))
+        ol.output_layer_adam_step_reference_(*ref, Xseq, Yseq, lr, st(s + 1))
     for name, got, want in zip(NAMES, fused, ref):
         assert_close(got, want, **TOL[torch.float32], what=name)
 
@@ -172,7 +197,32 @@ def test_compiles_fullgraph_on_gpu():
     ref = [t.clone() for t in fused]
     step = torch.compile(ol.output_layer_adam_step_, fullgraph=True)
     for s in range(2):
-        step(*fused, Xseq[:, s], Yseq[:, s], lr, s + 1)
-        ol.output_layer_adam_step_reference_(*ref, Xseq[:, s], Yseq[:, s], lr, s + 1)
+        step(*fused, Xseq, Yseq, lr, st(s + 1))
+        ol.output_layer_adam_step_reference_(*ref, Xseq, Yseq, lr, st(s + 1))
     for name, got, want in zip(NAMES, fused, ref):
         assert_close(got, want, **TOL[torch.float32], what=name)
+
+
+@pytest.mark.gpu
+def test_graph_replayed_trajectory_matches_eager_twin():
+    """run_output_layer's CUDA-graph replay (evaluation.trajectories.run_steps) over 250 steps:
+    two graph replays and a tail of eager steps, against the twin stepped eagerly."""
+    from anml_fast.evaluation.trajectories import run_steps
+
+    T, O, F_, S = 3, 1000, 2304, 250
+    Xseq, Yseq, lr = make_sequence(T, O, F_, S)
+    fused = make_state(T, O, F_)
+    ref = [t.clone() for t in fused]
+    step = st(1)
+
+    def one():
+        ol.output_layer_adam_step_(*fused, Xseq, Yseq, lr, step)
+        step.add_(1)
+
+    counts = []
+    run_steps(one, S, DEVICE, counts.append)
+    assert sum(counts) == S and int(step) == S + 1
+    for s in range(S):
+        ol.output_layer_adam_step_reference_(*ref, Xseq, Yseq, lr, st(s + 1))
+    for name, got, want in zip(NAMES, fused, ref):
+        assert_close(got, want, atol=1e-5, rtol=1e-4, what=name)

@@ -1,4 +1,5 @@
 """Meta-training loop: outputs, exact resume after a kill, and argument checks (synthetic data)."""
+import math
 import json
 
 import pytest
@@ -94,3 +95,15 @@ def test_sampler_is_deterministic_and_well_formed(synthetic_data):
         traj = a.traj_x[t, :, 0]
         matches = (traj[:, None] == imgs[None]).flatten(2).all(2).float()
         assert torch.equal(matches.sum(0), torch.ones(20))
+
+
+def test_cosine_meta_lr_schedule():
+    from anml_fast.training.trainer import meta_lr_at
+
+    cfg = MetaTrainConfig(steps=100, meta_lr=1e-3, meta_lr_schedule="cosine")
+    assert meta_lr_at(cfg, 0) == pytest.approx(1e-3)
+    assert meta_lr_at(cfg, 50) == pytest.approx(5e-4)
+    assert meta_lr_at(cfg, 99) == pytest.approx(1e-3 * (1 + math.cos(math.pi * 0.99)) / 2)
+    assert meta_lr_at(MetaTrainConfig(steps=100), 73) == 1e-3  # constant: the reference
+    with pytest.raises(AnmlFastError, match="--meta-lr-schedule 'step'"):
+        MetaTrainConfig(meta_lr_schedule="step").validate()

@@ -1,9 +1,11 @@
 """The meta-test output-layer step on its fused Triton op (`anml_fast.kernels.output_layer`), and its twin.
 
-  output_layer_adam_step_(W, b, mW, vW, mb, vb, f, y, lr, step) -> None
-      For T independent trajectories: logits = W[t] f[t] + b[t], d = softmax(logits) - onehot(y[t]),
-      gW = d f[t]^T, gb = d, then torch.optim.Adam's step s (betas 0.9, 0.999, eps 1e-8) with
-      learning rate lr[t], applied in place to W, b and the moments mW, vW, mb, vb.
+  output_layer_adam_step_(W, b, mW, vW, mb, vb, X, Y, lr, step) -> None
+      For T independent trajectories, step s (`step`: a one-element int64 tensor on the device)
+      learns image s - 1 of each sequence X [T, S, F], Y [T, S]: logits = W[t] f + b[t],
+      d = softmax(logits) - onehot(y), gW = d f^T, gb = d, then torch.optim.Adam's step s (betas
+      0.9, 0.999, eps 1e-8) with learning rate lr[t], in place on W, b and the moments mW, vW, mb, vb.
+      The caller advances `step` (step += 1): a CUDA graph of many steps then replays a trajectory.
 
 The twin `output_layer_adam_step_reference_` (`ops.reference.output_layer_adam_step_`) has the same
 signature; it is the Adam step of `anml_fast.evaluation.trajectories.run_output_layer`.
@@ -39,15 +41,18 @@ def _kernels():
 
 
 def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, vW: torch.Tensor,
-                            mb: torch.Tensor, vb: torch.Tensor, f: torch.Tensor, y: torch.Tensor,
-                            lr: torch.Tensor, step: int) -> None:
+                            mb: torch.Tensor, vb: torch.Tensor, X: torch.Tensor, Y: torch.Tensor,
+                            lr: torch.Tensor, step: torch.Tensor) -> None:
     """One fused Adam step of T output layers, in place (see the module docstring).
 
-    Like an optimizer step, it runs outside autograd. The state tensors must be contiguous; f, y
-    and lr may be strided views (f = Xseq[:, s] is one).
+    Like an optimizer step, it runs outside autograd. The state tensors must be contiguous; X, Y
+    and lr may be strided views.
     """
+    if not isinstance(step, torch.Tensor):  # before the schema's own, less helpful, cast error
+        raise TypeError("output_layer_adam_step_: step must be a one-element int64 tensor on the "
+                        f"state's device (the step number, from 1), got {step!r}")
     with torch.no_grad():
-        _kernels().output_layer_adam_step_(W, b, mW, vW, mb, vb, f, y, lr, int(step))
+        _kernels().output_layer_adam_step_(W, b, mW, vW, mb, vb, X, Y, lr, step)
 
 
 # ---------------------------------------------------------------- availability
@@ -57,16 +62,17 @@ def _self_test(device: torch.device) -> str | None:
     T, O, F_ = 3, 37, 50  # odd sizes: every mask is exercised
     W = torch.randn(T, O, F_, generator=g) * 0.2
     b = torch.randn(T, O, generator=g) * 0.1
-    f = torch.randn(T, F_, generator=g).relu()
-    y = torch.randint(0, O, (T,), generator=g)
+    X = torch.randn(T, 2, F_, generator=g).relu()
+    Y = torch.randint(0, O, (T, 2), generator=g)
     lr = torch.tensor([1e-3, 3e-4, 1e-2])
     state = [t.to(device) for t in (W, b, torch.zeros_like(W), torch.zeros_like(W),
                                     torch.zeros_like(b), torch.zeros_like(b))]
     ref = [t.clone() for t in state]
-    f, y, lr = f.to(device), y.to(device), lr.to(device)
-    for step in (1, 2):
-        output_layer_adam_step_(*state, f, y, lr, step)
-        output_layer_adam_step_reference_(*ref, f, y, lr, step)
+    X, Y, lr = X.to(device), Y.to(device), lr.to(device)
+    for s in (1, 2):
+        step = torch.tensor(s, device=device)
+        output_layer_adam_step_(*state, X, Y, lr, step)
+        output_layer_adam_step_reference_(*ref, X, Y, lr, step)
     return first_mismatch(zip(("W", "b", "mW", "vW", "mb", "vb"), state, ref), device, atol=1e-5, rtol=1e-4)
 
 

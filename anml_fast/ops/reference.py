@@ -71,11 +71,23 @@ def adam_update_(params: list[torch.Tensor], grads: list[torch.Tensor],
         p.addcdiv_(m, denom, value=-lr / bc1)
 
 
-def adam_update_batched_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int,
-                         lr: torch.Tensor, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
-    """torch.optim.Adam's step for a stack of independent tensors, one learning rate each (lr [T])."""
-    bc1 = 1 - beta1 ** step
-    bc2_sqrt = (1 - beta2 ** step) ** 0.5
+def adam_update_batched_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                         step: int | torch.Tensor, lr: torch.Tensor, beta1: float = 0.9,
+                         beta2: float = 0.999, eps: float = 1e-8) -> None:
+    """torch.optim.Adam's step for a stack of independent tensors, one learning rate each (lr [T]).
+
+    `step` is an int, or a one-element int64 tensor on p's device (then nothing is read back, and
+    a CUDA graph of this step stays right as the step advances); both give the same bits.
+    """
+    if isinstance(step, torch.Tensor):
+        s = step.reshape(()).double()
+        # float64 on the device, as the host computes them; then in p's dtype, as a Python float
+        # is when it meets a float32 tensor
+        bc1 = (1 - torch.pow(beta1, s)).to(p.dtype)
+        bc2_sqrt = (1 - torch.pow(beta2, s)).sqrt().to(p.dtype)
+    else:
+        bc1 = 1 - beta1 ** step
+        bc2_sqrt = (1 - beta2 ** step) ** 0.5
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = (v.sqrt() / bc2_sqrt).add_(eps)
@@ -84,13 +96,18 @@ def adam_update_batched_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: t
 
 @torch.no_grad()
 def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, vW: torch.Tensor,
-                            mb: torch.Tensor, vb: torch.Tensor, f: torch.Tensor, y: torch.Tensor,
-                            lr: torch.Tensor, step: int) -> None:
-    """One meta-test step of T independent output layers (W [T, O, F], b [T, O]), in place.
+                            mb: torch.Tensor, vb: torch.Tensor, X: torch.Tensor, Y: torch.Tensor,
+                            lr: torch.Tensor, step: torch.Tensor) -> None:
+    """Adam step `step` of T independent output layers (W [T, O, F], b [T, O]), in place.
 
-    logits = W[t] f[t] + b[t];  d = softmax(logits) - onehot(y[t]);  gW = d f[t]^T, gb = d;
-    then Adam step `step` (betas 0.9, 0.999, eps 1e-8) at learning rate lr[t] on W, b and moments.
+    `step` is a one-element int64 tensor on the device; the step learns image step - 1 of each
+    trajectory's sequence (X [T, S, F], Y [T, S]; the index is clamped into 0..S-1):
+    f = X[t, step - 1], y = Y[t, step - 1];  logits = W[t] f + b[t];  d = softmax(logits) - onehot(y);
+    gW = d f^T, gb = d;  then Adam (betas 0.9, 0.999, eps 1e-8) at learning rate lr[t].
     """
+    i = (step.reshape(1) - 1).clamp(0, X.shape[1] - 1)
+    f = X.index_select(1, i).squeeze(1)
+    y = Y.index_select(1, i).squeeze(1)
     logits = torch.baddbmm(b.unsqueeze(2), W, f.unsqueeze(2)).squeeze(2)
     d = torch.softmax(logits, 1)
     d[torch.arange(W.shape[0], device=W.device), y] -= 1  # d(cross-entropy)/d(logits) at batch size 1

@@ -36,6 +36,17 @@ RESUME_FILE = "checkpoint.safetensors"
 MODEL_FILE = "model.safetensors"
 
 
+META_LR_SCHEDULES = ("constant", "cosine")
+
+
+def meta_lr_at(config: "MetaTrainConfig", step: int) -> float:
+    """The outer learning rate of meta-step `step` (0-based); a function of the step alone, so a
+    resumed or distributed run follows the same schedule."""
+    if config.meta_lr_schedule == "cosine":
+        return config.meta_lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+    return config.meta_lr
+
+
 @dataclass
 class MetaTrainConfig:
     """The README command of the reference code by default (20,000 first-order steps, seed 9)."""
@@ -46,6 +57,7 @@ class MetaTrainConfig:
     steps: int = 20000
     inner_lr: float = 0.1
     meta_lr: float = 1e-3
+    meta_lr_schedule: str = "constant"  # or "cosine": meta_lr * (1 + cos(pi * step / steps)) / 2
     seed: int = 9
     tasks: int = 1
     traj_len: int = 20
@@ -68,6 +80,9 @@ class MetaTrainConfig:
         for name in ("inner_lr", "meta_lr", "eval_lr"):
             if not getattr(self, name) > 0:
                 raise AnmlFastError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.meta_lr_schedule not in META_LR_SCHEDULES:
+            raise AnmlFastError(f"--meta-lr-schedule {self.meta_lr_schedule!r}: expected one of "
+                                f"{', '.join(META_LR_SCHEDULES)}")
         if self.traj_len > 20:
             raise AnmlFastError(f"--traj-len {self.traj_len}: a class has only 20 drawings")
         if self.remember < 0 or self.eval_every < 0:
@@ -233,6 +248,7 @@ class MetaTrainer:
             self.dist.all_reduce_mean_([g for g in grads.values() if g is not None] + [res.loss])
             self.dist.all_reduce_sum_(res.correct)
             res = StepResult(res.loss, res.correct, res.count * self.dist.world)
+        self.opt.lr = meta_lr_at(c, self.step)
         self.opt.step(grads)
         self.step += 1
         return res
