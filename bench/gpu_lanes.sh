@@ -5,12 +5,12 @@
 # calls follow each other). What each lane runs:
 #   all GPUs  bench/scaling.py: weak scaling of meta-training, strong scaling of the 600-class
 #             protocol, 1, 2 and 4 GPUs (run first, alone on the machine, in `start`)
-#   lane 0    OML (20,000 first-order steps, seed 9, the reference budget) and its full evaluation
+#   lane 0    OML (20,000 first-order steps, seed 9, the reference budget) and its full evaluation,
+#             then the end-to-end benchmark rows (E2E_ROWS, E2E_ARGS) on the shipped faithful model
 #   lane 1-3  the improved configuration (IMPROVED flags, seeds 1, 2, 3), then its full evaluation
 #             with the wide learning-rate grid (chosen on meta-test train accuracy, as always)
 #   lane 1    then the i.i.d. oracle of the shipped faithful model (pretrained:anml)
 #   lane 2    then pretrained:anml with the wide grid (what the grid alone changes)
-#   lane 3    then the end-to-end benchmark rows (E2E_ROWS)
 #   every lane  finally a quarter of the test suite (TESTS_<lane>)
 # Usage (each a device call; OUT is the call's $OUT):
 #   bash bench/gpu_lanes.sh start          build, scaling, start the lanes, watch until START_S
@@ -26,6 +26,7 @@ DATA=${DATA:-.carry/omniglot.safetensors}
 WIDE_LRS=${WIDE_LRS:-0.004,0.003,0.002,0.0015,0.001,0.0006,0.0004,0.0003,0.0002,0.0001,0.00006,0.00003,0.00001}
 IMPROVED=${IMPROVED:---steps 40000 --meta-lr-schedule cosine}
 E2E_ROWS=${E2E_ROWS:-step1,step2,traj,protocol,finetune}
+E2E_ARGS=${E2E_ARGS:---finetune-updates 150}
 TESTS_0=${TESTS_0:-tests/test_gpu_trainer.py tests/test_cli.py tests/test_data.py tests/test_models.py tests/test_compare.py}
 TESTS_1=${TESTS_1:-tests/test_distributed.py tests/test_ops_conv_block.py tests/test_reference_import.py}
 TESTS_2=${TESTS_2:-tests/test_evaluation.py tests/test_gpu_evaluation.py tests/test_ops_gated_head.py tests/test_inner_step.py tests/test_pretrained.py}
@@ -51,6 +52,8 @@ lane() {  # lane N: the lane's commands, on GPU N
   if [ "$n" = 0 ]; then
     step "$log" train-oml 480 anml-fast meta-train --model oml --data "$DATA" --out $R/oml-seed9 --quiet
     step "$log" eval-oml 360 anml-fast evaluate $R/oml-seed9 --data "$DATA" --out $R/eval-oml-seed9 --quiet
+    step "$log" end-to-end 600 python3 bench/end_to_end.py --data "$DATA" --rows "$E2E_ROWS" \
+      --model pretrained:anml --out "$W/bench" $E2E_ARGS
   else
     step "$log" "train-improved-s$n" 900 anml-fast meta-train --seed "$n" $IMPROVED --data "$DATA" \
       --out "$R/anml-improved-s$n" --quiet
@@ -61,8 +64,6 @@ lane() {  # lane N: the lane's commands, on GPU N
            --out $R/eval-anml-seed9-iid --quiet ;;
       2) step "$log" eval-widelr 360 anml-fast evaluate pretrained:anml --lrs "$WIDE_LRS" --data "$DATA" \
            --out $R/eval-anml-seed9-widelr --quiet ;;
-      3) step "$log" end-to-end 600 python3 bench/end_to_end.py --data "$DATA" --rows "$E2E_ROWS" \
-           --model pretrained:anml --out "$W/bench" ;;
     esac
   fi
   local tests_var="TESTS_$n"
