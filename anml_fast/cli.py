@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. pln.fc for the output layer only")
     p.add_argument("--second-order", action="store_true", default=None,
                    help="differentiate through the inner updates (the reference code is first-order)")
+    p.add_argument("--input-norm", choices=["reference", "standard"], default=None,
+                   help="image scaling: the reference code's constants, which leave images nearly "
+                        "constant (only ANML's normalisation layers recover them), or the same "
+                        "constants as meant (unit-scale images) [reference for anml, standard for oml]")
     p.add_argument("--nm-channels", type=int, default=None, help="ANML neuromodulatory channels [112]")
     p.add_argument("--pln-channels", type=int, default=None, help="prediction-network channels [256]")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints [1000]")

@@ -178,7 +178,8 @@ def evaluate(args) -> int:
         name += "-iid"
     out = Path(args.out or f"runs/eval-{name}")
     data = _load_data_once(args, dist)
-    ev = Evaluator(net, params, MetaTestSet(data, device), cfg, out, system=name, source=source,
+    test_set = MetaTestSet(data, device, input_norm=net.config.input_norm)  # as the model was trained
+    ev = Evaluator(net, params, test_set, cfg, out, system=name, source=source,
                    progress=not args.quiet, log=_log, dist=dist)
     results = ev.run(resume=args.resume)
     if not dist.is_main:

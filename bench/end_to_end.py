@@ -122,7 +122,7 @@ def _eval_parts(data, model: Path | None):
     else:
         net = build(ModelConfig())
         params = net.init_params(torch.Generator(DEVICE).manual_seed(0), DEVICE)
-    return net, params, MetaTestSet(data, DEVICE)
+    return net, params, MetaTestSet(data, DEVICE, input_norm=net.config.input_norm)
 
 
 def _per_step_ms(bank, net, T: int, backend: str, steps: int) -> float:

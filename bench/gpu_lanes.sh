@@ -5,7 +5,8 @@
 # calls follow each other). What each lane runs:
 #   all GPUs  bench/scaling.py: weak scaling of meta-training, strong scaling of the 600-class
 #             protocol, 1, 2 and 4 GPUs (run first, alone on the machine, in `start`)
-#   lane 0    OML (20,000 first-order steps, seed 9, the reference budget) and its full evaluation,
+#   lane 0    OML (20,000 first-order steps, seed 9, the reference budget, OML's own learning rates
+#             and unit-scale images: see reproduce.sh) and its full evaluation,
 #             then the end-to-end benchmark rows (E2E_ROWS, E2E_ARGS) on the shipped faithful model
 #   lane 1-3  the improved configuration (IMPROVED flags, seeds 1, 2, 3), then its full evaluation
 #             with the wide learning-rate grid (chosen on meta-test train accuracy, as always)
@@ -50,7 +51,8 @@ lane() {  # lane N: the lane's commands, on GPU N
   local n=$1 log=$W/lane$1.log
   export CUDA_VISIBLE_DEVICES=$n
   if [ "$n" = 0 ]; then
-    step "$log" train-oml 480 anml-fast meta-train --model oml --data "$DATA" --out $R/oml-seed9 --quiet
+    step "$log" train-oml 480 anml-fast meta-train --model oml --inner-lr 0.03 --meta-lr 0.0001 --data "$DATA" \
+      --out $R/oml-seed9 --quiet
     step "$log" eval-oml 360 anml-fast evaluate $R/oml-seed9 --data "$DATA" --out $R/eval-oml-seed9 --quiet
     step "$log" end-to-end 600 python3 bench/end_to_end.py --data "$DATA" --rows "$E2E_ROWS" \
       --model pretrained:anml --out "$W/bench" $E2E_ARGS
@@ -67,7 +69,9 @@ lane() {  # lane N: the lane's commands, on GPU N
     esac
   fi
   local tests_var="TESTS_$n"
-  step "$log" "tests-$n" 480 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE ${!tests_var}
+  # a quarter of the host's cores per lane: four pytest processes of 64 threads each, beside the
+  # training runs, left the CPU-side tests crawling past their limit (2026-11-27)
+  OMP_NUM_THREADS=$(( $(nproc) / 4 )) step "$log" "tests-$n" 480 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE ${!tests_var}
   touch "$W/lane$n.done"
 }
 

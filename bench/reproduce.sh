@@ -4,7 +4,10 @@
 #            0.001, seed 9: all defaults of `anml-fast meta-train`), exported as a shipped-model
 #            folder, then the full evaluation (schedule 10..600, output layer only, lr search)
 #   scratch  the same evaluation of a randomly initialised ANML
-#   oml      OML with the same meta-training budget, and its evaluation
+#   oml      OML with the same meta-training budget (20,000 steps, seed 9) at the learning rates of
+#            OML's own Omniglot setup (inner 0.03, meta 0.0001) and with unit-scale images (OML's
+#            default --input-norm standard: under the reference scaling it learns nothing), and
+#            its evaluation
 #   iid      the i.i.d. oracle: ANML's evaluation with the images shuffled across classes
 #            (reads the exported model from MODEL, default $OUT/anml-seed9)
 #   widelr   the exported ANML evaluated with a learning-rate grid reaching above 0.001 (the
@@ -55,7 +58,8 @@ for run in $RUNS; do
     scratch)
       step eval-scratch 150 anml-fast evaluate --scratch --data "$DATA" --out runs/eval-scratch --quiet ;;
     oml)
-      step train-oml 260 anml-fast meta-train --model oml --data "$DATA" --out runs/oml-seed9 --quiet
+      step train-oml 260 anml-fast meta-train --model oml --inner-lr 0.03 --meta-lr 0.0001 --data "$DATA" \
+        --out runs/oml-seed9 --quiet
       step export-oml 60 anml-fast export-model runs/oml-seed9 --out "$OUT/oml-seed9"
       step eval-oml 150 anml-fast evaluate runs/oml-seed9 --data "$DATA" --out runs/eval-oml-seed9 --quiet ;;
     iid)

@@ -93,3 +93,34 @@ def test_reset_output_rows_only_touches_those_rows():
 def test_bad_kind_is_refused():
     with pytest.raises(ValueError, match="not one of"):
         ModelConfig(kind="resnet")
+
+
+def test_input_norm_defaults_by_kind_and_old_configs_stay_faithful():
+    from anml_fast.models import ModelConfig
+
+    assert ModelConfig().input_norm == "reference"
+    assert ModelConfig(kind="oml").input_norm == "standard"
+    assert ModelConfig(kind="oml", input_norm="reference").input_norm == "reference"
+    # configs written before the field existed (the shipped faithful model's) read as before
+    old = {"kind": "anml", "nm_channels": 112, "pln_channels": 256, "num_outputs": 1000, "oml_hidden": 1024}
+    assert ModelConfig.from_dict(old).input_norm == "reference"
+    assert ModelConfig.from_dict(ModelConfig(kind="oml").to_dict()).input_norm == "standard"
+    with pytest.raises(ValueError, match="input normalisation 'zscore'"):
+        ModelConfig(input_norm="zscore")
+
+
+def test_standard_input_norm_gives_unit_scale_images(synthetic_data):
+    from anml_fast.data.tasks import MetaTestSet, normalize
+
+    u8 = torch.tensor([[0, 255]], dtype=torch.uint8)
+    assert torch.allclose(normalize(u8, input_norm="standard").flatten(),
+                          (torch.tensor([0.0, 1.0]) - 0.92206) / 0.08426)
+    ref = MetaTestSet(synthetic_data, "cpu")
+    std = MetaTestSet(synthetic_data, "cpu", input_norm="standard")
+    assert ref.train.std() < 1e-3 < 1 < std.train.std()
+    # the same images, scaled differently: one is an affine map of the other
+    a = (std.train.flatten() - std.train.mean()) / std.train.std()
+    b = (ref.train.flatten() - ref.train.mean()) / ref.train.std()
+    assert torch.allclose(a, b, atol=1e-2)
+    with pytest.raises(ValueError, match="input normalisation 'raw'"):
+        normalize(u8, input_norm="raw")

@@ -26,6 +26,9 @@ _DRAWING_RE = re.compile(r"^\d+_(\d+)\.png$")
 # The reference normalisation (odd constants kept for faithfulness; see anml-protocol.md).
 NORM_MEAN = 0.92206 * 256
 NORM_STD = 0.08426 * 256 * 256
+# What those constants evidently meant: Omniglot's pixel mean and standard deviation in [0, 1].
+STANDARD_MEAN = 0.92206
+STANDARD_STD = 0.08426
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import OmniglotImages
-from .omniglot import NORM_MEAN, NORM_STD
+from .omniglot import NORM_MEAN, NORM_STD, STANDARD_MEAN, STANDARD_STD
 
 META_TRAIN_CLASSES = 963  # the first 963 background classes (the reference drops the last one)
 META_TEST_POOL = 650  # meta-test classes are drawn from the first 650 evaluation classes
@@ -18,9 +18,23 @@ TRAIN_DRAWINGS = 15  # drawings 1-15 train, 16-20 test
 REMEMBER_SIZE = 64
 
 
-def normalize(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 [..., 28, 28] -> float32 [..., 1, 28, 28] exactly as ToTensor then Normalize compute it."""
+INPUT_NORMS = ("reference", "standard")
+
+
+def normalize(images: torch.Tensor, device: torch.device | str = "cpu",
+              input_norm: str = "reference") -> torch.Tensor:
+    """uint8 [..., 28, 28] -> float32 [..., 1, 28, 28] exactly as ToTensor then Normalize compute it.
+
+    "reference": the reference code's constants, which leave every image nearly constant (about
+    -0.0427 +- 2e-4); ANML's normalisation layers recover the drawing, a network without them
+    (OML) cannot. "standard": the same constants as they were evidently meant (mean 0.92206,
+    std 0.08426 of pixels in [0, 1]), giving images of unit scale.
+    """
     x = images.to(device).to(torch.float32).div(255)
+    if input_norm == "standard":
+        return x.sub(STANDARD_MEAN).div(STANDARD_STD).unsqueeze(-3)
+    if input_norm != "reference":
+        raise ValueError(f"input normalisation {input_norm!r} is not one of {INPUT_NORMS}")
     return x.sub(NORM_MEAN).div(NORM_STD).unsqueeze(-3)
 
 
@@ -49,8 +63,9 @@ class MetaTrainSampler:
     """Samples the protocol's meta-training tasks from the first 963 background classes."""
 
     def __init__(self, data: OmniglotImages, device: torch.device | str,
-                 num_classes: int = META_TRAIN_CLASSES, dtype: torch.dtype = torch.float32):
-        self.images = normalize(data.background[:num_classes], device).to(dtype)  # [C, 20, 1, 28, 28]
+                 num_classes: int = META_TRAIN_CLASSES, dtype: torch.dtype = torch.float32,
+                 input_norm: str = "reference"):
+        self.images = normalize(data.background[:num_classes], device, input_norm).to(dtype)  # [C, 20, 1, 28, 28]
         self.num_classes, self.num_drawings = self.images.shape[:2]
         self.device = torch.device(device)
 
@@ -77,8 +92,9 @@ class MetaTestSet:
     """The evaluation classes split into drawings 1-15 (train) and 16-20 (test), on the device."""
 
     def __init__(self, data: OmniglotImages, device: torch.device | str,
-                 pool: int = META_TEST_POOL, dtype: torch.dtype = torch.float32):
-        images = normalize(data.evaluation, device).to(dtype)  # [659, 20, 1, 28, 28]
+                 pool: int = META_TEST_POOL, dtype: torch.dtype = torch.float32,
+                 input_norm: str = "reference"):
+        images = normalize(data.evaluation, device, input_norm).to(dtype)  # [659, 20, 1, 28, 28]
         self.train = images[:, :TRAIN_DRAWINGS]
         self.test = images[:, TRAIN_DRAWINGS:]
         self.pool = pool

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from ..errors import CheckpointError
 
 KINDS = ("anml", "oml")
+INPUT_NORMS = ("reference", "standard")  # data.tasks.normalize
 
 
 @dataclass(frozen=True)
@@ -17,10 +18,18 @@ class ModelConfig:
     pln_channels: int = 256  # ANML prediction trunk, and OML's convs
     num_outputs: int = 1000
     oml_hidden: int = 1024
+    # How images are scaled before the model sees them (data.tasks.normalize). None: the kind's
+    # default, "reference" for ANML (faithful) and "standard" for OML, which learns nothing from
+    # the reference's nearly constant images (it has no normalisation layers to recover them).
+    input_norm: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"model kind {self.kind!r} is not one of {KINDS}")
+        if self.input_norm is None:
+            object.__setattr__(self, "input_norm", "standard" if self.kind == "oml" else "reference")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input normalisation {self.input_norm!r} is not one of {INPUT_NORMS}")
 
     def to_dict(self) -> dict:
         return asdict(self)

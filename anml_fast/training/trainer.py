@@ -22,7 +22,7 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..atomic import write_json, write_text
 from ..data.cache import OmniglotImages
-from ..data.tasks import REMEMBER_SIZE, MetaTestSet, MetaTrainSampler
+from ..data.tasks import INPUT_NORMS, REMEMBER_SIZE, MetaTestSet, MetaTrainSampler
 from ..errors import AnmlFastError
 from ..models import ModelConfig, build, select
 from ..distributed import Dist
@@ -62,6 +62,7 @@ class MetaTrainConfig:
     tasks: int = 1
     traj_len: int = 20
     remember: int = REMEMBER_SIZE
+    input_norm: str | None = None  # None: the model kind's default (see ModelConfig)
     inner_layers: list[str] | None = None  # parameter-name prefixes; None: the model's PLN
     second_order: bool = False
     checkpoint_every: int = 1000
@@ -71,7 +72,8 @@ class MetaTrainConfig:
     eval_lr: float = 1e-3
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(kind=self.model, nm_channels=self.nm_channels, pln_channels=self.pln_channels)
+        return ModelConfig(kind=self.model, nm_channels=self.nm_channels, pln_channels=self.pln_channels,
+                           input_norm=self.input_norm)
 
     def validate(self) -> None:
         for name in ("steps", "tasks", "traj_len", "checkpoint_every", "log_every", "eval_classes"):
@@ -80,6 +82,8 @@ class MetaTrainConfig:
         for name in ("inner_lr", "meta_lr", "eval_lr"):
             if not getattr(self, name) > 0:
                 raise AnmlFastError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.input_norm not in (None, *INPUT_NORMS):
+            raise AnmlFastError(f"--input-norm {self.input_norm!r}: expected one of {', '.join(INPUT_NORMS)}")
         if self.meta_lr_schedule not in META_LR_SCHEDULES:
             raise AnmlFastError(f"--meta-lr-schedule {self.meta_lr_schedule!r}: expected one of "
                                 f"{', '.join(META_LR_SCHEDULES)}")
@@ -119,8 +123,9 @@ class MetaTrainer:
         names = [s.name for s in self.net.param_specs()]
         self.inner_names = select(names, config.inner_layers or self.net.inner_default)
         # dtype: float64 lets the tests compare implementations without float32's cancellation
-        self.sampler = MetaTrainSampler(data, self.device, dtype=dtype)
-        self.test_set = MetaTestSet(data, self.device, dtype=dtype) if config.eval_every else None
+        norm = config.model_config().input_norm
+        self.sampler = MetaTrainSampler(data, self.device, dtype=dtype, input_norm=norm)
+        self.test_set = MetaTestSet(data, self.device, dtype=dtype, input_norm=norm) if config.eval_every else None
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.params = self.net.init_params(self.generator, self.device, dtype)
         self.opt = Adam(self.params, lr=config.meta_lr)
