@@ -6,6 +6,14 @@
 # Carry a prepared Omniglot cache as .carry/omniglot.safetensors (`anml-fast prepare-data --out`).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-session}
+DATA=${DATA:-.carry/omniglot.safetensors}
+# The working tree that travels to the GPU machine is capped at 64 MiB and the package ships two
+# 24 MB models, so the data may travel gzipped (.carry/omniglot.safetensors.gz, 6.7 MB).
+if [ ! -f "$DATA" ] && [ -f "$DATA.gz" ]; then
+  [ -f /tmp/omniglot.safetensors ] || { gunzip -c "$DATA.gz" > /tmp/omniglot.part && mv /tmp/omniglot.part /tmp/omniglot.safetensors; }
+  DATA=/tmp/omniglot.safetensors
+fi
+
 mkdir -p "$OUT"
 export ANML_FAST_CACHE=/tmp/anml-cache MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
@@ -19,10 +27,10 @@ if [ "${BENCH:-1}" = 1 ]; then
   timeout ${BENCH_S:-200} python3 bench/run_all.py --out "$OUT" > "$OUT/bench.log" 2>&1; echo "bench exit $?"; tail -60 "$OUT/bench.log"
 fi
 if [ -n "${E2E_ROWS:-}" ]; then
-  timeout ${E2E_S:-240} python3 bench/end_to_end.py --data .carry/omniglot.safetensors --rows "$E2E_ROWS" \
+  timeout ${E2E_S:-240} python3 bench/end_to_end.py --data "$DATA" --rows "$E2E_ROWS" \
     --out "$OUT" ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1; echo "end_to_end exit $?"; tail -30 "$OUT/e2e.log"
 fi
 if [ "${DEMO:-0}" = 1 ]; then
-  anml-fast demo --data .carry/omniglot.safetensors --out /tmp/demo --quiet > "$OUT/demo.log" 2>&1
+  anml-fast demo --data "$DATA" --out /tmp/demo --quiet > "$OUT/demo.log" 2>&1
   tail -15 "$OUT/demo.log"
 fi
