@@ -227,7 +227,9 @@ def row_finetune(net, params, test_set, updates: int) -> dict:
 
 
 def _fmt(v: float, unit: str) -> str:
-    return f"{v:.2f} ms" if unit == "ms" else f"{v:.1f} s"
+    if unit == "ms":
+        return f"{v:.2f} ms"
+    return f"{v:.2f} s" if v < 10 else f"{v:.1f} s"
 
 
 def table(doc: dict) -> str:
