@@ -8,7 +8,8 @@
 #   lane 0    OML (20,000 first-order steps, seed 9, the reference budget, OML's own learning rates
 #             and unit-scale images: see reproduce.sh) and its full evaluation,
 #             then the end-to-end benchmark rows (E2E_ROWS, E2E_ARGS) on the shipped faithful model
-#   lane 1-3  the improved configuration (IMPROVED flags, seeds 1, 2, 3), then its full evaluation
+#   lane 1-3  the improved configuration (IMPROVED flags, or IMPROVED_<lane> for one lane; seeds
+#             1, 2, 3), then its full evaluation
 #             with the wide learning-rate grid (chosen on meta-test train accuracy, as always)
 #   lane 1    then the i.i.d. oracle of the shipped faithful model (pretrained:anml)
 #   lane 2    then pretrained:anml with the wide grid (what the grid alone changes)
@@ -63,7 +64,10 @@ lane() {  # lane N: the lane's commands, on GPU N
     step "$log" end-to-end 600 python3 bench/end_to_end.py --data "$DATA" --rows "$E2E_ROWS" \
       --model pretrained:anml --out "$W/bench" $E2E_ARGS
   else
-    step "$log" "train-improved-s$n" 900 anml-fast meta-train --seed "$n" $IMPROVED --data "$DATA" \
+    local flags_var="IMPROVED_$n"  # per-lane override, e.g. IMPROVED_2="--steps 30000 --meta-lr-schedule cosine"
+    local flags=${!flags_var:-$IMPROVED}
+    echo "lane $n flags: $flags" >> "$log"
+    step "$log" "train-improved-s$n" 900 anml-fast meta-train --seed "$n" $flags --data "$DATA" \
       --out "$R/anml-improved-s$n" --quiet
     step "$log" "eval-improved-s$n" 420 anml-fast evaluate "$R/anml-improved-s$n" --lrs "$WIDE_LRS" \
       --data "$DATA" --out "$R/eval-anml-improved-s$n" --quiet
@@ -114,8 +118,8 @@ case $CMD in
 import json, pathlib
 best = None
 for p in sorted(pathlib.Path("/tmp/lanes/runs").glob("eval-anml-improved-s*/results.json")):
-    r = json.loads(p.read_text())
-    rec = r.get("class_counts", {}).get("600")
+    r = json.loads(p.read_text())["results"][0]  # evaluate writes {"results": [one system]}
+    rec = r["class_counts"].get("600")
     if rec:
         acc = rec["final"]["train_mean"]
         if best is None or acc > best[0]:
@@ -126,7 +130,7 @@ EOF
     echo "improved model with the best meta-test train accuracy at 600 classes: ${best:-none}"
     if [ -n "$best" ]; then
       anml-fast export-model "$R/$best" --out "$OUT/anml-improved" --quiet \
-        --note "anml-fast meta-train $IMPROVED --seed ${best##*-s} (bench/gpu_lanes.sh); chosen among seeds 1-3 on 600-class meta-test train accuracy"
+        --note "bench/gpu_lanes.sh lane ${best##*-s} (its flags are in provenance.train); chosen among lanes 1-3 on 600-class meta-test train accuracy"
     fi
     tar cf "$OUT/results.tar" --exclude='*.safetensors' --exclude=tb -C "$W" runs bench $(cd "$W" && ls *.log *.txt) 2>/dev/null
     ls -la "$OUT" "$OUT/anml-improved" 2>/dev/null ;;
