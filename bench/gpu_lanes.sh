@@ -7,7 +7,8 @@
 #             protocol, 1, 2 and 4 GPUs (run first, alone on the machine, in `start`)
 #   lane 0    OML (20,000 first-order steps, seed 9, the reference budget, OML's own learning rates
 #             and unit-scale images: see reproduce.sh) and its full evaluation,
-#             then the end-to-end benchmark rows (E2E_ROWS, E2E_ARGS) on the shipped faithful model
+#             then the end-to-end benchmark rows (E2E_ROWS, E2E_ARGS) on the shipped faithful model,
+#             then the tile sweep of the output-layer kernels (bench/tune_output_layer.py)
 #   lane 1-3  the improved configuration (IMPROVED flags, or IMPROVED_<lane> for one lane; seeds
 #             1, 2, 3), then its full evaluation
 #             with the wide learning-rate grid (chosen on meta-test train accuracy, as always)
@@ -63,6 +64,7 @@ lane() {  # lane N: the lane's commands, on GPU N
     step "$log" eval-oml 360 anml-fast evaluate $R/oml-seed9 --data "$DATA" --out $R/eval-oml-seed9 --quiet
     step "$log" end-to-end 600 python3 bench/end_to_end.py --data "$DATA" --rows "$E2E_ROWS" \
       --model pretrained:anml --out "$W/bench" $E2E_ARGS
+    step "$log" tune-output-layer 360 python3 bench/tune_output_layer.py --out "$W/bench"
   else
     local flags_var="IMPROVED_$n"  # per-lane override, e.g. IMPROVED_2="--steps 30000 --meta-lr-schedule cosine"
     local flags=${!flags_var:-$IMPROVED}

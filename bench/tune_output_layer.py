@@ -1,0 +1,134 @@
+"""Sweep the tile shapes of the meta-test output-layer kernels (kernels/output_layer.py) on a GPU.
+
+    python3 bench/tune_output_layer.py [--trajectories 140,10,1] [--out bench/results]
+
+The 600-class protocol is memory-bound: a step of T trajectories moves T x 2.3M weights x 28 B
+(logits: read W; Adam: read and write W, mW, vW), and at the shipped tiles it ran at 2.7 TB/s of
+an H200's 4.8 (2026-11-27). This script times every combination of the candidate logits and Adam
+tiles at the protocol's stack sizes (140 search trajectories, 10 final ones, 1 for a single
+trajectory), each step replayed from a CUDA graph of 50 steps as the evaluator runs it, and checks
+each combination once against the twin. It prints the achieved bandwidth per combination and the
+best one per stack size, and writes OUT/tune-output-layer-<card>.json. It changes nothing: copy
+the winners into LOGITS_CONFIG / ADAM_CONFIG by hand, with the measurement in the comment.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+O, F = 1000, 2304  # ANML's output layer
+LOGITS = [dict(BLOCK_O=o, BLOCK_F=f, num_warps=w, num_stages=1)
+          for o, f, w in [(4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (2, 2048, 4)]]
+ADAM = [dict(BLOCK_O=o, BLOCK_F=f, num_warps=w, num_stages=1)
+        for o, f, w in [(16, 256, 4), (16, 256, 8), (32, 256, 8), (16, 512, 8), (8, 512, 4),
+                        (32, 128, 4), (64, 128, 8)]]
+
+
+def _state(T: int, device):
+    g = torch.Generator(device).manual_seed(0)
+    W = torch.randn(T, O, F, device=device, generator=g) * (2 / F) ** 0.5
+    b = torch.zeros(T, O, device=device)
+    state = [W, b, torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)]
+    S = 64
+    X = torch.rand(T, S, F, device=device, generator=g)
+    Y = torch.randint(O, (T, S), device=device, generator=g)
+    lr = torch.full((T,), 1e-3, device=device)
+    return state, X, Y, lr
+
+
+def _check(K, ref_fn, device) -> float:
+    """Largest |difference| to the twin after 3 steps at a small stack (the tiles' masks included)."""
+    state, X, Y, lr = _state(3, device)
+    ref = [t.clone() for t in state]
+    for s in range(1, 4):
+        step = torch.tensor(s, device=device)
+        K.output_layer_adam_step_(*state, X, Y, lr, step)
+        ref_fn(*ref, X, Y, lr, step)
+    return max((a - b).abs().max().item() for a, b in zip(state, ref))
+
+
+def _time(K, T: int, device, steps: int = 50, repeats: int = 5) -> float:
+    """Median ms per step, replaying a CUDA graph of `steps` steps."""
+    state, X, Y, lr = _state(T, device)
+    step = torch.ones((), dtype=torch.int64, device=device)
+
+    def one():
+        K.output_layer_adam_step_(*state, X, Y, lr, step)
+        step.add_(1)
+
+    one()  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(steps):
+            one()
+    times = []
+    for _ in range(repeats):
+        step.fill_(1)  # keep the image index inside the sequence
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / steps)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trajectories", default="140,10,1", help="stack sizes T to time [140,10,1]")
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("tune_output_layer.py: error: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from anml_fast.ops import output_layer as ol
+    from anml_fast.ops.reference import output_layer_adam_step_ as twin
+
+    K = ol._kernels()
+    device = torch.device("cuda")
+    shipped = (dict(K.LOGITS_CONFIG), dict(K.ADAM_CONFIG))
+    sizes = [int(t) for t in args.trajectories.split(",")]
+    rows = []
+    try:
+        for lc, ac in itertools.product(LOGITS, ADAM):
+            K.LOGITS_CONFIG, K.ADAM_CONFIG = lc, ac
+            err = _check(K, twin, device)
+            row = {"logits": lc, "adam": ac, "max_abs_diff_vs_twin": err, "ms": {}, "tb_per_s": {}}
+            for T in sizes:
+                ms = _time(K, T, device)
+                row["ms"][T] = ms
+                row["tb_per_s"][T] = T * O * F * 28 / (ms * 1e-3) / 1e12
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        K.LOGITS_CONFIG, K.ADAM_CONFIG = shipped
+    card = torch.cuda.get_device_name()
+    correct = [r for r in rows if r["max_abs_diff_vs_twin"] < 1e-5]
+    if not correct:
+        print("tune_output_layer.py: no combination matched the twin (see max_abs_diff_vs_twin)")
+    for T in sizes if correct else []:
+        r = min(correct, key=lambda r: r["ms"][T])
+        cur = next((x for x in rows if (x["logits"], x["adam"]) == shipped), None)
+        cur_s = f"{cur['ms'][T]:.3f} ms" if cur else "n/a"
+        print(f"T={T}: best {r['ms'][T]:.3f} ms ({r['tb_per_s'][T]:.2f} TB/s) with logits {r['logits']} "
+              f"adam {r['adam']}; shipped tiles {cur_s}")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"tune-output-layer-{slug}.json").write_text(json.dumps(
+        {"card": card, "torch": torch.__version__, "date": str(datetime.date.today()), "rows": rows,
+         "shipped": {"logits": shipped[0], "adam": shipped[1]}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
