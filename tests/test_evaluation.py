@@ -147,3 +147,65 @@ def test_resume_may_add_class_counts(setup, tmp_path):
     _evaluator(setup, tmp_path, class_counts=[3]).run()
     res = _evaluator(setup, tmp_path, class_counts=[3, 5]).run(resume=True)
     assert sorted(res["class_counts"]) == ["3", "5"]
+
+
+@pytest.mark.parametrize("n, chunk", [(250, 100), (201, 100), (101, 100), (100, 100), (7, 3), (1, 100)])
+def test_run_steps_replays_chunks_and_counts_every_step(monkeypatch, n, chunk):
+    """run_steps' CUDA path, with the CUDA graph faked: a capture records the calls instead of
+    running them, a replay runs the recorded ones. Every step runs exactly once, in order, and
+    progress adds up to n."""
+    from anml_fast.evaluation import trajectories as tj
+
+    state = {"capturing": None, "done": 0}
+
+    class FakeGraph:
+        def __init__(self):
+            self.calls = []
+
+        def replay(self):
+            for fn in self.calls:
+                fn(replaying=True)
+
+    class Capture:
+        def __init__(self, graph):
+            self.graph = graph
+
+        def __enter__(self):
+            state["capturing"] = self.graph
+
+        def __exit__(self, *exc):
+            state["capturing"] = None
+
+    class FakeStream:
+        def __init__(self, *a, **k):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class NoContext:
+        def __init__(self, *a):
+            pass
+
+        def __enter__(self):
+            pass
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", NoContext)
+
+    def step(replaying=False):
+        if state["capturing"] is not None and not replaying:
+            state["capturing"].calls.append(step)
+            return
+        state["done"] += 1
+
+    counts = []
+    tj.run_steps(step, n, torch.device("cuda"), counts.append, chunk=chunk)
+    assert state["done"] == n
+    assert sum(counts) == n
