@@ -38,10 +38,15 @@ def _train_config(args):
             stored = json.loads(cfg_path.read_text())["train"]
         except (ValueError, KeyError) as e:
             raise AnmlFastError(f"{cfg_path}: cannot read the run's settings ({e})") from None
+        run = MetaTrainConfig.from_dict(stored)  # missing keys read as the run saw them
         for k, v in given.items():
-            if k != "steps" and stored.get(k) != v:
-                raise AnmlFastError(f"--{k.replace('_', '-')} {v} differs from this run's {stored.get(k)} "
+            if k != "steps" and getattr(run, k) != v:
+                raise AnmlFastError(f"--{k.replace('_', '-')} {v} differs from this run's {getattr(run, k)} "
                                     f"({cfg_path}); resume with the same settings (only --steps may change)")
+        if "steps" in given and given["steps"] != run.steps and run.meta_lr_schedule != "constant":
+            raise AnmlFastError(f"--steps {given['steps']}: this run's {run.meta_lr_schedule} learning-rate "
+                                f"schedule is laid out over its {run.steps} steps ({cfg_path}); only a "
+                                f"constant-rate run may change --steps on resume")
         stored.update(given)
         return MetaTrainConfig.from_dict(stored)
     return MetaTrainConfig(**given)

@@ -47,7 +47,8 @@ def run_demo(args) -> int:
     ecfg = EvalConfig(class_counts=classes, lrs=plan["lrs"] or EvalConfig().lrs,
                       search_draws=plan["search_draws"], final_runs=plan["runs"])
     results, ahead = _against_scratch(trainer.net, {k: v.detach() for k, v in trainer.params.items()}, "anml",
-                                      MetaTestSet(data, device), ecfg, args, device)
+                                      MetaTestSet(data, device, input_norm=trainer.net.config.input_norm),
+                                      ecfg, args, device)
 
     print()
     print(f"Meta-loss over {steps} steps: {losses[0]:.3f} (first {cfg.log_every} steps) -> "
@@ -78,7 +79,8 @@ def _demo_pretrained(args, device: str) -> int:
     ecfg = EvalConfig(class_counts=classes, lrs=plan["lrs"], search_draws=plan["search_draws"],
                       final_runs=plan["runs"])
     results, ahead = _against_scratch(build(ck.config), ck.params, "anml (shipped)",
-                                      MetaTestSet(load_data(args), device), ecfg, args, device)
+                                      MetaTestSet(load_data(args), device, input_norm=ck.config.input_norm),
+                                      ecfg, args, device)
     out = Path(args.out)
     print()
     print(report.table(results))

@@ -83,7 +83,7 @@ lane() {  # lane N: the lane's commands, on GPU N
   local tests_var="TESTS_$n"
   # a quarter of the host's cores per lane: four pytest processes of 64 threads each, beside the
   # training runs, left the CPU-side tests crawling past their limit (2026-11-27)
-  OMP_NUM_THREADS=$(( $(nproc) / 4 )) step "$log" "tests-$n" 480 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE ${!tests_var}
+  OMP_NUM_THREADS=$(( $(nproc --all) / 4 > 0 ? $(nproc --all) / 4 : 1 )) step "$log" "tests-$n" 480 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE ${!tests_var}
   touch "$W/lane$n.done"
 }
 

@@ -198,6 +198,7 @@ def test_run_steps_replays_chunks_and_counts_every_step(monkeypatch, n, chunk):
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "stream", NoContext)
+    monkeypatch.setattr(torch.cuda, "device", NoContext)
 
     def step(replaying=False):
         if state["capturing"] is not None and not replaying:

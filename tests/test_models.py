@@ -104,6 +104,7 @@ def test_input_norm_defaults_by_kind_and_old_configs_stay_faithful():
     # configs written before the field existed (the shipped faithful model's) read as before
     old = {"kind": "anml", "nm_channels": 112, "pln_channels": 256, "num_outputs": 1000, "oml_hidden": 1024}
     assert ModelConfig.from_dict(old).input_norm == "reference"
+    assert ModelConfig.from_dict({**old, "kind": "oml"}).input_norm == "reference"  # old OML runs too
     assert ModelConfig.from_dict(ModelConfig(kind="oml").to_dict()).input_norm == "standard"
     with pytest.raises(ValueError, match="input normalisation 'zscore'"):
         ModelConfig(input_norm="zscore")

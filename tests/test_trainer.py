@@ -107,3 +107,44 @@ def test_cosine_meta_lr_schedule():
     assert meta_lr_at(MetaTrainConfig(steps=100), 73) == 1e-3  # constant: the reference
     with pytest.raises(AnmlFastError, match="--meta-lr-schedule 'step'"):
         MetaTrainConfig(meta_lr_schedule="step").validate()
+
+
+def _resume_args(out, **given):
+    """The meta-train CLI's namespace: every MetaTrainConfig flag unset except `given`."""
+    from dataclasses import fields
+    from types import SimpleNamespace
+
+    ns = {f.name: None for f in fields(MetaTrainConfig)}
+    ns.update(given, out=str(out), resume=True)
+    return SimpleNamespace(**ns)
+
+
+def test_resume_compares_flags_with_what_the_run_saw(tmp_path):
+    from anml_fast.commands import _train_config
+    from anml_fast.training.trainer import CONFIG_FILE
+
+    # a run stored before input_norm and the schedule existed: it saw the reference scaling
+    old = {k: v for k, v in MetaTrainConfig(model="oml").__dict__.items()
+           if k not in ("input_norm", "meta_lr_schedule")}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"train": old}))
+    cfg = _train_config(_resume_args(tmp_path, input_norm="reference", meta_lr_schedule="constant"))
+    assert cfg.input_norm == "reference" and cfg.model_config().input_norm == "reference"
+    with pytest.raises(AnmlFastError, match="--input-norm standard differs from this run's reference"):
+        _train_config(_resume_args(tmp_path, input_norm="standard"))
+    assert MetaTrainConfig(model="oml").input_norm == "standard"  # a new OML run records its scaling
+
+
+def test_cosine_run_refuses_another_length_on_resume(tmp_path):
+    from dataclasses import asdict
+
+    from anml_fast.commands import _train_config
+    from anml_fast.training.trainer import CONFIG_FILE
+
+    stored = asdict(MetaTrainConfig(steps=100, meta_lr_schedule="cosine"))
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"train": stored}))
+    assert _train_config(_resume_args(tmp_path, steps=100)).steps == 100
+    with pytest.raises(AnmlFastError, match="cosine learning-rate schedule is laid out over its 100 steps"):
+        _train_config(_resume_args(tmp_path, steps=200))
+    stored = asdict(MetaTrainConfig(steps=100))
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"train": stored}))
+    assert _train_config(_resume_args(tmp_path, steps=200)).steps == 200  # constant rate: fine

@@ -156,26 +156,29 @@ def run_steps(step_fn: Callable[[], None], n: int, device: torch.device,
             if (s + 1) % chunk == 0 or s + 1 == n:
                 report((s + 1) % chunk or chunk)
         return
-    # The first step runs eagerly, on a side stream as capture wants: it compiles the Triton
-    # kernels and sets up cuBLAS, which cannot happen during a capture; it is a real step.
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        step_fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(chunk):
+    # The capture records on the current device's streams: make `device` current (cuda:1 in a
+    # single process, say), or the steps would run eagerly and the graph stay empty.
+    with torch.cuda.device(device):
+        # The first step runs eagerly, on a side stream as capture wants: it compiles the Triton
+        # kernels and sets up cuBLAS, which cannot happen during a capture; it is a real step.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
             step_fn()
-    replays, rest = divmod(n - 1, chunk)
-    for r in range(replays):
-        graph.replay()
-        report(chunk + 1 if r == 0 else chunk)
-    for _ in range(rest):
-        step_fn()
-    if rest:
-        report(rest)
-    del graph
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(chunk):
+                step_fn()
+        replays, rest = divmod(n - 1, chunk)
+        for r in range(replays):
+            graph.replay()
+            report(chunk + 1 if r == 0 else chunk)
+        for _ in range(rest):
+            step_fn()
+        if rest:
+            report(rest)
+        del graph
 
 
 def _accuracy(X: torch.Tensor, Y: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> list[float]:

@@ -40,6 +40,9 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise CheckpointError(f"model config has unknown keys {sorted(unknown)}")
+        # A stored config without the key predates it, and every model then saw the reference's
+        # scaling (OML too); only new configs take the kind's default.
+        d = {"input_norm": "reference", **d}
         try:
             return cls(**d)
         except (TypeError, ValueError) as e:

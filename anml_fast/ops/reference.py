@@ -77,7 +77,9 @@ def adam_update_batched_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: t
     """torch.optim.Adam's step for a stack of independent tensors, one learning rate each (lr [T]).
 
     `step` is an int, or a one-element int64 tensor on p's device (then nothing is read back, and
-    a CUDA graph of this step stays right as the step advances); both give the same bits.
+    a CUDA graph of this step stays right as the step advances). Both give the same bits on the
+    CPU; on CUDA they may differ in the last bit, since there a division by a host scalar is a
+    multiplication by its reciprocal.
     """
     if isinstance(step, torch.Tensor):
         s = step.reshape(()).double()

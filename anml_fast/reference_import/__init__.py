@@ -192,11 +192,12 @@ def _to_params(tensors: list, kind: str | None, neuromodulation: bool | None,
         raise CheckpointError(f"{source}: the Learner says Neuromodulation={neuromodulation}, "
                               f"which does not fit kind {kind!r}")
     if kind == "anml":
-        config = ModelConfig(kind="anml", nm_channels=_dim(tensors[0], 0, source, 0),
+        # the original code's images, whatever the kind: the reference's scaling
+        config = ModelConfig(kind="anml", input_norm="reference", nm_channels=_dim(tensors[0], 0, source, 0),
                              pln_channels=_dim(tensors[14], 0, source, 14),
                              num_outputs=_dim(tensors[26], 0, source, 26))
     else:
-        config = ModelConfig(kind="oml", pln_channels=_dim(tensors[0], 0, source, 0),
+        config = ModelConfig(kind="oml", input_norm="reference", pln_channels=_dim(tensors[0], 0, source, 0),
                              oml_hidden=_dim(tensors[12], 0, source, 12),
                              num_outputs=_dim(tensors[14], 0, source, 14))
     names = [s.name for s in build(config).param_specs()]

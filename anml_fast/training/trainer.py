@@ -98,9 +98,15 @@ class MetaTrainConfig:
             raise AnmlFastError(f"--inner-layers {','.join(prefixes)} names no parameter of the "
                                 f"{self.model} model (names look like {names[0]}, {names[-1]})")
 
+    def __post_init__(self):
+        # the run records the scaling it trains with, not "the kind's default"
+        if self.input_norm is None and self.model in ("anml", "oml"):
+            self.input_norm = ModelConfig(kind=self.model).input_norm
+
     @classmethod
     def from_dict(cls, d: dict) -> "MetaTrainConfig":
         known = {f.name for f in fields(cls)}
+        d = {"input_norm": "reference", **d}  # runs stored before the field saw the reference's scaling
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
