@@ -51,9 +51,9 @@ def _scalar(hi, lo, dt: tl.constexpr):
 
 
 @triton.jit
-def _image_index(Step_ptr, n_steps):
-    """0-based index of the image this step learns, clamped into the sequence."""
-    return tl.minimum(tl.maximum(tl.load(Step_ptr) - 1, 0), n_steps - 1)
+def _image_index(step, n_steps):
+    """0-based index (int64) of the image step `step` learns, clamped into the sequence."""
+    return tl.minimum(tl.maximum(step - 1, 0), n_steps - 1).to(tl.int64)
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def _output_layer_logits_kernel(
     # int64: T * O * F passes 2**31 at ~930 ANML-sized trajectories
     t = tl.program_id(1).to(tl.int64)
     dt = W_ptr.dtype.element_ty
-    f_base = X_ptr + t * x_traj_stride + _image_index(Step_ptr, n_steps).to(tl.int64) * x_step_stride
+    f_base = X_ptr + t * x_traj_stride + _image_index(tl.load(Step_ptr), n_steps) * x_step_stride
     outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     out_mask = outs < n_outputs
     w_base = W_ptr + t * n_outputs * n_features
@@ -120,7 +120,7 @@ def _output_layer_adam_kernel(
     t = tl.program_id(2).to(tl.int64)
     dt = W_ptr.dtype.element_ty
     step = tl.load(Step_ptr)
-    i = _image_index(Step_ptr, n_steps).to(tl.int64)
+    i = _image_index(step, n_steps)
 
     # The row's normaliser, recomputed by every program: O logits from L2 (4 KB at O = 1000) cost
     # far less than a launch, or than a [T] buffer written by a third kernel.

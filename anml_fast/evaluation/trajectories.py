@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..data.tasks import MetaTestSet, as_rgb
 from .. import ops
 from ..models import Network, Params, select
+from ..ops.reference import step_inputs
 
 
 class FeatureBank:
@@ -125,11 +126,10 @@ def run_output_layer(bank: FeatureBank, net: Network, trajs: list[Trajectory], o
         if optimizer == "adam":
             ops.output_layer_adam_step_(W, b, mW, vW, mb, vb, Xseq, Yseq, lr, step)
         else:
-            i = (step.reshape(1) - 1).clamp(0, S - 1)
-            f = Xseq.index_select(1, i).squeeze(1)  # [T, F]
+            f, y = step_inputs(Xseq, Yseq, step)  # [T, F], [T]
             logits = torch.baddbmm(b.unsqueeze(2), W, f.unsqueeze(2)).squeeze(2)  # [T, O]
             d = torch.softmax(logits, 1)
-            d[rows, Yseq.index_select(1, i).squeeze(1)] -= 1  # d(cross-entropy)/d(logits) at batch size 1
+            d[rows, y] -= 1  # d(cross-entropy)/d(logits) at batch size 1
             W.sub_((d.unsqueeze(2) * f.unsqueeze(1)) * lr.view(-1, 1, 1))
             b.sub_(d * lr.view(-1, 1))
         step.add_(1)

@@ -97,6 +97,13 @@ def adam_update_batched_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: t
 
 
 @torch.no_grad()
+def step_inputs(X: torch.Tensor, Y: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X[:, step - 1], Y[:, step - 1]) of sequences X [T, S, F], Y [T, S], with the step read on the
+    device (nothing waits on the host) and its index clamped into 0..S-1, as the Triton op does."""
+    i = (step.reshape(1) - 1).clamp(0, X.shape[1] - 1)
+    return X.index_select(1, i).squeeze(1), Y.index_select(1, i).squeeze(1)
+
+
 def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, vW: torch.Tensor,
                             mb: torch.Tensor, vb: torch.Tensor, X: torch.Tensor, Y: torch.Tensor,
                             lr: torch.Tensor, step: torch.Tensor) -> None:
@@ -107,9 +114,7 @@ def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, 
     f = X[t, step - 1], y = Y[t, step - 1];  logits = W[t] f + b[t];  d = softmax(logits) - onehot(y);
     gW = d f^T, gb = d;  then Adam (betas 0.9, 0.999, eps 1e-8) at learning rate lr[t].
     """
-    i = (step.reshape(1) - 1).clamp(0, X.shape[1] - 1)
-    f = X.index_select(1, i).squeeze(1)
-    y = Y.index_select(1, i).squeeze(1)
+    f, y = step_inputs(X, Y, step)
     logits = torch.baddbmm(b.unsqueeze(2), W, f.unsqueeze(2)).squeeze(2)
     d = torch.softmax(logits, 1)
     d[torch.arange(W.shape[0], device=W.device), y] -= 1  # d(cross-entropy)/d(logits) at batch size 1

@@ -25,6 +25,7 @@ from ..data.cache import OmniglotImages
 from ..data.tasks import INPUT_NORMS, REMEMBER_SIZE, MetaTestSet, MetaTrainSampler
 from ..errors import AnmlFastError
 from ..models import ModelConfig, build, select
+from ..models.config import KINDS
 from ..distributed import Dist
 from .adam import Adam
 from .graphed import GraphedMetaStep
@@ -100,7 +101,7 @@ class MetaTrainConfig:
 
     def __post_init__(self):
         # the run records the scaling it trains with, not "the kind's default"
-        if self.input_norm is None and self.model in ("anml", "oml"):
+        if self.input_norm is None and self.model in KINDS:  # a bad kind is validate()'s to report
             self.input_norm = ModelConfig(kind=self.model).input_norm
 
     @classmethod
@@ -129,7 +130,7 @@ class MetaTrainer:
         names = [s.name for s in self.net.param_specs()]
         self.inner_names = select(names, config.inner_layers or self.net.inner_default)
         # dtype: float64 lets the tests compare implementations without float32's cancellation
-        norm = config.model_config().input_norm
+        norm = self.net.config.input_norm
         self.sampler = MetaTrainSampler(data, self.device, dtype=dtype, input_norm=norm)
         self.test_set = MetaTestSet(data, self.device, dtype=dtype, input_norm=norm) if config.eval_every else None
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
