@@ -1,5 +1,26 @@
-"""What the benchmarks record beside pytest-benchmark's wall times (CUDA only)."""
+"""What the benchmarks record beside pytest-benchmark's wall times (CUDA only), and what the
+benchmark scripts share."""
+import re
+
 import torch
+
+
+def card_slug(card: str) -> str:
+    """A card's name as the results files are named: "NVIDIA H200" -> "nvidia-h200"."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
+
+
+def output_layer_stack(w: torch.Tensor, T: int, S: int, generator: torch.Generator | None = None):
+    """T meta-test output layers started from w [O, F] with zero bias and Adam moments, a random
+    sequence of S images (features X [T, S, F], labels Y [T, S]) and lr 1e-3 each:
+    (state [W, b, mW, vW, mb, vb], X, Y, lr), the arguments of output_layer_adam_step_."""
+    (O, F), dev = w.shape, w.device
+    W = w.expand(T, O, F).clone()
+    b = torch.zeros(T, O, device=dev)
+    state = [W, b, torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)]
+    X = torch.rand(T, S, F, device=dev, generator=generator)
+    Y = torch.randint(O, (T, S), device=dev, generator=generator)
+    return state, X, Y, torch.full((T,), 1e-3, device=dev)
 
 
 def record_kernel_time(benchmark, fn, *args):

@@ -30,13 +30,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from _measure import card_slug, output_layer_stack  # bench/ is on the path of a script run from it
 
 HERE = Path(__file__).resolve().parent
 ROWS = ("step1", "step2", "train", "traj", "protocol", "schedule", "finetune")
@@ -132,13 +133,8 @@ def _per_step_ms(bank, net, T: int, backend: str, steps: int) -> float:
     from anml_fast.evaluation.trajectories import run_steps
 
     w = bank.params[f"{net.output_layer}.weight"]
-    W = w.expand(T, *w.shape).clone()
-    b = torch.zeros(T, w.shape[0], device=w.device)
-    state = [W, b, torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)]
-    S = 256  # later steps reuse the last image (the index is clamped): the same work
-    X = torch.rand(T, S, w.shape[1], device=w.device)
-    Y = torch.randint(w.shape[0], (T, S), device=w.device)
-    lr = torch.full((T,), 1e-3, device=w.device)
+    # 256 images: later steps reuse the last one (the index is clamped), the same work
+    state, X, Y, lr = output_layer_stack(w, T, 256)
     fn = ops.choose("output_layer_adam_step_", w.device, backend)
     step = torch.ones((), dtype=torch.int64, device=w.device)
 
@@ -283,7 +279,7 @@ def main() -> int:
 
     data = load_omniglot(args.data, progress=False)
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-smoke-test"
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
+    slug = card_slug(card)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     js = out / f"end-to-end-{slug}.json"

@@ -25,17 +25,11 @@ set -uo pipefail
 CMD=${1:-start}
 W=/tmp/lanes                       # outlives the call that wrote it, not the machine
 OUT=${OUT:-/tmp/lanes-out}
-DATA=${DATA:-.carry/omniglot.safetensors}
 WIDE_LRS=${WIDE_LRS:-0.004,0.003,0.002,0.0015,0.001,0.0006,0.0004,0.0003,0.0002,0.0001,0.00006,0.00003,0.00001}
 IMPROVED=${IMPROVED:---steps 40000 --meta-lr-schedule cosine}
 E2E_ROWS=${E2E_ROWS:-step1,step2,traj,protocol,finetune}
 E2E_ARGS=${E2E_ARGS:---finetune-updates 150}
-# The working tree that travels to the GPU machine is capped at 64 MiB and the package ships two
-# 24 MB models, so the data may travel gzipped (.carry/omniglot.safetensors.gz, 6.7 MB).
-if [ ! -f "$DATA" ] && [ -f "$DATA.gz" ]; then
-  [ -f /tmp/omniglot.safetensors ] || { gunzip -c "$DATA.gz" > /tmp/omniglot.part && mv /tmp/omniglot.part /tmp/omniglot.safetensors; }
-  DATA=/tmp/omniglot.safetensors
-fi
+source "$(dirname "$0")/_carry_data.sh"  # sets DATA (unpacking a gzipped cache)
 TESTS_0=${TESTS_0:-tests/test_gpu_trainer.py tests/test_cli.py tests/test_data.py tests/test_models.py tests/test_compare.py}
 TESTS_1=${TESTS_1:-tests/test_distributed.py tests/test_ops_conv_block.py tests/test_reference_import.py}
 TESTS_2=${TESTS_2:-tests/test_evaluation.py tests/test_gpu_evaluation.py tests/test_ops_gated_head.py tests/test_inner_step.py tests/test_pretrained.py}

@@ -6,13 +6,7 @@
 # Carry a prepared Omniglot cache as .carry/omniglot.safetensors (`anml-fast prepare-data --out`).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-session}
-DATA=${DATA:-.carry/omniglot.safetensors}
-# The working tree that travels to the GPU machine is capped at 64 MiB and the package ships two
-# 24 MB models, so the data may travel gzipped (.carry/omniglot.safetensors.gz, 6.7 MB).
-if [ ! -f "$DATA" ] && [ -f "$DATA.gz" ]; then
-  [ -f /tmp/omniglot.safetensors ] || { gunzip -c "$DATA.gz" > /tmp/omniglot.part && mv /tmp/omniglot.part /tmp/omniglot.safetensors; }
-  DATA=/tmp/omniglot.safetensors
-fi
+source "$(dirname "$0")/_carry_data.sh"  # sets DATA (unpacking a gzipped cache)
 
 mkdir -p "$OUT"
 export ANML_FAST_CACHE=/tmp/anml-cache MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}

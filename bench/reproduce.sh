@@ -26,14 +26,8 @@
 # results, without checkpoints) and the exported model folder(s).
 set -uo pipefail
 OUT=${OUT:-/tmp/reproduce}
-DATA=${DATA:-.carry/omniglot.safetensors}
 RUNS=${RUNS:-anml scratch}
-# The working tree that travels to the GPU machine is capped at 64 MiB and the package ships two
-# 24 MB models, so the data may travel gzipped (.carry/omniglot.safetensors.gz, 6.7 MB).
-if [ ! -f "$DATA" ] && [ -f "$DATA.gz" ]; then
-  [ -f /tmp/omniglot.safetensors ] || { gunzip -c "$DATA.gz" > /tmp/omniglot.part && mv /tmp/omniglot.part /tmp/omniglot.safetensors; }
-  DATA=/tmp/omniglot.safetensors
-fi
+source "$(dirname "$0")/_carry_data.sh"  # sets DATA (unpacking a gzipped cache)
 WIDE_LRS=${WIDE_LRS:-0.004,0.003,0.002,0.0015,0.001,0.0006,0.0004,0.0003,0.0002,0.0001,0.00006,0.00003,0.00001}
 BUDGET_S=${BUDGET_S:-570}
 LOG=$OUT/log.txt

@@ -9,10 +9,11 @@ run, with the card and the date). Needs a CUDA GPU and the compiled extension.
 import argparse
 import datetime
 import importlib
-import re
 import subprocess
 import sys
 from pathlib import Path
+
+from _measure import card_slug  # bench/ is on the path of a script run from it
 
 HERE = Path(__file__).resolve().parent
 FILES = ["bench_conv_block", "bench_gated_head", "bench_multi_tensor", "bench_inner_step"]
@@ -28,7 +29,7 @@ def main() -> int:
         print("run_all.py: error: no CUDA GPU here; the benchmarks time GPU kernels", file=sys.stderr)
         return 2
     card = torch.cuda.get_device_name()
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
+    slug = card_slug(card)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     js = out / f"{slug}.json"

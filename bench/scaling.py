@@ -18,11 +18,12 @@ import argparse
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _measure import card_slug  # bench/ is on the path of a script run from it
 
 HERE = Path(__file__).resolve().parent
 
@@ -98,7 +99,7 @@ def main() -> int:
     for n in counts:
         doc["strong"].append(strong(n, args.data, args.classes, args.device, env, args.eval_extra.split()))
         print(json.dumps(doc["strong"][-1]), flush=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
+    slug = card_slug(card)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"scaling-{slug}.json").write_text(json.dumps(doc, indent=1))

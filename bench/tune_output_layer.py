@@ -17,11 +17,12 @@ import argparse
 import datetime
 import itertools
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
+
+from _measure import card_slug, output_layer_stack  # bench/ is on the path of a script run from it
 
 HERE = Path(__file__).resolve().parent
 O, F = 1000, 2304  # ANML's output layer
@@ -33,15 +34,10 @@ ADAM = [dict(BLOCK_O=o, BLOCK_F=f, num_warps=w, num_stages=1)
 
 
 def _state(T: int, device):
+    """T output layers from one Kaiming-scale start, and 64 images each."""
     g = torch.Generator(device).manual_seed(0)
-    W = torch.randn(T, O, F, device=device, generator=g) * (2 / F) ** 0.5
-    b = torch.zeros(T, O, device=device)
-    state = [W, b, torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)]
-    S = 64
-    X = torch.rand(T, S, F, device=device, generator=g)
-    Y = torch.randint(O, (T, S), device=device, generator=g)
-    lr = torch.full((T,), 1e-3, device=device)
-    return state, X, Y, lr
+    w = torch.randn(O, F, device=device, generator=g) * (2 / F) ** 0.5
+    return output_layer_stack(w, T, 64, g)
 
 
 def _check(K, ref_fn, device) -> str | None:
@@ -128,7 +124,7 @@ def main() -> int:
         cur_s = f"{cur['ms'][T]:.3f} ms" if cur else "n/a"
         print(f"T={T}: best {r['ms'][T]:.3f} ms ({r['tb_per_s'][T]:.2f} TB/s) with logits {r['logits']} "
               f"adam {r['adam']}; shipped tiles {cur_s}")
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
+    slug = card_slug(card)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"tune-output-layer-{slug}.json").write_text(json.dumps(
