@@ -13,13 +13,17 @@ def card_slug(card: str) -> str:
 def output_layer_stack(w: torch.Tensor, T: int, S: int, generator: torch.Generator | None = None):
     """T meta-test output layers started from w [O, F] with zero bias and Adam moments, a random
     sequence of S images (features X [T, S, F], labels Y [T, S]) and lr 1e-3 each:
-    (state [W, b, mW, vW, mb, vb], X, Y, lr), the arguments of output_layer_adam_step_."""
+    (state [W, b, mW, vW, mb, vb, logits], X, Y, lr), the arguments of output_layer_adam_step_
+    (logits primed for step 1)."""
+    from anml_fast.ops.reference import output_layer_logits
+
     (O, F), dev = w.shape, w.device
     W = w.expand(T, O, F).clone()
     b = torch.zeros(T, O, device=dev)
     state = [W, b, torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)]
     X = torch.rand(T, S, F, device=dev, generator=generator)
     Y = torch.randint(O, (T, S), device=dev, generator=generator)
+    state.append(output_layer_logits(W, b, X, torch.ones((), dtype=torch.int64, device=dev)))
     return state, X, Y, torch.full((T,), 1e-3, device=dev)
 
 

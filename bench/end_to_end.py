@@ -265,6 +265,9 @@ def main() -> int:
     ap.add_argument("--step-count", type=int, default=200, help="meta-steps timed per step row [200]")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
     ap.add_argument("--finetune-updates", type=int, default=300, help="updates timed in the finetune row")
+    ap.add_argument("--output-layer-tiles", default=None, metavar="JSON",
+                    help="run the output-layer Adam kernel with the tiles a bench/tune_output_layer.py "
+                         "JSON recommends (its adam_configs) instead of the shipped ones")
     args = ap.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
@@ -277,6 +280,19 @@ def main() -> int:
         return 2
     from anml_fast.data.cache import load_omniglot
 
+    tiles = None
+    if args.output_layer_tiles:
+        from anml_fast.ops import output_layer as ol
+
+        try:
+            tiles = {int(k): v for k, v in json.loads(Path(args.output_layer_tiles).read_text())["adam_configs"].items()}
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--output-layer-tiles {args.output_layer_tiles}: expected a tune_output_layer.py JSON "
+                     f"with adam_configs ({e})")
+        if not tiles:
+            ap.error(f"--output-layer-tiles {args.output_layer_tiles}: its adam_configs is empty")
+        ol._kernels().ADAM_CONFIGS = tiles
+        print(f"output-layer Adam tiles from {args.output_layer_tiles}: {tiles}")
     data = load_omniglot(args.data, progress=False)
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-smoke-test"
     slug = card_slug(card)
@@ -285,6 +301,8 @@ def main() -> int:
     js = out / f"end-to-end-{slug}.json"
     doc = json.loads(js.read_text()) if js.exists() else {"rows": {}}
     doc.update(card=card, torch=torch.__version__, date=str(datetime.date.today()))
+    if tiles is not None:
+        doc["output_layer_tiles"] = {str(k): v for k, v in tiles.items()}
     model = args.model
 
     def save(key, value):

@@ -1,15 +1,16 @@
-"""Sweep the tile shapes of the meta-test output-layer kernels (kernels/output_layer.py) on a GPU.
+"""Sweep the tile shapes of the meta-test output-layer Adam kernel (kernels/output_layer.py) on a GPU.
 
     python3 bench/tune_output_layer.py [--trajectories 140,10,1] [--out bench/results]
 
-The 600-class protocol is memory-bound: a step of T trajectories moves T x 2.3M weights x 28 B
-(logits: read W; Adam: read and write W, mW, vW), and at the shipped tiles it ran at 2.7 TB/s of
-an H200's 4.8 (2026-11-27). This script times every combination of the candidate logits and Adam
-tiles at the protocol's stack sizes (140 search trajectories, 10 final ones, 1 for a single
-trajectory), each step replayed from a CUDA graph of 50 steps as the evaluator runs it, and checks
-each combination once against the twin. It prints the achieved bandwidth per combination and the
-best one per stack size, and writes OUT/tune-output-layer-<card>.json. It changes nothing: copy
-the winners into LOGITS_CONFIG / ADAM_CONFIG by hand, with the measurement in the comment.
+The 600-class protocol is memory-bound: a step of T trajectories moves T x 2.3M weights x 24 B
+(read and write W, mW, vW; the next logits come from the new W in registers). This script times
+every candidate tile of the Adam kernel at the protocol's stack sizes (140 search trajectories,
+10 final ones, 1 for a single trajectory), each step replayed from a CUDA graph of 50 steps as the
+evaluator runs it, and checks each candidate once against the twin. It prints the achieved
+bandwidth per candidate and the best per stack size, and writes OUT/tune-output-layer-<card>.json,
+whose "adam_configs" (the winners, keyed like the kernel's ADAM_CONFIGS) `bench/end_to_end.py
+--output-layer-tiles` can load. It changes no source: copy the winners into ADAM_CONFIGS by hand,
+with the measurement in the comment.
 """
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ from _measure import card_slug, output_layer_stack  # bench/ is on the path of a
 
 HERE = Path(__file__).resolve().parent
 O, F = 1000, 2304  # ANML's output layer
-LOGITS = [dict(BLOCK_O=o, BLOCK_F=f, num_warps=w, num_stages=1)
-          for o, f, w in [(4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (2, 2048, 4)]]
-ADAM = [dict(BLOCK_O=o, BLOCK_F=f, num_warps=w, num_stages=1)
-        for o, f, w in [(16, 256, 4), (16, 256, 8), (32, 256, 8), (16, 512, 8), (8, 512, 4),
-                        (32, 128, 4), (64, 128, 8)]]
+# (BLOCK_O rows per program, BLOCK_F features per chunk, warps, pipeline stages)
+CANDIDATES = [dict(BLOCK_O=o, BLOCK_F=f, num_warps=w, num_stages=st) for o, f, w, st in [
+    (1, 512, 2, 1), (1, 1024, 4, 1), (2, 512, 4, 1), (2, 1024, 8, 1), (2, 512, 4, 2),
+    (4, 128, 2, 1), (4, 256, 4, 1), (4, 512, 4, 1), (4, 512, 8, 1), (4, 256, 4, 2),
+    (8, 128, 4, 1), (8, 256, 4, 1), (8, 256, 8, 1), (8, 512, 8, 1), (8, 256, 4, 2),
+    (16, 128, 4, 1), (16, 256, 8, 1), (32, 128, 8, 1)]]
 
 
 def _state(T: int, device):
@@ -41,8 +43,8 @@ def _state(T: int, device):
 
 
 def _check(K, ref_fn, device) -> str | None:
-    """None if 3 steps at a small stack (the tiles' masks included) match the twin, tensor by
-    tensor to a relative tolerance (the moments are ~1e-5 and ~1e-11), else what differs."""
+    """None if 3 steps at ANML's size (the tiles' masks included) match the twin, tensor by tensor
+    to a relative tolerance (the moments are ~1e-5 and ~1e-11), else what differs."""
     from anml_fast.ops._compare import first_mismatch
 
     state, X, Y, lr = _state(3, device)
@@ -51,7 +53,7 @@ def _check(K, ref_fn, device) -> str | None:
         step = torch.tensor(s, device=device)
         K.output_layer_adam_step_(*state, X, Y, lr, step)
         ref_fn(*ref, X, Y, lr, step)
-    for name, got, want in zip(("W", "b", "mW", "vW", "mb", "vb"), state, ref):
+    for name, got, want in zip(("W", "b", "mW", "vW", "mb", "vb", "logits"), state, ref):
         scale = want.abs().max().item()  # each tensor against its own size
         bad = first_mismatch([(name, got, want)], device, atol=1e-4 * scale, rtol=1e-4)
         if bad:
@@ -99,37 +101,44 @@ def main() -> int:
 
     K = ol._kernels()
     device = torch.device("cuda")
-    shipped = (dict(K.LOGITS_CONFIG), dict(K.ADAM_CONFIG))
+    shipped = dict(K.ADAM_CONFIGS)
     sizes = [int(t) for t in args.trajectories.split(",")]
+    tier = {T: max(k for k in shipped if k <= T) for T in sizes}  # the ADAM_CONFIGS entry T uses
     rows = []
+
+    def run(cfg, shipped_at=None):
+        K.ADAM_CONFIGS = {k: cfg for k in shipped}
+        row = {"adam": cfg, "mismatch": _check(K, twin, device), "ms": {}, "tb_per_s": {}}
+        for T in sizes if shipped_at is None else [shipped_at]:
+            row["ms"][T] = ms = _time(K, T, device)
+            row["tb_per_s"][T] = T * O * F * 24 / (ms * 1e-3) / 1e12
+        return row
+
     try:
-        for lc, ac in itertools.product(LOGITS, ADAM):
-            K.LOGITS_CONFIG, K.ADAM_CONFIG = lc, ac
-            row = {"logits": lc, "adam": ac, "mismatch": _check(K, twin, device), "ms": {}, "tb_per_s": {}}
-            for T in sizes:
-                ms = _time(K, T, device)
-                row["ms"][T] = ms
-                row["tb_per_s"][T] = T * O * F * 28 / (ms * 1e-3) / 1e12
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for cfg in CANDIDATES:
+            rows.append(run(cfg))
+            print(json.dumps(rows[-1]), flush=True)
+        shipped_ms = {T: run(shipped[tier[T]], T)["ms"][T] for T in sizes}
     finally:
-        K.LOGITS_CONFIG, K.ADAM_CONFIG = shipped
+        K.ADAM_CONFIGS = shipped
     card = torch.cuda.get_device_name()
     correct = [r for r in rows if r["mismatch"] is None]
     if not correct:
-        print("tune_output_layer.py: no combination matched the twin (see each row's mismatch)")
+        print("tune_output_layer.py: no candidate matched the twin (see each row's mismatch)")
+    best = {}
     for T in sizes if correct else []:
         r = min(correct, key=lambda r: r["ms"][T])
-        cur = next((x for x in rows if (x["logits"], x["adam"]) == shipped), None)
-        cur_s = f"{cur['ms'][T]:.3f} ms" if cur else "n/a"
-        print(f"T={T}: best {r['ms'][T]:.3f} ms ({r['tb_per_s'][T]:.2f} TB/s) with logits {r['logits']} "
-              f"adam {r['adam']}; shipped tiles {cur_s}")
-    slug = card_slug(card)
+        best[tier[T]] = r["adam"]
+        print(f"T={T}: best {r['ms'][T]:.3f} ms ({r['tb_per_s'][T]:.2f} TB/s) with {r['adam']}; "
+              f"shipped tiles {shipped_ms[T]:.3f} ms")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"tune-output-layer-{slug}.json").write_text(json.dumps(
+    path = out / f"tune-output-layer-{card_slug(card)}.json"
+    path.write_text(json.dumps(
         {"card": card, "torch": torch.__version__, "date": str(datetime.date.today()), "rows": rows,
-         "shipped": {"logits": shipped[0], "adam": shipped[1]}}, indent=1))
+         "shipped": {str(k): v for k, v in shipped.items()},
+         "shipped_ms": shipped_ms, "adam_configs": {str(k): v for k, v in best.items()}}, indent=1))
+    print(f"wrote {path}")
     return 0
 
 

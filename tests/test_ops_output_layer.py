@@ -20,15 +20,19 @@ pytestmark = pytest.mark.skipif(not ol.available(DEVICE), reason=str(ol.unavaila
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float64: dict(atol=1e-14, rtol=1e-12)}
 # 300 > BLOCK_F: several feature blocks; O = 1: the degenerate single class
 SHAPES = [(3, 37, 50), (2, 19, 300), (1, 1, 7)]
-NAMES = ("W", "b", "mW", "vW", "mb", "vb")
+NAMES = ("W", "b", "mW", "vW", "mb", "vb", "logits")
 
 
-def make_state(T, O, F_, dtype=torch.float32, seed=0):
+def make_state(T, O, F_, dtype=torch.float32, seed=0, X=None):
+    """[W, b, mW, vW, mb, vb] of T fresh layers, and their logits primed for step 1 if X is given."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(T, O, F_, generator=g, dtype=dtype) * (2 / F_) ** 0.5  # Kaiming-normal scale
     b = torch.zeros(T, O, dtype=dtype)
     state = (W, b, torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b))
-    return [t.to(DEVICE) for t in state]
+    state = [t.to(DEVICE) for t in state]
+    if X is not None:
+        state.append(ol.output_layer_logits(state[0], state[1], X, st(1)))
+    return state
 
 
 def make_sequence(T, O, F_, S, dtype=torch.float32, seed=1):
@@ -68,13 +72,16 @@ def test_matches_twin_over_steps(shape, dtype):
     T, O, F_ = shape
     S = 5
     Xseq, Yseq, lr = make_sequence(T, O, F_, S, dtype)
-    fused = make_state(T, O, F_, dtype)
+    fused = make_state(T, O, F_, dtype, X=Xseq)
     ref = [t.clone() for t in fused]
     for s in range(S):
         ol.output_layer_adam_step_(*fused, Xseq, Yseq, lr, st(s + 1))
         ol.output_layer_adam_step_reference_(*ref, Xseq, Yseq, lr, st(s + 1))
         for name, got, want in zip(NAMES, fused, ref):
             assert_close(got, want, **TOL[dtype], what=f"{name} after step {s + 1}")
+    # the carried logits are the next image's under the updated layer
+    want = ol.output_layer_logits(fused[0], fused[1], Xseq, st(S + 1))
+    assert_close(fused[6], want, **TOL[dtype], what="carried logits")
     if O > 1:  # with one class softmax is 1 and d = 0: nothing moves
         assert not torch.equal(fused[0], make_state(T, O, F_, dtype)[0])
 
@@ -87,10 +94,10 @@ def test_twin_matches_host_step_arithmetic(dtype):
     Xseq, Yseq, lr = make_sequence(T, O, F_, S, dtype)
     W, b = make_state(T, O, F_, dtype)[:2]
     want = run_output_layer_steps(W.clone(), b.clone(), Xseq, Yseq, lr)
-    twin = make_state(T, O, F_, dtype)
+    twin = make_state(T, O, F_, dtype, X=Xseq)
     for s in range(S):
         ol.output_layer_adam_step_reference_(*twin, Xseq, Yseq, lr, st(s + 1))
-    for name, got, w in zip(NAMES, twin, want):
+    for name, got, w in zip(NAMES[:6], twin, want):
         if DEVICE.type == "cpu":
             assert torch.equal(got, w), name
         else:
@@ -103,12 +110,12 @@ def test_multi_step_matches_run_output_layer(dtype):
     Xseq, Yseq, lr = make_sequence(T, O, F_, S, dtype, seed=7)
     W, b = make_state(T, O, F_, dtype, seed=3)[:2]
     want = run_output_layer_steps(W.clone(), b.clone(), Xseq, Yseq, lr)
-    fused = make_state(T, O, F_, dtype, seed=3)
+    fused = make_state(T, O, F_, dtype, seed=3, X=Xseq)
     step = st(1)
     for s in range(S):  # one step tensor advanced in place, as run_output_layer does
         ol.output_layer_adam_step_(*fused, Xseq, Yseq, lr, step)
         step.add_(1)
-    for name, got, w in zip(NAMES, fused, want):
+    for name, got, w in zip(NAMES[:6], fused, want):
         assert_close(got, w, **TOL[dtype], what=name)
 
 
@@ -118,7 +125,7 @@ def test_strided_sequences_too():
     X0, Y0, lr = make_sequence(T, O, F_, S)
     X = X0.transpose(0, 1).contiguous().transpose(0, 1)[:, ::2]
     Y = Y0.t().contiguous().t()[:, ::2]
-    fused = make_state(T, O, F_)
+    fused = make_state(T, O, F_, X=X)
     ref = [t.clone() for t in fused]
     for s in range(1, 4):
         ol.output_layer_adam_step_(*fused, X, Y, lr, st(s))
@@ -132,6 +139,7 @@ def test_step_past_the_sequence_reuses_its_last_image():
     T, O, F_, S = 2, 7, 12, 3
     X, Y, lr = make_sequence(T, O, F_, S)
     fused = make_state(T, O, F_)
+    fused.append(ol.output_layer_logits(fused[0], fused[1], X, st(S + 2)))
     ref = [t.clone() for t in fused]
     ol.output_layer_adam_step_(*fused, X, Y, lr, st(S + 2))
     ol.output_layer_adam_step_reference_(*ref, X[:, -1:], Y[:, -1:], lr, st(S + 2))
@@ -142,7 +150,9 @@ def test_step_past_the_sequence_reuses_its_last_image():
 def test_rejects_bad_inputs():
     T, O, F_ = 2, 5, 8
     Xseq, Yseq, lr = make_sequence(T, O, F_, 2)
-    state = make_state(T, O, F_)
+    state = make_state(T, O, F_, X=Xseq)
+    with pytest.raises(ValueError, match="logits must be"):
+        ol.output_layer_adam_step_(*state[:6], state[6][:, :2], Xseq, Yseq, lr, st(1))
     with pytest.raises(TypeError, match="step must be a one-element int64 tensor"):
         ol.output_layer_adam_step_(*state, Xseq, Yseq, lr, 1)
     with pytest.raises(TypeError, match="step must be a one-element int64 tensor"):
@@ -177,7 +187,7 @@ OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 def test_opcheck():
     T, O, F_ = 3, 37, 50
     Xseq, Yseq, lr = make_sequence(T, O, F_, 1)
-    state = make_state(T, O, F_)
+    state = make_state(T, O, F_, X=Xseq)
     torch.library.opcheck(torch.ops.anml_fast.output_layer_adam_step_.default,
                           (*state, Xseq, Yseq, lr, st(1)), test_utils=OPCHECK_UTILS)
 
@@ -187,7 +197,7 @@ def test_opcheck():
 def test_anml_size_on_gpu(T):
     O, F_, S = 1000, 2304, 10
     Xseq, Yseq, lr = make_sequence(T, O, F_, S)
-    fused = make_state(T, O, F_)
+    fused = make_state(T, O, F_, X=Xseq)
     ref = [t.clone() for t in fused]
     for s in range(S):
         ol.output_layer_adam_step_(*fused, Xseq, Yseq, lr, st(s + 1))
@@ -200,7 +210,7 @@ def test_anml_size_on_gpu(T):
 def test_compiles_fullgraph_on_gpu():
     T, O, F_ = 2, 1000, 2304
     Xseq, Yseq, lr = make_sequence(T, O, F_, 2)
-    fused = make_state(T, O, F_)
+    fused = make_state(T, O, F_, X=Xseq)
     ref = [t.clone() for t in fused]
     step = torch.compile(ol.output_layer_adam_step_, fullgraph=True)
     for s in range(2):
@@ -223,7 +233,7 @@ def test_graph_replayed_trajectory_equals_eager_steps(backend):
 
     T, O, F_, S = 3, 1000, 2304, 250
     Xseq, Yseq, lr = make_sequence(T, O, F_, S)
-    graphed = make_state(T, O, F_)
+    graphed = make_state(T, O, F_, X=Xseq)
     eager = [t.clone() for t in graphed]
     step = st(1)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..data.tasks import MetaTestSet, as_rgb
 from .. import ops
 from ..models import Network, Params, select
-from ..ops.reference import step_inputs
+from ..ops.reference import output_layer_logits, step_inputs
 
 
 class FeatureBank:
@@ -116,19 +116,20 @@ def run_output_layer(bank: FeatureBank, net: Network, trajs: list[Trajectory], o
     Xseq = torch.gather(Xtr, 1, order[..., None].expand_as(Xtr))
     Yseq = torch.gather(Ytr, 1, order)
     lr = torch.tensor([tr.lr for tr in trajs], device=dev, dtype=W.dtype)
+    step = torch.ones((), dtype=torch.int64, device=dev)  # on the device: see run_steps
     if optimizer == "adam":
         mW, vW, mb, vb = (torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b))
+        logits = output_layer_logits(W, b, Xseq, step)  # carried from step to step by the op
     rows = torch.arange(T, device=dev)
     S = Xseq.shape[1]
-    step = torch.ones((), dtype=torch.int64, device=dev)  # on the device: see run_steps
 
     def one_step():
         if optimizer == "adam":
-            ops.output_layer_adam_step_(W, b, mW, vW, mb, vb, Xseq, Yseq, lr, step)
+            ops.output_layer_adam_step_(W, b, mW, vW, mb, vb, logits, Xseq, Yseq, lr, step)
         else:
             f, y = step_inputs(Xseq, Yseq, step)  # [T, F], [T]
-            logits = torch.baddbmm(b.unsqueeze(2), W, f.unsqueeze(2)).squeeze(2)  # [T, O]
-            d = torch.softmax(logits, 1)
+            z = torch.baddbmm(b.unsqueeze(2), W, f.unsqueeze(2)).squeeze(2)  # logits [T, O]
+            d = torch.softmax(z, 1)
             d[rows, y] -= 1  # d(cross-entropy)/d(logits) at batch size 1
             W.sub_((d.unsqueeze(2) * f.unsqueeze(1)) * lr.view(-1, 1, 1))
             b.sub_(d * lr.view(-1, 1))

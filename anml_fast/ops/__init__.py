@@ -140,9 +140,9 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, step: int, lr: float, bet
                                                           step, lr, beta1, beta2, eps)
 
 
-def output_layer_adam_step_(W, b, mW, vW, mb, vb, X, Y, lr, step: torch.Tensor, *,
+def output_layer_adam_step_(W, b, mW, vW, mb, vb, logits, X, Y, lr, step: torch.Tensor, *,
                             backend: str | None = None) -> None:
-    choose("output_layer_adam_step_", W.device, backend)(W, b, mW, vW, mb, vb, X, Y, lr, step)
+    choose("output_layer_adam_step_", W.device, backend)(W, b, mW, vW, mb, vb, logits, X, Y, lr, step)
 
 
 def available() -> dict:

@@ -100,24 +100,39 @@ def adam_update_batched_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: t
 def step_inputs(X: torch.Tensor, Y: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(X[:, step - 1], Y[:, step - 1]) of sequences X [T, S, F], Y [T, S], with the step read on the
     device (nothing waits on the host) and its index clamped into 0..S-1, as the Triton op does."""
-    i = (step.reshape(1) - 1).clamp(0, X.shape[1] - 1)
+    i = _image_index(step, X.shape[1])
     return X.index_select(1, i).squeeze(1), Y.index_select(1, i).squeeze(1)
 
 
+def _image_index(step: torch.Tensor, n_steps: int) -> torch.Tensor:
+    return (step.reshape(1) - 1).clamp(0, n_steps - 1)
+
+
+@torch.no_grad()
+def output_layer_logits(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """logits [T, O] = W[t] X[t, step - 1] + b[t] (index clamped as in step_inputs): what
+    output_layer_adam_step_'s `logits` must hold before step `step`; call it once before step 1."""
+    f = X.index_select(1, _image_index(step, X.shape[1])).squeeze(1)
+    return torch.baddbmm(b.unsqueeze(2), W, f.unsqueeze(2)).squeeze(2)
+
+
+@torch.no_grad()
 def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, vW: torch.Tensor,
-                            mb: torch.Tensor, vb: torch.Tensor, X: torch.Tensor, Y: torch.Tensor,
-                            lr: torch.Tensor, step: torch.Tensor) -> None:
+                            mb: torch.Tensor, vb: torch.Tensor, logits: torch.Tensor, X: torch.Tensor,
+                            Y: torch.Tensor, lr: torch.Tensor, step: torch.Tensor) -> None:
     """Adam step `step` of T independent output layers (W [T, O, F], b [T, O]), in place.
 
     `step` is a one-element int64 tensor on the device; the step learns image step - 1 of each
     trajectory's sequence (X [T, S, F], Y [T, S]; the index is clamped into 0..S-1):
     f = X[t, step - 1], y = Y[t, step - 1];  logits = W[t] f + b[t];  d = softmax(logits) - onehot(y);
     gW = d f^T, gb = d;  then Adam (betas 0.9, 0.999, eps 1e-8) at learning rate lr[t].
+    `logits` [T, O] holds those logits on entry (prime it with output_layer_logits before step 1)
+    and the next step's, from the updated W and b, on exit: one GEMV per step, as the fused op.
     """
     f, y = step_inputs(X, Y, step)
-    logits = torch.baddbmm(b.unsqueeze(2), W, f.unsqueeze(2)).squeeze(2)
     d = torch.softmax(logits, 1)
     d[torch.arange(W.shape[0], device=W.device), y] -= 1  # d(cross-entropy)/d(logits) at batch size 1
     gW = d.unsqueeze(2) * f.unsqueeze(1)
     adam_update_batched_(W, gW, mW, vW, step, lr)
     adam_update_batched_(b, d, mb, vb, step, lr)
+    logits.copy_(output_layer_logits(W, b, X, step + 1))
