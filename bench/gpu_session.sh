@@ -1,30 +1,54 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (the device tool) that checks and measures everything GPU-side:
-#   build the extension there, run the whole test suite (GPU tests included), run every kernel
-#   benchmark (bench/run_all.py), chosen end-to-end rows (E2E_ROWS=step1,traj,...: bench/end_to_end.py)
-#   and the demo on the fused ops. Logs and tables go to $OUT. BENCH=0 skips the kernel benchmarks.
-# Carry a prepared Omniglot cache as .carry/omniglot.safetensors (`anml-fast prepare-data --out`).
+# One GPU machine's check of everything GPU-side (the device tool's single-GPU kinds):
+#   build the extension there, time chosen end-to-end rows first, alone on the card
+#   (E2E_ROWS=traj,protocol,...: bench/end_to_end.py, merged into bench/results/end-to-end-<card>.json),
+#   then with BENCH=1 every kernel benchmark (bench/run_all.py), then the whole test suite, GPU
+#   tests included, in TEST_GROUPS parallel pytest processes over the test files (the real-data
+#   tests run too when the PNGs travel as .carry/omniglot-png.tar.gz), then with DEMO=1 the demo.
+# Logs and tables go to $OUT (default /tmp/gpu-session). It can run detached across device calls:
+#   setsid nohup bash bench/gpu_session.sh > /tmp/gpu-session.log 2>&1 &   (then poll for DONE)
+# Carry a prepared Omniglot cache as .carry/omniglot.safetensors (`anml-fast prepare-data --out`),
+# or gzipped (see _carry_data.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-session}
 source "$(dirname "$0")/_carry_data.sh"  # sets DATA (unpacking a gzipped cache)
 
 mkdir -p "$OUT"
+rm -f "$OUT/DONE"
 export ANML_FAST_CACHE=/tmp/anml-cache MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 start=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "built in $(( $(date +%s) - start )) s"
 python3 -c "import json, anml_fast.ops as o; print(json.dumps(o.available(), indent=1))" | tee "$OUT/available.json"
-timeout ${TEST_S:-330} python3 -m pytest -q -p no:cacheprovider --durations=15 -rfE tests ${TESTARGS:-} > "$OUT/tests.log" 2>&1
-echo "tests exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30; tail -25 "$OUT/tests.log"
-if [ "${BENCH:-1}" = 1 ]; then
+if [ -n "${E2E_ROWS:-}" ]; then
+  timeout ${E2E_S:-300} python3 bench/end_to_end.py --data "$DATA" --rows "$E2E_ROWS" --model pretrained:anml \
+    --out bench/results --eval-out /tmp/eval-e2e ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1
+  echo "end_to_end exit $?"; tail -30 "$OUT/e2e.log"
+  cp bench/results/end-to-end-*.json bench/results/end-to-end-*.md "$OUT"/ 2>/dev/null
+fi
+if [ "${BENCH:-0}" = 1 ]; then
   timeout ${BENCH_S:-200} python3 bench/run_all.py --out "$OUT" > "$OUT/bench.log" 2>&1; echo "bench exit $?"; tail -60 "$OUT/bench.log"
 fi
-if [ -n "${E2E_ROWS:-}" ]; then
-  timeout ${E2E_S:-240} python3 bench/end_to_end.py --data "$DATA" --rows "$E2E_ROWS" \
-    --out "$OUT" ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1; echo "end_to_end exit $?"; tail -30 "$OUT/e2e.log"
+if [ -f .carry/omniglot-png.tar.gz ] && [ ! -d /tmp/omniglot/omniglot-py ]; then
+  mkdir -p /tmp/omniglot && tar xzf .carry/omniglot-png.tar.gz -C /tmp/omniglot
 fi
+[ -d /tmp/omniglot/omniglot-py ] && export ANML_FAST_DATA=/tmp/omniglot
+# every test file, dealt round-robin into the groups
+groups=${TEST_GROUPS:-3}
+mapfile -t files < <(ls tests/test_*.py)
+for g in $(seq 0 $(( groups - 1 ))); do
+  mine=()
+  for i in "${!files[@]}"; do [ $(( i % groups )) = "$g" ] && mine+=("${files[$i]}"); done
+  OMP_NUM_THREADS=$(( $(nproc) / groups > 0 ? $(nproc) / groups : 1 )) timeout ${TEST_S:-540} \
+    python3 -m pytest -q -p no:cacheprovider --durations=8 -rfE "${mine[@]}" ${TESTARGS:-} > "$OUT/tests-$g.log" 2>&1 &
+done
+wait
+for g in $(seq 0 $(( groups - 1 ))); do
+  echo "--- tests group $g"; grep -E "^(FAILED|ERROR)" "$OUT/tests-$g.log" | head -20; tail -3 "$OUT/tests-$g.log"
+done
 if [ "${DEMO:-0}" = 1 ]; then
   anml-fast demo --data "$DATA" --out /tmp/demo --quiet > "$OUT/demo.log" 2>&1
   tail -15 "$OUT/demo.log"
 fi
+touch "$OUT/DONE"

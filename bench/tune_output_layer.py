@@ -126,7 +126,8 @@ def main() -> int:
     if not correct:
         print("tune_output_layer.py: no candidate matched the twin (see each row's mismatch)")
     best = {}
-    for T in sizes if correct else []:
+    # sizes that share an ADAM_CONFIGS entry: the largest, the protocol's bulk, decides
+    for T in sorted(sizes) if correct else []:
         r = min(correct, key=lambda r: r["ms"][T])
         best[tier[T]] = r["adam"]
         print(f"T={T}: best {r['ms'][T]:.3f} ms ({r['tb_per_s'][T]:.2f} TB/s) with {r['adam']}; "

@@ -188,14 +188,15 @@ def _output_layer_adam_kernel(
 
 # Adam kernel tiles by stack size: {smallest T: config}; a launch of T trajectories takes the
 # entry with the largest key <= T. Each program owns BLOCK_O whole rows (F = 2304 in BLOCK_F
-# chunks), so the grid is O / BLOCK_O programs per trajectory: small stacks need thin programs to
-# fill the GPU's 132 SMs (T = 1 at BLOCK_O = 2: 500 programs), large ones can take wide ones.
-# Per-element work is ~20 flops on 24 bytes: memory-bound at any tile that keeps enough loads in
-# flight. Not yet tuned on a GPU (bench/tune_output_layer.py sweeps them).
+# chunks), so the grid is O / BLOCK_O programs per trajectory. Per element the work is ~20 flops
+# on 24 bytes: memory-bound. Thin programs win at every stack size: bench/tune_output_layer.py
+# on an H200 (2026-11-27, 18 candidates, graph-replayed) put 2 rows x 1024 features at 8 warps
+# first at T = 140 (1.88 ms a step, 4.11 TB/s; 8 x 256 at 4 warps: 2.46 ms) and T = 10
+# (0.145 ms, 3.80 TB/s), and 2 x 512 at 4 warps, 2 stages first at T = 1 (13.4 us, 4.12 TB/s),
+# 0.7% ahead of the former. 500 programs per trajectory fill the 132 SMs even at T = 1.
 ADAM_CONFIGS = {
-    1: dict(BLOCK_O=2, BLOCK_F=512, num_warps=4, num_stages=1),
-    4: dict(BLOCK_O=4, BLOCK_F=256, num_warps=4, num_stages=1),
-    48: dict(BLOCK_O=8, BLOCK_F=256, num_warps=4, num_stages=1),
+    1: dict(BLOCK_O=2, BLOCK_F=512, num_warps=4, num_stages=2),
+    4: dict(BLOCK_O=2, BLOCK_F=1024, num_warps=8, num_stages=1),
 }
 
 
