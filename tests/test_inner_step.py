@@ -7,8 +7,14 @@ from anml_fast.models import build
 from anml_fast.training.inner_step import PLN_NAMES, pln_sgd_step_autograd, pln_sgd_step_fused
 from conftest import TINY, assert_close
 
-pytestmark = pytest.mark.skipif(not all(v is True for v in ops.available().values()),
-                                reason=f"compiled ops unavailable here: {ops.available()}")
+# These compare compiled ops and twins on CPU tensors, which needs the Triton kernels under the
+# interpreter (conftest turns it on where there is no GPU, as in CI). On a CUDA machine Triton
+# runs on the GPU only, so they skip there; test_gpu_trainer and test_gpu_evaluation make the
+# same comparisons on the GPU at full size.
+pytestmark = pytest.mark.skipif(
+    not all(v is True for v in ops.available().values()),
+    reason="compares compiled ops and twins on CPU tensors (Triton's interpreter, on where no GPU "
+           f"is); not all ops run here: {ops.available()}")
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-3)])
