@@ -44,7 +44,9 @@ def write_plot(path: Path, all_results: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    # one legend entry per system (its colour) and one per line style: with seven systems, an
+    # entry per curve buried the curves; the legend sits beside the axes for the same reason
+    fig, ax = plt.subplots(figsize=(8.4, 4.4), dpi=120)
     for i, r in enumerate(all_results):
         ns = sorted(int(n) for n in r["class_counts"])
         if not ns:
@@ -53,14 +55,17 @@ def write_plot(path: Path, all_results: list[dict]) -> None:
         for split, style in (("test", "-"), ("train", "--")):
             mean = [r["class_counts"][str(n)]["final"][f"{split}_mean"] for n in ns]
             std = [r["class_counts"][str(n)]["final"][f"{split}_std"] for n in ns]
-            ax.plot(ns, mean, style, marker="o", ms=3, color=color, label=f"{r['system']} ({split})")
+            ax.plot(ns, mean, style, marker="o", ms=3, color=color,
+                    label=r["system"] if split == "test" else None)
             ax.fill_between(ns, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=color, alpha=0.15, lw=0)
     ax.set_xlabel("classes learned sequentially")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.plot([], [], "-", color="black", label="meta-test test")
+    ax.plot([], [], "--", color="black", label="meta-test train")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     ax.set_title("Omniglot continual learning (meta-test)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
