@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..data.tasks import MetaTestSet, as_rgb
 from .. import ops
 from ..models import Network, Params, select
-from ..ops.reference import output_layer_logits, step_inputs
+from ..ops.reference import step_inputs
 
 
 class FeatureBank:
@@ -119,7 +119,7 @@ def run_output_layer(bank: FeatureBank, net: Network, trajs: list[Trajectory], o
     step = torch.ones((), dtype=torch.int64, device=dev)  # on the device: see run_steps
     if optimizer == "adam":
         mW, vW, mb, vb = (torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b))
-        logits = output_layer_logits(W, b, Xseq, step)  # carried from step to step by the op
+        logits = ops.output_layer_logits(W, b, Xseq, step)  # carried from step to step by the op
     rows = torch.arange(T, device=dev)
     S = Xseq.shape[1]
 

@@ -8,7 +8,9 @@ signature (the twin is the fallback and the tests' reference):
   gated_head, gated_head_cross_entropy   Triton: gate, linear layer and cross-entropy fused
   gated_head_ce_sgd_                     Triton: the head's batch-1 SGD step, dW never written
   sgd_update, adam_update_               C++/CUDA extension: one launch over all tensors
-  output_layer_adam_step_                Triton: T meta-test output layers' Adam step, gW never written
+  output_layer_adam_step_                Triton: T meta-test output layers' Adam step, gW never written,
+                                         W read once (the next step's logits carried in `logits`,
+                                         primed once by output_layer_logits, plain PyTorch)
 
 Which one runs, per call (`backend=`), for a block (`with use_backend(...)`), or for the process
 (`set_backend`):
@@ -140,6 +142,12 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, step: int, lr: float, bet
                                                           step, lr, beta1, beta2, eps)
 
 
+def output_layer_logits(W, b, X, step: torch.Tensor) -> torch.Tensor:
+    """The `logits` state output_layer_adam_step_ expects before step `step` (one GEMV; call it once,
+    before step 1): W[t] X[t, step - 1] + b[t]. The same for every backend."""
+    return reference.output_layer_logits(W, b, X, step)
+
+
 def output_layer_adam_step_(W, b, mW, vW, mb, vb, logits, X, Y, lr, step: torch.Tensor, *,
                             backend: str | None = None) -> None:
     choose("output_layer_adam_step_", W.device, backend)(W, b, mW, vW, mb, vb, logits, X, Y, lr, step)
@@ -158,4 +166,4 @@ def available() -> dict:
 
 __all__ = ["BACKENDS", "available", "choose", "get_backend", "set_backend", "use_backend", "reference",
            "conv_block", "gated_head", "gated_head_cross_entropy", "gated_head_ce_sgd_",
-           "sgd_update", "adam_update_", "output_layer_adam_step_"]
+           "sgd_update", "adam_update_", "output_layer_logits", "output_layer_adam_step_"]
