@@ -97,8 +97,19 @@ def row_steps(data, second_order: bool, steps: int) -> dict:
     fast = meta_step_ms(data, "auto", second_order, True, steps)
     eager = meta_step_ms(data, "auto", second_order, False, max(steps // 4, 5))
     base = meta_step_ms(data, "torch", second_order, True, steps)
-    return {"fast": fast[0], "fast_peak_mb": fast[1], "baseline": base[0], "baseline_peak_mb": base[1],
-            "unit": "ms", "fast_eager_no_graph": eager[0], "steps_timed": steps}
+    row = {"fast": fast[0], "fast_peak_mb": fast[1], "baseline": base[0], "baseline_peak_mb": base[1],
+           "unit": "ms", "fast_eager_no_graph": eager[0], "steps_timed": steps}
+    if DEVICE == "cuda":
+        # Not the default: cuDNN's heuristics pick the batch-1 convolutions' algorithms, and the
+        # convolution backward is most of the inner step. Recorded beside the row (benchmarking
+        # runs in the warm-up before the graph capture) to show what letting cuDNN time its
+        # algorithms would give; it may also pick non-deterministic ones.
+        torch.backends.cudnn.benchmark = True
+        try:
+            row["fast_cudnn_benchmark"] = meta_step_ms(data, "auto", second_order, True, steps)[0]
+        finally:
+            torch.backends.cudnn.benchmark = False
+    return row
 
 
 def row_train(data, steps: int, out: Path) -> dict:
