@@ -104,11 +104,11 @@ def row_steps(data, second_order: bool, steps: int) -> dict:
         # convolution backward is most of the inner step. Recorded beside the row (benchmarking
         # runs in the warm-up before the graph capture) to show what letting cuDNN time its
         # algorithms would give; it may also pick non-deterministic ones.
-        torch.backends.cudnn.benchmark = True
+        before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
         try:
             row["fast_cudnn_benchmark"] = meta_step_ms(data, "auto", second_order, True, steps)[0]
         finally:
-            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.benchmark = before
     return row
 
 
@@ -312,11 +312,16 @@ def main() -> int:
     js = out / f"end-to-end-{slug}.json"
     doc = json.loads(js.read_text()) if js.exists() else {"rows": {}}
     doc.update(card=card, torch=torch.__version__, date=str(datetime.date.today()))
+    # the tiles of this run, if not the shipped ones (a merged file keeps rows of earlier runs: the
+    # key describes the last run only, so the rows it wrote carry it too)
+    doc.pop("output_layer_tiles", None)
     if tiles is not None:
         doc["output_layer_tiles"] = {str(k): v for k, v in tiles.items()}
     model = args.model
 
     def save(key, value):
+        if tiles is not None and key in ("traj", "protocol", "schedule"):
+            value["output_layer_tiles"] = doc["output_layer_tiles"]
         doc["rows"][key] = value
         print(f"{key}: {json.dumps(value)}", flush=True)
         js.write_text(json.dumps(doc, indent=1))

@@ -29,7 +29,8 @@ W=/tmp/lanes                       # outlives the call that wrote it, not the ma
 OUT=${OUT:-/tmp/lanes-out}
 WIDE_LRS=${WIDE_LRS:-0.004,0.003,0.002,0.0015,0.001,0.0006,0.0004,0.0003,0.0002,0.0001,0.00006,0.00003,0.00001}
 IMPROVED=${IMPROVED:---steps 40000 --meta-lr-schedule cosine}
-LABEL=${LABEL:-anml-improved}
+# LABEL names the improved runs; `start` records it so that `collect` (a later call) finds them
+LABEL=${LABEL:-$(cat /tmp/lanes/label 2>/dev/null || echo anml-improved)}
 export LABEL IMPROVED
 E2E_ROWS=${E2E_ROWS:-traj,protocol,schedule}
 E2E_ARGS=${E2E_ARGS:-}
@@ -61,7 +62,7 @@ lane() {  # lane N: the lane's commands, on GPU N
     local tiles=()
     for f in "$W"/bench/tune-output-layer-*.json; do [ -f "$f" ] && tiles=(--output-layer-tiles "$f"); done
     step "$log" end-to-end 600 python3 bench/end_to_end.py --data "$DATA" --rows "$E2E_ROWS" \
-      --model pretrained:anml --out "$W/bench" --eval-out $R/eval-anml-seed9-e2e "${tiles[@]}" $E2E_ARGS
+      --model pretrained:anml --out "$W/bench" --eval-out $R/eval-anml-seed9-e2e ${tiles[@]+"${tiles[@]}"} $E2E_ARGS
     step "$log" train-oml 480 anml-fast meta-train --model oml --inner-lr 0.03 --meta-lr 0.0001 --data "$DATA" \
       --out $R/oml-seed9 --quiet
     step "$log" eval-oml 360 anml-fast evaluate $R/oml-seed9 --data "$DATA" --out $R/eval-oml-seed9 --quiet
@@ -99,6 +100,7 @@ report() {
 case $CMD in
   start)
     t0=$(date +%s)
+    echo "$LABEL" > "$W/label"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$W/cards.txt"
     python3 -m pip install --no-build-isolation --no-deps -e . > "$W/build.log" 2>&1 || { tail -40 "$W/build.log"; exit 1; }
     echo "built after $(( $(date +%s) - t0 )) s"

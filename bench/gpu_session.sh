@@ -35,8 +35,10 @@ if [ -f .carry/omniglot-png.tar.gz ] && [ ! -d /tmp/omniglot/omniglot-py ]; then
 fi
 [ -d /tmp/omniglot/omniglot-py ] && export ANML_FAST_DATA=/tmp/omniglot
 # every test file, dealt round-robin into the groups
-groups=${TEST_GROUPS:-3}
 mapfile -t files < <(ls tests/test_*.py)
+groups=${TEST_GROUPS:-3}
+[ "$groups" -ge 1 ] 2>/dev/null || groups=1
+[ "$groups" -le "${#files[@]}" ] || groups=${#files[@]}  # an empty group would run the whole suite
 for g in $(seq 0 $(( groups - 1 ))); do
   mine=()
   for i in "${!files[@]}"; do [ $(( i % groups )) = "$g" ] && mine+=("${files[$i]}"); done

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -103,7 +102,7 @@ def main() -> int:
     device = torch.device("cuda")
     shipped = dict(K.ADAM_CONFIGS)
     sizes = [int(t) for t in args.trajectories.split(",")]
-    tier = {T: max(k for k in shipped if k <= T) for T in sizes}  # the ADAM_CONFIGS entry T uses
+    tier = {T: max(k for k in shipped if k <= max(T, min(shipped))) for T in sizes}  # as adam_config picks
     rows = []
 
     def run(cfg, shipped_at=None):

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(not ol.available(DEVICE), reason=str(ol.unavaila
 # interpreter over 12 steps, max |diff| on any state tensor: 9e-8 (float32), 2.2e-16 (float64);
 # the bounds leave ~10x (~50x for float64, whose sums reorder against baddbmm's blocking).
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float64: dict(atol=1e-14, rtol=1e-12)}
-# 300 > BLOCK_F: several feature blocks; O = 1: the degenerate single class
+# O = 1: the degenerate single class. The shipped tiles take whole rows of up to 1024 features in
+# one chunk; test_small_tiles_carry_sums_across_feature_chunks runs the chunk loop.
 SHAPES = [(3, 37, 50), (2, 19, 300), (1, 1, 7)]
 NAMES = ("W", "b", "mW", "vW", "mb", "vb", "logits")
 
@@ -84,6 +85,25 @@ def test_matches_twin_over_steps(shape, dtype):
     assert_close(fused[6], want, **TOL[dtype], what="carried logits")
     if O > 1:  # with one class softmax is 1 and d = 0: nothing moves
         assert not torch.equal(fused[0], make_state(T, O, F_, dtype)[0])
+
+
+@pytest.mark.parametrize("tiles", [dict(BLOCK_O=1, BLOCK_F=16, num_warps=1, num_stages=1),
+                                   dict(BLOCK_O=2, BLOCK_F=64, num_warps=2, num_stages=2),
+                                   dict(BLOCK_O=4, BLOCK_F=32, num_warps=2, num_stages=1)],
+                         ids=["1x16", "2x64", "4x32"])
+def test_small_tiles_carry_sums_across_feature_chunks(tiles, monkeypatch):
+    """Tiles narrower than the feature axis (300 = several chunks and a ragged tail) and row blocks
+    that do not divide O: the next logits' running sum and every mask against the twin."""
+    monkeypatch.setattr(ol._kernels(), "ADAM_CONFIGS", {1: tiles})
+    T, O, F_, S = 2, 19, 300, 4
+    Xseq, Yseq, lr = make_sequence(T, O, F_, S)
+    fused = make_state(T, O, F_, X=Xseq)
+    ref = [t.clone() for t in fused]
+    for s in range(S):
+        ol.output_layer_adam_step_(*fused, Xseq, Yseq, lr, st(s + 1))
+        ol.output_layer_adam_step_reference_(*ref, Xseq, Yseq, lr, st(s + 1))
+    for name, got, want in zip(NAMES, fused, ref):
+        assert_close(got, want, **TOL[torch.float32], what=f"{name} with tiles {tiles}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -146,8 +146,8 @@ def run_steps(step_fn: Callable[[], None], n: int, device: torch.device,
     """Call `step_fn()` n times, reporting progress every `chunk` calls to `on_steps(calls)`.
 
     On CUDA the calls after the first are replayed from a CUDA graph of `chunk` calls. A meta-test
-    step is two short kernels (~30 us of GPU work for one 600-class trajectory) that Python takes
-    ~240 us to launch, so launching them one by one bounds a single trajectory. `step_fn` must keep
+    step is two short kernels (~14 us of GPU work for one 600-class trajectory on an H200) that
+    Python takes far longer to launch, so launching them one by one would bound a single trajectory. `step_fn` must keep
     all its state on the device, the step counter included, so that every replay moves on.
     """
     report = on_steps or (lambda k: None)
