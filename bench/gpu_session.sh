@@ -2,7 +2,8 @@
 # One GPU machine's check of everything GPU-side (the device tool's single-GPU kinds):
 #   build the extension there, time chosen end-to-end rows first, alone on the card
 #   (E2E_ROWS=traj,protocol,...: bench/end_to_end.py, merged into bench/results/end-to-end-<card>.json),
-#   then with BENCH=1 every kernel benchmark (bench/run_all.py), then the whole test suite, GPU
+#   then with PROFILE=1 the meta-steps' kernel profile (bench/profile_meta_step.py), with BENCH=1
+#   every kernel benchmark (bench/run_all.py), then the whole test suite, GPU
 #   tests included, in TEST_GROUPS parallel pytest processes over the test files (the real-data
 #   tests run too when the PNGs travel as .carry/omniglot-png.tar.gz), then with DEMO=1 the demo.
 # Logs and tables go to $OUT (default /tmp/gpu-session). It can run detached across device calls:
@@ -26,6 +27,13 @@ if [ -n "${E2E_ROWS:-}" ]; then
     --out bench/results --eval-out /tmp/eval-e2e ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1
   echo "end_to_end exit $?"; tail -30 "$OUT/e2e.log"
   cp bench/results/end-to-end-*.json bench/results/end-to-end-*.md "$OUT"/ 2>/dev/null
+fi
+if [ "${PROFILE:-0}" = 1 ]; then  # where the meta-steps' time goes (bench/profile_meta_step.py)
+  for order in "" --second-order; do
+    timeout ${PROFILE_S:-180} python3 bench/profile_meta_step.py --data "$DATA" $order --out "$OUT" \
+      > "$OUT/profile${order:+-second}.log" 2>&1
+    echo "profile_meta_step $order exit $?"; head -40 "$OUT/profile${order:+-second}.log"
+  done
 fi
 if [ "${BENCH:-0}" = 1 ]; then
   timeout ${BENCH_S:-200} python3 bench/run_all.py --out "$OUT" > "$OUT/bench.log" 2>&1; echo "bench exit $?"; tail -60 "$OUT/bench.log"
