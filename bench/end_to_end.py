@@ -312,16 +312,12 @@ def main() -> int:
     js = out / f"end-to-end-{slug}.json"
     doc = json.loads(js.read_text()) if js.exists() else {"rows": {}}
     doc.update(card=card, torch=torch.__version__, date=str(datetime.date.today()))
-    # the tiles of this run, if not the shipped ones (a merged file keeps rows of earlier runs: the
-    # key describes the last run only, so the rows it wrote carry it too)
-    doc.pop("output_layer_tiles", None)
-    if tiles is not None:
-        doc["output_layer_tiles"] = {str(k): v for k, v in tiles.items()}
+    doc.pop("output_layer_tiles", None)  # once file-wide; the rows now say which tiles they ran with
     model = args.model
 
     def save(key, value):
-        if tiles is not None and key in ("traj", "protocol", "schedule"):
-            value["output_layer_tiles"] = doc["output_layer_tiles"]
+        if tiles is not None and key in ("traj", "protocol", "schedule"):  # not the shipped tiles
+            value["output_layer_tiles"] = {str(k): v for k, v in tiles.items()}
         doc["rows"][key] = value
         print(f"{key}: {json.dumps(value)}", flush=True)
         js.write_text(json.dumps(doc, indent=1))

@@ -50,6 +50,17 @@ def st(s: int) -> torch.Tensor:
     return torch.tensor(s, device=DEVICE)
 
 
+def fused_and_twin(T, O, F_, S):
+    """Fresh float32 layers stepped S times by the op and by the twin: (fused state, twin state)."""
+    Xseq, Yseq, lr = make_sequence(T, O, F_, S)
+    fused = make_state(T, O, F_, X=Xseq)
+    ref = [t.clone() for t in fused]
+    for s in range(S):
+        ol.output_layer_adam_step_(*fused, Xseq, Yseq, lr, st(s + 1))
+        ol.output_layer_adam_step_reference_(*ref, Xseq, Yseq, lr, st(s + 1))
+    return fused, ref
+
+
 def run_output_layer_steps(W, b, Xseq, Yseq, lr):
     """The meta-test output-layer Adam loop written out with host-int steps (an independent
     reference for the op and its twin, which read the step from the device)."""
@@ -95,13 +106,7 @@ def test_small_tiles_carry_sums_across_feature_chunks(tiles, monkeypatch):
     """Tiles narrower than the feature axis (300 = several chunks and a ragged tail) and row blocks
     that do not divide O: the next logits' running sum and every mask against the twin."""
     monkeypatch.setattr(ol._kernels(), "ADAM_CONFIGS", {1: tiles})
-    T, O, F_, S = 2, 19, 300, 4
-    Xseq, Yseq, lr = make_sequence(T, O, F_, S)
-    fused = make_state(T, O, F_, X=Xseq)
-    ref = [t.clone() for t in fused]
-    for s in range(S):
-        ol.output_layer_adam_step_(*fused, Xseq, Yseq, lr, st(s + 1))
-        ol.output_layer_adam_step_reference_(*ref, Xseq, Yseq, lr, st(s + 1))
+    fused, ref = fused_and_twin(T=2, O=19, F_=300, S=4)
     for name, got, want in zip(NAMES, fused, ref):
         assert_close(got, want, **TOL[torch.float32], what=f"{name} with tiles {tiles}")
 
@@ -215,13 +220,7 @@ def test_opcheck():
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 8])
 def test_anml_size_on_gpu(T):
-    O, F_, S = 1000, 2304, 10
-    Xseq, Yseq, lr = make_sequence(T, O, F_, S)
-    fused = make_state(T, O, F_, X=Xseq)
-    ref = [t.clone() for t in fused]
-    for s in range(S):
-        ol.output_layer_adam_step_(*fused, Xseq, Yseq, lr, st(s + 1))
-        ol.output_layer_adam_step_reference_(*ref, Xseq, Yseq, lr, st(s + 1))
+    fused, ref = fused_and_twin(T, O=1000, F_=2304, S=10)
     for name, got, want in zip(NAMES, fused, ref):
         assert_close(got, want, **TOL[torch.float32], what=name)
 

@@ -10,15 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from .cache import OmniglotImages
+from ..models.config import INPUT_NORMS
 from .omniglot import NORM_MEAN, NORM_STD, STANDARD_MEAN, STANDARD_STD
 
 META_TRAIN_CLASSES = 963  # the first 963 background classes (the reference drops the last one)
 META_TEST_POOL = 650  # meta-test classes are drawn from the first 650 evaluation classes
 TRAIN_DRAWINGS = 15  # drawings 1-15 train, 16-20 test
 REMEMBER_SIZE = 64
-
-
-INPUT_NORMS = ("reference", "standard")
 
 
 def normalize(images: torch.Tensor, device: torch.device | str = "cpu",

@@ -147,8 +147,9 @@ def run_steps(step_fn: Callable[[], None], n: int, device: torch.device,
 
     On CUDA the calls after the first are replayed from a CUDA graph of `chunk` calls. A meta-test
     step is two short kernels (~14 us of GPU work for one 600-class trajectory on an H200) that
-    Python takes far longer to launch, so launching them one by one would bound a single trajectory. `step_fn` must keep
-    all its state on the device, the step counter included, so that every replay moves on.
+    Python takes far longer to launch, so launching them one by one would bound a single
+    trajectory. `step_fn` must keep all its state on the device, the step counter included, so
+    that every replay moves on.
     """
     report = on_steps or (lambda k: None)
     if device.type != "cuda" or n <= chunk:

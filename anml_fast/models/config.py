@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from ..errors import CheckpointError
 
 KINDS = ("anml", "oml")
-INPUT_NORMS = ("reference", "standard")  # data.tasks.normalize
+INPUT_NORMS = ("reference", "standard")  # how data.tasks.normalize scales images
 
 
 @dataclass(frozen=True)

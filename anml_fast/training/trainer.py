@@ -22,10 +22,10 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..atomic import write_json, write_text
 from ..data.cache import OmniglotImages
-from ..data.tasks import INPUT_NORMS, REMEMBER_SIZE, MetaTestSet, MetaTrainSampler
+from ..data.tasks import REMEMBER_SIZE, MetaTestSet, MetaTrainSampler
 from ..errors import AnmlFastError
 from ..models import ModelConfig, build, select
-from ..models.config import KINDS
+from ..models.config import INPUT_NORMS, KINDS
 from ..distributed import Dist
 from .adam import Adam
 from .graphed import GraphedMetaStep
