@@ -2,8 +2,9 @@
 # One GPU machine's check of everything GPU-side (the device tool's single-GPU kinds):
 #   build the extension there, time chosen end-to-end rows first, alone on the card
 #   (E2E_ROWS=traj,protocol,...: bench/end_to_end.py, merged into bench/results/end-to-end-<card>.json),
-#   then with PROFILE=1 the meta-steps' kernel profile (bench/profile_meta_step.py), with BENCH=1
-#   every kernel benchmark (bench/run_all.py), then the whole test suite, GPU
+#   then with PROFILE=1 the kernel profiles of the meta-steps and the PLN inner step
+#   (bench/profile_meta_step.py), with BENCH=1
+#   every kernel benchmark (bench/run_all.py), then (unless TESTS=0) the whole test suite, GPU
 #   tests included, in TEST_GROUPS parallel pytest processes over the test files (the real-data
 #   tests run too when the PNGs travel as .carry/omniglot-png.tar.gz), then with DEMO=1 the demo.
 # Logs and tables go to $OUT (default /tmp/gpu-session). It can run detached across device calls:
@@ -34,10 +35,13 @@ if [ "${PROFILE:-0}" = 1 ]; then  # where the meta-steps' time goes (bench/profi
       > "$OUT/profile${order:+-second}.log" 2>&1
     echo "profile_meta_step $order exit $?"; head -40 "$OUT/profile${order:+-second}.log"
   done
+  timeout ${PROFILE_S:-180} python3 bench/profile_meta_step.py --inner-step --out "$OUT" > "$OUT/profile-inner.log" 2>&1
+  echo "profile_meta_step --inner-step exit $?"; head -70 "$OUT/profile-inner.log"
 fi
 if [ "${BENCH:-0}" = 1 ]; then
   timeout ${BENCH_S:-200} python3 bench/run_all.py --out "$OUT" > "$OUT/bench.log" 2>&1; echo "bench exit $?"; tail -60 "$OUT/bench.log"
 fi
+if [ "${TESTS:-1}" = 0 ]; then touch "$OUT/DONE"; exit 0; fi
 if [ -f .carry/omniglot-png.tar.gz ] && [ ! -d /tmp/omniglot/omniglot-py ]; then
   mkdir -p /tmp/omniglot && tar xzf .carry/omniglot-png.tar.gz -C /tmp/omniglot
 fi

@@ -34,3 +34,17 @@ def test_fused_step_equals_autograd_step_on_twins(dtype, tol):
     assert loss.item() == pytest.approx(ref_loss.item(), rel=tol)
     for n in PLN_NAMES:
         assert_close(new[n], ref[n], atol=tol, rtol=tol, what=n)
+
+
+def test_donated_head_weights_are_updated_in_place():
+    """donate=True (the inner loop after its first step) gives the same step, in the given tensors."""
+    net = build(TINY)
+    params = net.init_params(torch.Generator().manual_seed(0))
+    x, y = torch.randn(1, 3, 28, 28), torch.tensor([3])
+    gate = net.gate(params, x)
+    pln = {n: params[n].clone() for n in PLN_NAMES}
+    _, kept = pln_sgd_step_fused(net, params, pln, x, y, gate, 0.1)
+    _, donated = pln_sgd_step_fused(net, params, pln, x, y, gate, 0.1, donate=True)
+    for n in PLN_NAMES:
+        assert torch.equal(kept[n], donated[n]), n
+    assert donated["pln.fc.weight"] is pln["pln.fc.weight"] and donated["pln.fc.bias"] is pln["pln.fc.bias"]

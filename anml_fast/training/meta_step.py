@@ -53,7 +53,9 @@ def inner_loop(net: Network, params: Params, inner_names: list[str], x: torch.Te
         # no autograd at all in the inner loop: fused forward, backward and update per image
         fast = {n: fixed[n] for n in inner_names}
         for k in range(x.shape[0]):
-            _, fast = pln_sgd_step_fused(net, fixed, fast, x[k:k + 1], y[k:k + 1], gate[k:k + 1], lr)
+            # after the first step the fast head weights are this loop's own: update them in place
+            _, fast = pln_sgd_step_fused(net, fixed, fast, x[k:k + 1], y[k:k + 1], gate[k:k + 1], lr,
+                                         donate=k > 0)
         return {n: fast[n] + (params[n] - fixed[n]) for n in inner_names}
     leaves = {n: fixed[n].clone().requires_grad_() for n in inner_names}
     for k in range(x.shape[0]):
