@@ -36,7 +36,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 @triton.jit
-def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, c_in, h, w, c_out, oh, ow, n_pos, k_total,
+def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out, oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total,
                      KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     dt = Y_ptr.dtype.element_ty
@@ -60,7 +60,7 @@ def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, c_in, h, w, c_out, oh, ow, n_pos, k_to
 
 
 @triton.jit
-def _conv_wgrad_kernel(GY_ptr, X_ptr, W_ptr, Out_ptr, c_in, h, w, c_out, oh, ow, n_pos, k_total,
+def _conv_wgrad_kernel(GY_ptr, X_ptr, W_ptr, Out_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out, oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total,
                        lr_hi, lr_lo, SGD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dW (SGD=False) or W - lr dW (SGD=True) for a BLOCK_M x BLOCK_N tile of [C_out, C_in*kh*kw]."""
@@ -90,7 +90,7 @@ def _conv_wgrad_kernel(GY_ptr, X_ptr, W_ptr, Out_ptr, c_in, h, w, c_out, oh, ow,
 
 
 @triton.jit
-def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, c_in, h, w, c_out, oh, ow, n_pos, k_total,
+def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out, oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total,
                        KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx for a BLOCK_M (input channels) x BLOCK_N (input positions) tile; K runs over (c_out, tap)."""
