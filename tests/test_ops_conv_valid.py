@@ -180,3 +180,16 @@ def test_dispatch_and_available():
     assert cv.available(DEVICE)
     assert ops.choose("conv_valid_sgd", DEVICE, "compiled") is cv.conv_valid_sgd
     assert ops.choose("conv_valid_sgd", DEVICE, "torch") is reference.conv_valid_sgd
+
+
+def test_split_reduction_equals_one_pass(monkeypatch):
+    """The reduction split over programs (partials summed by a second launch) gives the one-pass
+    result up to summation order, and the same bits on every run."""
+    x, w, gy = make((1, 17, 5, 5, 19, 3, 3))
+    split = (cv.conv_valid(x, w), *cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1))
+    again = (cv.conv_valid(x, w), *cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1))
+    monkeypatch.setattr(kernels, "PROGRAMS", 1)
+    whole = (cv.conv_valid(x, w), *cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1))
+    for name, a, b, c in zip(("y", "grad_x", "grad_weight", "sgd weight"), split, again, whole):
+        assert torch.equal(a, b), name
+        assert_close(a, c, 1e-5, 1e-5, name)
