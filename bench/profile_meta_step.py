@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 # first match wins; names as CUPTI reports them
 FAMILIES = [
     ("package CUDA kernels", r"anml_fast::"),  # first: the norm kernels' names also say "conv"
-    ("package Triton kernels", r"^_(gated_head|output_layer|conv)|triton"),
+    ("package Triton kernels", r"^_(gated_head|output_layer|conv|split_sum)|triton"),
     ("cuDNN convolution", r"cudnn|conv|implicit_convolve|wgrad|dgrad|xmma|fprop"),
     ("GEMM", r"gemm|cutlass|Kernel2|sm\d+_xmma|ampere|hopper"),
     ("reductions", r"reduce|Reduce|softmax|norm|sum"),

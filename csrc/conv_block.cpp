@@ -1,5 +1,5 @@
 // anml_fast::conv_block on the CPU: ATen's convolution, then the shared per-plane normalisation
-// (csrc/conv_block_plane.h) walked by one thread per plane. It runs the op in CI and on machines
+// (csrc/conv_block_plane.h, also the op anml_fast::plane_norm) walked by one thread per plane. It runs the op in CI and on machines
 // without a GPU, and it is where the plane arithmetic that the CUDA kernels also use is tested.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,11 +23,11 @@ struct SerialLanes {
 // Enough planes per task that a task is worth a thread even for the 3 x 3 planes.
 int64_t planes_per_task(int64_t hw) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(hw, 1)); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-    const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool) {
-  check_conv_block_args(x, weight, bias, norm_weight, norm_bias);
-  const at::Tensor conv_out = conv_block_conv(x, weight);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> plane_norm_cpu(const at::Tensor& y,
+                                                              const at::Tensor& norm_weight,
+                                                              const at::Tensor& norm_bias, bool pool) {
+  check_plane_norm_args(y, norm_weight, norm_bias);
+  const at::Tensor conv_out = y.contiguous();
   const int64_t N = conv_out.size(0), C = conv_out.size(1);
   const int H = static_cast<int>(conv_out.size(2)), W = static_cast<int>(conv_out.size(3));
   const int64_t hw = static_cast<int64_t>(H) * W;
@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cpu(
   at::Tensor rstd = conv_block_stats_like(conv_out);
   const at::Tensor gamma = norm_weight.contiguous(), beta = norm_bias.contiguous();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_block_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "plane_norm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* y_ptr = conv_out.const_data_ptr<scalar_t>();
     const scalar_t* gamma_ptr = gamma.const_data_ptr<scalar_t>();
@@ -57,15 +57,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cpu(
       }
     });
   });
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool) {
+  check_conv_block_args(x, weight, bias, norm_weight, norm_bias);
+  const at::Tensor conv_out = conv_block_conv(x, weight);
+  auto [out, mean, rstd] = plane_norm_cpu(conv_out, norm_weight, norm_bias, pool);
   return {out, conv_out, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& conv_out, const at::Tensor& mean, const at::Tensor& rstd,
-    const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool,
-    std::array<bool, 3> output_mask) {
-  check_conv_block_backward_args(grad_out, x, conv_out, mean, rstd, pool);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> plane_norm_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& conv_out, const at::Tensor& mean,
+    const at::Tensor& rstd, const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool) {
+  check_plane_norm_backward_args(grad_out, conv_out, mean, rstd, pool);
   const at::Tensor y = conv_out.contiguous(), gout = grad_out.contiguous();
   const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
   const at::Tensor gamma = norm_weight.contiguous(), beta = norm_bias.contiguous();
@@ -78,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
   at::Tensor dgamma_part = at::empty({N, C}, mean.options());
   at::Tensor dbeta_part = at::empty({N, C}, mean.options());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_block_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "plane_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
     const scalar_t* gout_ptr = gout.const_data_ptr<scalar_t>();
@@ -99,10 +106,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
       }
     });
   });
-  at::Tensor grad_x, grad_weight, grad_bias;
-  std::tie(grad_x, grad_weight, grad_bias) = conv_block_conv_backward(grad_y, x, weight, output_mask);
-  return {grad_x, grad_weight, grad_bias, dgamma_part.sum(0).to(norm_weight.scalar_type()),
+  return {grad_y, dgamma_part.sum(0).to(norm_weight.scalar_type()),
           dbeta_part.sum(0).to(norm_bias.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& conv_out, const at::Tensor& mean, const at::Tensor& rstd,
+    const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool,
+    std::array<bool, 3> output_mask) {
+  TORCH_CHECK(conv_out.dim() == 4 && conv_out.size(0) == x.size(0),
+              "conv_block_backward: conv_out must be [N, C_out, H, W], got ", conv_out.sizes());
+  auto [grad_y, grad_gamma, grad_beta] =
+      plane_norm_backward_cpu(grad_out, conv_out, mean, rstd, norm_weight, norm_bias, pool);
+  auto [grad_x, grad_weight, grad_bias] = conv_block_conv_backward(grad_y, x, weight, output_mask);
+  return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
 }
 
 }  // namespace
@@ -110,6 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
 TORCH_LIBRARY_IMPL(anml_fast, CPU, m) {
   m.impl("conv_block", &conv_block_cpu);
   m.impl("conv_block_backward", &conv_block_backward_cpu);
+  m.impl("plane_norm", &plane_norm_cpu);
+  m.impl("plane_norm_backward", &plane_norm_backward_cpu);
 }
 
 }  // namespace anml_fast

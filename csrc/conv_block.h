@@ -1,6 +1,6 @@
-// What the CPU and CUDA implementations of anml_fast::conv_block share around their kernels:
-// argument checks, the ATen convolution on either side of the fused normalisation, and the
-// shapes of the saved statistics.
+// What the CPU and CUDA implementations of anml_fast::conv_block and anml_fast::plane_norm (the
+// block's normalisation alone) share around their kernels: argument checks, the ATen convolution
+// on either side of the fused normalisation, and the shapes of the saved statistics.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +10,22 @@
 #include <tuple>
 
 namespace anml_fast {
+
+// The normalisation's own arguments: y [N, C, H, W] (the conv output), gamma and beta [C].
+inline void check_plane_norm_args(const at::Tensor& y, const at::Tensor& norm_weight,
+                                  const at::Tensor& norm_bias) {
+  TORCH_CHECK(y.dim() == 4, "plane_norm: y must be [N, C, H, W], got ", y.sizes());
+  TORCH_CHECK(at::isFloatingType(y.scalar_type()), "plane_norm: y must be floating point, got ",
+              y.scalar_type());
+  for (const at::Tensor* t : {&norm_weight, &norm_bias}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == y.size(1),
+                "plane_norm: norm_weight and norm_bias must be [C] = [", y.size(1), "], got ",
+                t->sizes());
+    TORCH_CHECK(t->scalar_type() == y.scalar_type() && t->device() == y.device(),
+                "plane_norm: norm_weight and norm_bias must be ", y.scalar_type(), " on ",
+                y.device(), ", got ", t->scalar_type(), " on ", t->device());
+  }
+}
 
 inline void check_conv_block_args(const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& bias, const at::Tensor& norm_weight,
@@ -74,24 +90,25 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_block_conv_backward(
   return {grad_x, grad_weight, grad_bias};
 }
 
-inline void check_conv_block_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
-                                           const at::Tensor& conv_out, const at::Tensor& mean,
-                                           const at::Tensor& rstd, bool pool) {
-  TORCH_CHECK(conv_out.dim() == 4 && conv_out.size(0) == x.size(0),
-              "conv_block_backward: conv_out must be [N, C_out, H, W], got ", conv_out.sizes());
+// What the normalisation's backward reads (the conv_block backward's and plane_norm_backward's).
+inline void check_plane_norm_backward_args(const at::Tensor& grad_out, const at::Tensor& conv_out,
+                                           const at::Tensor& mean, const at::Tensor& rstd,
+                                           bool pool) {
+  TORCH_CHECK(conv_out.dim() == 4, "plane_norm_backward: y must be [N, C, H, W], got ",
+              conv_out.sizes());
   const int64_t N = conv_out.size(0), C = conv_out.size(1);
   const int64_t H = conv_out.size(2), W = conv_out.size(3);
   const std::array<int64_t, 4> expect{N, C, pool ? H / 2 : H, pool ? W / 2 : W};
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(expect), "conv_block_backward: grad_out must be ",
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(expect), "plane_norm_backward: grad_out must be ",
               at::IntArrayRef(expect), ", got ", grad_out.sizes());
   TORCH_CHECK(mean.numel() == N * C && rstd.numel() == N * C,
-              "conv_block_backward: mean and rstd must hold N * C_out = ", N * C, " values");
+              "plane_norm_backward: mean and rstd must hold N * C = ", N * C, " values");
   TORCH_CHECK(mean.scalar_type() == at::toOpMathType(conv_out.scalar_type()) &&
                   rstd.scalar_type() == mean.scalar_type(),
-              "conv_block_backward: mean and rstd must be ",
+              "plane_norm_backward: mean and rstd must be ",
               at::toOpMathType(conv_out.scalar_type()));
   TORCH_CHECK(grad_out.scalar_type() == conv_out.scalar_type(),
-              "conv_block_backward: grad_out must be ", conv_out.scalar_type(), ", got ",
+              "plane_norm_backward: grad_out must be ", conv_out.scalar_type(), ", got ",
               grad_out.scalar_type());
 }
 

@@ -50,6 +50,14 @@ TORCH_LIBRARY(anml_fast, m) {
       "Tensor mean, Tensor rstd, Tensor norm_weight, Tensor norm_bias, bool pool, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // conv_block's normalisation + affine + ReLU + optional 2x2 max-pool alone, on a given conv
+  // output y: (out, mean, rstd); and its backward: (grad_y, grad_norm_weight, grad_norm_bias).
+  m.def("plane_norm(Tensor y, Tensor norm_weight, Tensor norm_bias, bool pool) -> (Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "plane_norm_backward(Tensor grad_out, Tensor y, Tensor mean, Tensor rstd, Tensor norm_weight, "
+      "Tensor norm_bias, bool pool) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
   m.def("sgd_update(Tensor[] params, Tensor[] grads, float lr) -> Tensor[]",
         {at::Tag::pt2_compliant_tag});
   m.def(

@@ -227,9 +227,59 @@ def test_opcheck(pool):
                               (torch.randn_like(out), x, w, conv_out, mean, rstd, nw, nb, pool, mask))
 
 
+# plane_norm: the block's normalisation alone, the same kernels on a given conv output
+
+def _norm_inputs(B, c, h, w, device="cpu", dtype=torch.float32):
+    x, _, _, nw, nb = make_inputs(B, 1, c, h, w, device, dtype)
+    y = torch.randn(B, c, h, w, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    return y.to(device, dtype), nw, nb
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("case", [(1, 3, 7, 9, True), (3, 5, 8, 5, False), (1, 256, 11, 11, True)], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_plane_norm_matches_twin(case, device, dtype):
+    B, c, h, w, pool = case
+    args = _norm_inputs(B, c, h, w, device, dtype)
+    upstream = torch.randn((B, c, h // 2, w // 2) if pool else (B, c, h, w), dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(1)).to(device)
+    exact = run(reference.plane_norm, [a.double() for a in args], pool, upstream)
+    ours = run(cb.plane_norm, args, pool, upstream.to(dtype))
+    atol, rtol = TOL[dtype]
+    for name, a, e in zip(("out", "grad_y", "grad_norm_weight", "grad_norm_bias"), ours, exact):
+        assert a.dtype == dtype
+        assert_close(a.double(), e, atol=atol * max(1.0, e.abs().max().item()), rtol=rtol, what=f"{case} {name}")
+
+
+def test_plane_norm_is_conv_block_after_its_conv():
+    x, w, b, nw, nb = make_inputs(2, 3, 4, 5, 7)
+    out, conv_out, mean, rstd = cb.conv_block_forward(x, w, b, nw, nb, True)
+    n_out, n_mean, n_rstd = cb.plane_norm_forward(conv_out, nw, nb, True)
+    assert torch.equal(out, n_out) and torch.equal(mean, n_mean) and torch.equal(rstd, n_rstd)
+
+
+def test_plane_norm_gradcheck_and_second_order():
+    y, nw, nb = (a.requires_grad_() for a in _norm_inputs(2, 3, 4, 6, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda *a: cb.plane_norm(*a, pool=True), (y, nw, nb))
+    assert torch.autograd.gradgradcheck(lambda *a: cb.plane_norm(*a, pool=False), (y, nw, nb))
+
+
+def test_plane_norm_opcheck_and_errors():
+    y, nw, nb = _norm_inputs(2, 3, 5, 7)
+    torch.library.opcheck(torch.ops.anml_fast.plane_norm, (y.requires_grad_(), nw.requires_grad_(), nb, True))
+    out, mean, rstd = cb.plane_norm_forward(y.detach(), nw.detach(), nb, True)
+    torch.library.opcheck(torch.ops.anml_fast.plane_norm_backward,
+                          (torch.randn_like(out), y.detach(), mean, rstd, nw.detach(), nb, True))
+    with pytest.raises(RuntimeError, match=r"norm_weight and norm_bias must be \[C\]"):
+        cb.plane_norm(y, nw[:2], nb, True)
+    with pytest.raises(RuntimeError, match="grad_out must be"):
+        cb.plane_norm_backward(out[:, :, :1], y, mean, rstd, nw, nb, True)
+
+
 def test_same_signature_as_twin():
-    assert inspect.signature(cb.conv_block).parameters.keys() == \
-        inspect.signature(reference.conv_block).parameters.keys()
+    for name in ("conv_block", "plane_norm"):
+        assert inspect.signature(getattr(cb, name)).parameters.keys() == \
+            inspect.signature(getattr(reference, name)).parameters.keys()
 
 
 def test_available():

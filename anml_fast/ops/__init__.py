@@ -5,6 +5,10 @@ signature (the twin is the fallback and the tests' reference):
 
   op                                     compiled implementation
   conv_block                             C++/CUDA extension: cuDNN conv + one fused norm/ReLU/pool kernel
+  plane_norm                             C++/CUDA extension: that norm/ReLU/pool kernel alone
+  conv_valid, conv_valid_backward        Triton: the batch-1 inner loop's convolution and its grads as
+                                         implicit GEMMs (cuDNN's kernels are slow at batch 1)
+  conv_valid_sgd                         Triton: the conv weight's SGD step, dW never written
   gated_head, gated_head_cross_entropy   Triton: gate, linear layer and cross-entropy fused
   gated_head_ce_sgd_                     Triton: the head's batch-1 SGD step, dW never written
   sgd_update, adam_update_               C++/CUDA extension: one launch over all tensors
@@ -33,6 +37,7 @@ import torch
 
 from . import reference
 from . import conv_block as _conv_block_ext  # bound before the op names below, which they shadow
+from . import conv_valid as _conv_valid_triton
 from . import gated_head as _gated_head_triton
 from . import multi_tensor as _multi_tensor_ext
 from . import output_layer as _output_layer_triton
@@ -43,6 +48,10 @@ _TRITON_HEAD_MAX_ROWS = 16
 
 _COMPILED = {
     "conv_block": _conv_block_ext,
+    "plane_norm": _conv_block_ext,
+    "conv_valid": _conv_valid_triton,
+    "conv_valid_backward": _conv_valid_triton,
+    "conv_valid_sgd": _conv_valid_triton,
     "sgd_update": _multi_tensor_ext,
     "adam_update_": _multi_tensor_ext,
     "gated_head": _gated_head_triton,
@@ -115,6 +124,22 @@ def conv_block(x, weight, bias, norm_weight, norm_bias, pool: bool, *, backend: 
     return choose("conv_block", x.device, backend)(x, weight, bias, norm_weight, norm_bias, pool)
 
 
+def plane_norm(y, norm_weight, norm_bias, pool: bool, *, backend: str | None = None):
+    return choose("plane_norm", y.device, backend)(y, norm_weight, norm_bias, pool)
+
+
+def conv_valid(x, weight, *, backend: str | None = None):
+    return choose("conv_valid", x.device, backend)(x, weight)
+
+
+def conv_valid_backward(grad_y, x, weight, input_grad: bool, weight_grad: bool, *, backend: str | None = None):
+    return choose("conv_valid_backward", x.device, backend)(grad_y, x, weight, input_grad, weight_grad)
+
+
+def conv_valid_sgd(grad_y, x, weight, lr: float, *, backend: str | None = None):
+    return choose("conv_valid_sgd", x.device, backend)(grad_y, x, weight, lr)
+
+
 def gated_head(h, gate_logits, weight, bias, *, backend: str | None = None):
     return choose("gated_head", h.device, backend, h.shape[0])(h, gate_logits, weight, bias)
 
@@ -165,5 +190,5 @@ def available() -> dict:
 
 
 __all__ = ["BACKENDS", "available", "choose", "get_backend", "set_backend", "use_backend", "reference",
-           "conv_block", "gated_head", "gated_head_cross_entropy", "gated_head_ce_sgd_",
-           "sgd_update", "adam_update_", "output_layer_logits", "output_layer_adam_step_"]
+           "conv_block", "plane_norm", "conv_valid", "conv_valid_backward", "conv_valid_sgd",
+           "gated_head", "gated_head_cross_entropy", "gated_head_ce_sgd_", "sgd_update", "adam_update_", "output_layer_logits", "output_layer_adam_step_"]

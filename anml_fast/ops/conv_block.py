@@ -24,6 +24,8 @@ from ._compare import first_mismatch
 
 _OP = "anml_fast::conv_block"
 _BWD_OP = "anml_fast::conv_block_backward"
+_NORM_OP = "anml_fast::plane_norm"
+_NORM_BWD_OP = "anml_fast::plane_norm_backward"
 _LOADED = _ext.load() is not None
 
 
@@ -84,6 +86,51 @@ def conv_block_backward(grad_out, x, weight, conv_out, mean, rstd, norm_weight, 
                                                    [bool(m) for m in output_mask])
 
 
+def plane_norm(y: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, pool: bool) -> torch.Tensor:
+    """conv_block after its convolution, by the same fused kernel: relu(norm(y)), optionally pooled.
+
+    Same signature and result as `anml_fast.ops.reference.plane_norm`.
+    """
+    return plane_norm_forward(y, norm_weight, norm_bias, pool)[0]
+
+
+def _check_norm_args(y, norm_weight, norm_bias) -> None:
+    # in Python, for the reason check_args gives
+    if y.dim() != 4:
+        raise RuntimeError(f"plane_norm: y must be [N, C, H, W], got {tuple(y.shape)}")
+    if not y.dtype.is_floating_point:
+        raise RuntimeError(f"plane_norm: y must be floating point, got {y.dtype}")
+    for t in (norm_weight, norm_bias):
+        if t.dim() != 1 or t.shape[0] != y.shape[1]:
+            raise RuntimeError(f"plane_norm: norm_weight and norm_bias must be [C] = [{y.shape[1]}], "
+                               f"got {tuple(t.shape)}")
+        if t.dtype != y.dtype or t.device != y.device:
+            raise RuntimeError(f"plane_norm: norm_weight and norm_bias must be {y.dtype} on {y.device}, "
+                               f"got {t.dtype} on {t.device}")
+
+
+def plane_norm_forward(y, norm_weight, norm_bias, pool: bool):
+    """The op itself: (out, mean, rstd), the last two being what its backward reads."""
+    if not _LOADED:
+        raise RuntimeError(f"anml_fast's compiled extension is not available ({_ext.error()}); "
+                           "use backend='torch'")
+    _check_norm_args(y, norm_weight, norm_bias)
+    return torch.ops.anml_fast.plane_norm(y, norm_weight, norm_bias, bool(pool))
+
+
+def plane_norm_backward(grad_out, y, mean, rstd, norm_weight, norm_bias, pool: bool):
+    """(grad_y, grad_norm_weight, grad_norm_bias)."""
+    want = (*y.shape[:2], y.shape[2] // 2, y.shape[3] // 2) if pool else tuple(y.shape)
+    if y.dim() != 4 or tuple(grad_out.shape) != want or grad_out.dtype != y.dtype:
+        raise RuntimeError(f"plane_norm_backward: grad_out must be {y.dtype} {list(want)}, got "
+                           f"{grad_out.dtype} {list(grad_out.shape)}")
+    if mean.numel() != y.shape[0] * y.shape[1] or rstd.shape != mean.shape or mean.dtype != _stats_dtype(y.dtype):
+        raise RuntimeError(f"plane_norm_backward: mean and rstd must be {_stats_dtype(y.dtype)} with "
+                           f"N * C = {y.shape[0] * y.shape[1]} values")
+    return torch.ops.anml_fast.plane_norm_backward(grad_out, y, mean, rstd, norm_weight, norm_bias,
+                                                   bool(pool))
+
+
 def _register() -> None:
     @torch.library.register_fake(_OP)
     def _conv_block_fake(x, weight, bias, norm_weight, norm_bias, pool):
@@ -124,6 +171,40 @@ def _register() -> None:
 
     torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
 
+    @torch.library.register_fake(_NORM_OP)
+    def _plane_norm_fake(y, norm_weight, norm_bias, pool):
+        n, c, h, w = y.shape
+        out = y.new_empty((n, c, h // 2, w // 2) if pool else (n, c, h, w))
+        stats = y.new_empty((n, c), dtype=_stats_dtype(y.dtype))
+        return out, stats, torch.empty_like(stats)
+
+    @torch.library.register_fake(_NORM_BWD_OP)
+    def _plane_norm_backward_fake(grad_out, y, mean, rstd, norm_weight, norm_bias, pool):
+        return (torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(norm_weight),
+                torch.empty_like(norm_bias))
+
+    def _setup_norm(ctx, inputs, output):
+        y, norm_weight, norm_bias, pool = inputs
+        _, mean, rstd = output
+        ctx.pool = bool(pool)
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(y, norm_weight, norm_bias, mean, rstd)
+
+    def _backward_norm(ctx, grad_out, _grad_mean, _grad_rstd):
+        y, norm_weight, norm_bias, mean, rstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: through the twin, as conv_block's backward
+            wanted = [t for t, need in zip((y, norm_weight, norm_bias), needs) if need]
+            with torch.enable_grad():
+                grads = iter(torch.autograd.grad(reference.plane_norm(y, norm_weight, norm_bias, ctx.pool),
+                                                 wanted, grad_out, create_graph=True))
+            return tuple(next(grads) if need else None for need in needs) + (None,)
+        grads = torch.ops.anml_fast.plane_norm_backward(grad_out, y, mean, rstd, norm_weight, norm_bias,
+                                                        ctx.pool)
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,)
+
+    torch.library.register_autograd(_NORM_OP, _backward_norm, setup_context=_setup_norm)
+
 
 def _twin_backward(grad_out, inputs, needs, pool):
     wanted = [t for t, need in zip(inputs, needs) if need]
@@ -139,7 +220,8 @@ if _LOADED:
 
 
 def _failure_on(device_type: str) -> str | None:
-    """Runs the op forward and backward once on `device_type` against the twin; None if it works."""
+    """Runs the ops (conv_block and plane_norm) forward and backward once on `device_type` against
+    the twins; None if they work."""
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(s, generator=g).to(device_type).requires_grad_()
             for s in [(2, 3, 8, 7), (4, 3, 3, 3), (4,), (4,), (4,)]]
@@ -148,6 +230,11 @@ def _failure_on(device_type: str) -> str | None:
         out = fn(*args, pool=True)
         results.append((out, *torch.autograd.grad(out.square().sum(), args)))
     names = ("out", "grad x", "grad weight", "grad bias", "grad norm_weight", "grad norm_bias")
+    norm_args = [torch.randn(s, generator=g).to(device_type).requires_grad_() for s in [(2, 4, 5, 7), (4,), (4,)]]
+    for i, fn in enumerate((plane_norm, reference.plane_norm)):
+        out = fn(*norm_args, pool=True)
+        results[i] += (out, *torch.autograd.grad(out.square().sum(), norm_args))
+    names += ("plane_norm out", "plane_norm grad y", "plane_norm grad norm_weight", "plane_norm grad norm_bias")
     return first_mismatch(zip(names, *results), device_type, atol=1e-3, rtol=1e-3)
 
 

@@ -17,10 +17,32 @@ def conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     `norm` normalises each sample's channel over its H x W positions (biased variance, eps 1e-5)
     with an affine weight and bias: what the reference's batch norm computes on a batch of one.
     """
-    y = F.conv2d(x, weight, bias)
+    return plane_norm(F.conv2d(x, weight, bias), norm_weight, norm_bias, pool)
+
+
+def plane_norm(y: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, pool: bool) -> torch.Tensor:
+    """conv_block after its convolution: relu(norm(y)) then an optional 2x2 max-pool."""
     y = F.instance_norm(y, weight=norm_weight, bias=norm_bias, eps=NORM_EPS)
     y = F.relu(y)
     return F.max_pool2d(y, 2) if pool else y
+
+
+def conv_valid(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The stride-1, unpadded convolution without bias (conv_block's, and the inner loop's)."""
+    return F.conv2d(x, weight)
+
+
+def conv_valid_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool,
+                        weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight) of conv_valid; one not asked for comes back as an empty tensor."""
+    gx = torch.nn.grad.conv2d_input(x.shape, weight, grad_y) if input_grad else x.new_empty((0,))
+    gw = torch.nn.grad.conv2d_weight(x, weight.shape, grad_y) if weight_grad else weight.new_empty((0,))
+    return gx, gw
+
+
+def conv_valid_sgd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lr: float) -> torch.Tensor:
+    """weight - lr * grad_weight of conv_valid, as a new tensor: the inner loop's conv SGD step."""
+    return weight - lr * torch.nn.grad.conv2d_weight(x, weight.shape, grad_y)
 
 
 def gated_head(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.Tensor,

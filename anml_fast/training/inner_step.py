@@ -3,10 +3,12 @@
 Two implementations with one signature:
 - `pln_sgd_step_autograd`: the model's forward, `torch.autograd.grad`, then `ops.sgd_update`
   (whatever backend `ops` picks: on the twins it is the plain-PyTorch inner step);
-- `pln_sgd_step_fused`: no autograd at all. Forward through the compiled conv blocks, keeping
-  only what their backward reads (input, conv output, mean, rstd); the head's fused
-  cross-entropy SGD step (its dW applied where it is computed, never written); the conv blocks'
-  fused backward; one multi-tensor SGD launch for the trunk.
+- `pln_sgd_step_fused`: no autograd at all. Per conv block, the batch-1 Triton convolution
+  (kernels/conv_valid.py) and the fused norm/ReLU/pool kernel, keeping only what the backward
+  reads (input, conv output, mean, rstd); the head's fused cross-entropy SGD step (its dW applied
+  where it is computed, never written); per block the norm's fused backward, the Triton input
+  grad and the Triton weight grad with the SGD step applied in the same kernel (dW never written);
+  one multi-tensor SGD launch for the norms' affine weights.
 Both return the step's loss (a 0-d tensor, never read back here) and the updated PLN weights; the
 weights passed in are left as they were (unless the fused step is told it may update the head's in
 place: `donate`).
@@ -19,6 +21,7 @@ from .. import ops
 from ..models import ANML, Params
 
 _TRUNK = [f"pln.{kind}{i}.{p}" for i in (1, 2, 3) for kind in ("conv", "norm") for p in ("weight", "bias")]
+_NORMS = [n for n in _TRUNK if ".norm" in n]
 PLN_NAMES = tuple(_TRUNK + ["pln.fc.weight", "pln.fc.bias"])
 
 
@@ -28,7 +31,8 @@ def fused_available(net, inner_names, device: torch.device) -> bool:
     if not isinstance(net, ANML) or tuple(inner_names) != PLN_NAMES:
         return False
     return all(ops.choose(op, device) is not getattr(ops.reference, op)
-               for op in ("conv_block", "gated_head_ce_sgd_", "sgd_update"))
+               for op in ("conv_valid", "conv_valid_backward", "conv_valid_sgd", "plane_norm",
+                          "gated_head_ce_sgd_", "sgd_update"))
 
 
 def pln_sgd_step_autograd(net: ANML, fixed: Params, pln: Params, x: torch.Tensor, y: torch.Tensor,
@@ -49,25 +53,28 @@ def pln_sgd_step_fused(net: ANML, fixed: Params, pln: Params, x: torch.Tensor, y
     (the inner loop's steps after the first: saves copying the 9 MB head every step)."""
     saved, a = [], x
     for i in (1, 2, 3):
-        w, b = pln[f"pln.conv{i}.weight"], pln[f"pln.conv{i}.bias"]
-        gw, gb = pln[f"pln.norm{i}.weight"], pln[f"pln.norm{i}.bias"]
-        out, conv_out, mean, rstd = torch.ops.anml_fast.conv_block(a, w, b, gw, gb, i < 3)
+        conv_out = torch.ops.anml_fast.conv_valid(a, pln[f"pln.conv{i}.weight"])
+        out, mean, rstd = torch.ops.anml_fast.plane_norm(
+            conv_out, pln[f"pln.norm{i}.weight"], pln[f"pln.norm{i}.bias"], i < 3)
         saved.append((a, conv_out, mean, rstd))
         a = out
     fc_w, fc_b = pln["pln.fc.weight"], pln["pln.fc.bias"]
     if not donate:
         fc_w, fc_b = fc_w.clone(), fc_b.clone()
     loss, dh, _ = ops.gated_head_ce_sgd_(a.flatten(1), gate, fc_w, fc_b, y, lr, backend="compiled")
-    grad, grads = dh.view_as(a), {}
+    grad, new, norm_grads = dh.view_as(a), {}, []
     for i in (3, 2, 1):
         inp, conv_out, mean, rstd = saved[i - 1]
-        gx, gw, gb, gnw, gnb = torch.ops.anml_fast.conv_block_backward(
-            grad, inp, pln[f"pln.conv{i}.weight"], conv_out, mean, rstd, pln[f"pln.norm{i}.weight"],
-            pln[f"pln.norm{i}.bias"], i < 3, [i > 1, True, True])
-        grads.update({f"pln.conv{i}.weight": gw, f"pln.conv{i}.bias": gb,
-                      f"pln.norm{i}.weight": gnw, f"pln.norm{i}.bias": gnb})
-        grad = gx
-    new = ops.sgd_update([pln[n] for n in _TRUNK], [grads[n] for n in _TRUNK], lr, backend="compiled")
-    out = dict(zip(_TRUNK, new))
-    out["pln.fc.weight"], out["pln.fc.bias"] = fc_w, fc_b
-    return loss, out
+        w = pln[f"pln.conv{i}.weight"]
+        gy, gnw, gnb = torch.ops.anml_fast.plane_norm_backward(
+            grad, conv_out, mean, rstd, pln[f"pln.norm{i}.weight"], pln[f"pln.norm{i}.bias"], i < 3)
+        norm_grads = [gnw, gnb] + norm_grads
+        if i > 1:
+            grad = torch.ops.anml_fast.conv_valid_backward(gy, inp, w, True, False)[0]
+        new[f"pln.conv{i}.weight"] = torch.ops.anml_fast.conv_valid_sgd(gy, inp, w, lr)
+        # The conv bias's gradient is exactly zero (the norm subtracts each plane's mean, bias and
+        # all), so its SGD step leaves it as it is.
+        new[f"pln.conv{i}.bias"] = pln[f"pln.conv{i}.bias"]
+    new.update(zip(_NORMS, ops.sgd_update([pln[n] for n in _NORMS], norm_grads, lr, backend="compiled")))
+    new["pln.fc.weight"], new["pln.fc.bias"] = fc_w, fc_b
+    return loss, {n: new[n] for n in PLN_NAMES}

@@ -1,6 +1,8 @@
 // anml_fast::conv_block on the GPU: cuDNN's convolution through ATen, then one fused kernel for
 // normalisation + affine + ReLU + pooling (forward) and one for their backward, around the
-// per-plane arithmetic shared with the CPU (csrc/conv_block_plane.h).
+// per-plane arithmetic shared with the CPU (csrc/conv_block_plane.h). The two kernels are also the
+// ops anml_fast::plane_norm and plane_norm_backward, for callers that convolve by other means
+// (the inner loop's batch-1 Triton convolutions, kernels/conv_valid.py).
 //
 // A plane (one sample's channel) holds at most 26 x 26 = 676 values in ANML, so it is given to one
 // warp: its statistics are two warp shuffles away, with no shared memory or block barrier, and a
@@ -99,12 +101,12 @@ unsigned int blocks_for(int64_t planes) {
   return static_cast<unsigned int>(blocks);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-    const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool) {
-  check_conv_block_args(x, weight, bias, norm_weight, norm_bias);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor conv_out = conv_block_conv(x, weight);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> plane_norm_cuda(const at::Tensor& y,
+                                                               const at::Tensor& norm_weight,
+                                                               const at::Tensor& norm_bias, bool pool) {
+  check_plane_norm_args(y, norm_weight, norm_bias);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const at::Tensor conv_out = y.contiguous();
   const int64_t N = conv_out.size(0), C = conv_out.size(1);
   const int H = static_cast<int>(conv_out.size(2)), W = static_cast<int>(conv_out.size(3));
   const int64_t out_hw = pool ? static_cast<int64_t>(H / 2) * (W / 2) : static_cast<int64_t>(H) * W;
@@ -113,11 +115,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cuda(
   at::Tensor rstd = conv_block_stats_like(conv_out);
   const int64_t planes = N * C;
   if (planes == 0) {
-    return {out, conv_out, mean, rstd};
+    return {out, mean, rstd};
   }
   const at::Tensor gamma = norm_weight.contiguous(), beta = norm_bias.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_block_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "plane_norm_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     conv_block_norm_fwd_kernel<scalar_t><<<blocks_for(planes), kWarp * kWarpsPerBlock, 0, stream>>>(
         conv_out.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(),
@@ -126,15 +128,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cuda(
         pool);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool) {
+  check_conv_block_args(x, weight, bias, norm_weight, norm_bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor conv_out = conv_block_conv(x, weight);
+  auto [out, mean, rstd] = plane_norm_cuda(conv_out, norm_weight, norm_bias, pool);
   return {out, conv_out, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& conv_out, const at::Tensor& mean, const at::Tensor& rstd,
-    const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool,
-    std::array<bool, 3> output_mask) {
-  check_conv_block_backward_args(grad_out, x, conv_out, mean, rstd, pool);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> plane_norm_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& conv_out, const at::Tensor& mean,
+    const at::Tensor& rstd, const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool) {
+  check_plane_norm_backward_args(grad_out, conv_out, mean, rstd, pool);
   const c10::cuda::CUDAGuard guard(conv_out.device());
   const at::Tensor y = conv_out.contiguous(), gout = grad_out.contiguous();
   const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
@@ -151,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
   at::Tensor dbeta_part = at::empty({N, C}, mean.options());
   if (planes > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_block_backward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "plane_norm_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       conv_block_norm_bwd_kernel<scalar_t><<<blocks_for(planes), kWarp * kWarpsPerBlock, 0, stream>>>(
           gout.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
@@ -166,10 +176,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
     const at::Tensor total = N == 1 ? part[0] : part.sum(0);
     return total.to(like.scalar_type());
   };
-  at::Tensor grad_x, grad_weight, grad_bias;
-  std::tie(grad_x, grad_weight, grad_bias) = conv_block_conv_backward(grad_y, x, weight, output_mask);
-  return {grad_x, grad_weight, grad_bias, reduce(dgamma_part, norm_weight),
-          reduce(dbeta_part, norm_bias)};
+  return {grad_y, reduce(dgamma_part, norm_weight), reduce(dbeta_part, norm_bias)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& conv_out, const at::Tensor& mean, const at::Tensor& rstd,
+    const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool,
+    std::array<bool, 3> output_mask) {
+  TORCH_CHECK(conv_out.dim() == 4 && conv_out.size(0) == x.size(0),
+              "conv_block_backward: conv_out must be [N, C_out, H, W], got ", conv_out.sizes());
+  const c10::cuda::CUDAGuard guard(conv_out.device());
+  auto [grad_y, grad_gamma, grad_beta] =
+      plane_norm_backward_cuda(grad_out, conv_out, mean, rstd, norm_weight, norm_bias, pool);
+  auto [grad_x, grad_weight, grad_bias] = conv_block_conv_backward(grad_y, x, weight, output_mask);
+  return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
 }
 
 }  // namespace
@@ -177,6 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
 TORCH_LIBRARY_IMPL(anml_fast, CUDA, m) {
   m.impl("conv_block", &conv_block_cuda);
   m.impl("conv_block_backward", &conv_block_backward_cuda);
+  m.impl("plane_norm", &plane_norm_cuda);
+  m.impl("plane_norm_backward", &plane_norm_backward_cuda);
 }
 
 }  // namespace anml_fast

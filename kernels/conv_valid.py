@@ -1,0 +1,362 @@
+"""Stride-1 unpadded ("valid") 2-D convolution as implicit GEMMs, for the inner loop's batch of one.
+
+ANML's inner loop runs each conv layer at batch 1: 256 x 256 x 3 x 3 filters over 13 x 13 and 5 x 5
+maps. There cuDNN picks generic kernels (a layout conversion, a TF32 fprop, FFMA dgrad and wgrad
+engines, some split in two launches) that spent 108 of the fused inner step's 162 us on an H200
+(bench/profile_meta_step.py --inner-step, 2026-11-27). Each product here is one launch of a small
+GEMM whose operand tiles are gathered straight from the NCHW tensors (no im2col buffer):
+
+  forward   y[n, co, p]  = sum_k  W[co, k] x[n, ci(k), p + d(k)]                M = C_out, N = n*p, K = C_in*kh*kw
+  wgrad     dW[co, k]    = sum_np gy[n, co, p] x[n, ci(k), p + d(k)]            M = C_out, N = C_in*kh*kw, K = n*p
+  dgrad     dx[n, ci, q] = sum_(co,d) W[co, ci, d] gy[n, co, q - d] (in range)  M = C_in, N = n*q, K = C_out*kh*kw
+
+The wgrad kernel can apply the SGD step itself (W_new = W - lr dW): the inner loop's weight gradient
+is then never written. Where the output tiles are too few to fill the card (a long reduction over a
+small output: the 2304-long ones, conv1's weight grad), the reduction is split over programs that
+write partials, summed in order by a second small launch (which then applies the SGD step): no
+atomics, the same bits on every run. The spatial sizes are compile-time constants (divisions by
+constants in the address arithmetic; one compile per layer shape, three in ANML): that alone took
+the weight grads from 16-38 us to 5-13 us.
+
+float32 dots use "tf32x3" (three TF32 tensor-core products, float32 accumulation): float32
+accuracy (kernels/gated_head.py measured it), at tensor-core speed. float64 uses IEEE FMAs.
+
+Ops (namespace `anml_fast`, each a `torch.library.triton_op` with an explicit fake):
+  conv_valid(x, weight) -> y
+  conv_valid_backward(grad_y, x, weight, input_grad, weight_grad) -> (grad_x, grad_weight)
+  conv_valid_sgd(grad_y, x, weight, lr) -> weight - lr * grad_weight   (a new tensor)
+Shapes: x [N, C_in, H, W], weight [C_out, C_in, kh, kw], y [N, C_out, H - kh + 1, W - kw + 1];
+float32 or float64, contiguous (the wrappers make them so).
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+@triton.jit
+def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out, oh: tl.constexpr,
+                     ow: tl.constexpr, n_pos, k_total, k_chunk, part_stride, KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    dt = Y_ptr.dtype.element_ty
+    co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    p = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ohw = oh * ow
+    n, q = p // ohw, p % ohw
+    x_pos = n * (c_in * h * w) + (q // ow) * w + q % ow
+    co_ok, p_ok = co < c_out, p < n_pos
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=dt)
+    k_lo = tl.program_id(2) * k_chunk
+    k_hi = tl.minimum(k_lo + k_chunk, k_total)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_hi
+        tap = k % (KH * KW)
+        x_k = (k // (KH * KW)) * (h * w) + (tap // KW) * w + tap % KW
+        a = tl.load(W_ptr + co[:, None] * k_total + k[None, :], mask=co_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(X_ptr + x_k[:, None] + x_pos[None, :], mask=k_ok[:, None] & p_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=dt)
+    y_offs = tl.program_id(2) * part_stride + (n * (c_out * ohw) + q)[None, :] + co[:, None] * ohw
+    tl.store(Y_ptr + y_offs, acc, mask=co_ok[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def _conv_wgrad_kernel(GY_ptr, X_ptr, W_ptr, Out_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out,
+                       oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, k_chunk, part_stride, lr_hi, lr_lo, SGD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dW (SGD=False) or W - lr dW (SGD=True) for a BLOCK_M x BLOCK_N tile of [C_out, C_in*kh*kw]."""
+    dt = Out_ptr.dtype.element_ty
+    co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok, k_ok = co < c_out, k < k_total
+    tap = k % (KH * KW)
+    x_k = (k // (KH * KW)) * (h * w) + (tap // KW) * w + tap % KW
+    ohw = oh * ow
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=dt)
+    p_lo = tl.program_id(2) * k_chunk  # this kernel's reduction runs over positions
+    p_hi = tl.minimum(p_lo + k_chunk, n_pos)
+    for p0 in range(p_lo, p_hi, BLOCK_K):
+        p = p0 + tl.arange(0, BLOCK_K)
+        p_ok = p < p_hi
+        n, q = p // ohw, p % ohw
+        x_pos = n * (c_in * h * w) + (q // ow) * w + q % ow
+        a = tl.load(GY_ptr + (n * (c_out * ohw) + q)[None, :] + co[:, None] * ohw,
+                    mask=co_ok[:, None] & p_ok[None, :], other=0.0)
+        b = tl.load(X_ptr + x_pos[:, None] + x_k[None, :], mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=dt)
+    offs = co[:, None] * k_total + k[None, :]
+    mask = co_ok[:, None] & k_ok[None, :]
+    if SGD:
+        lr = tl.cast(lr_hi, dt) + tl.cast(lr_lo, dt)
+        acc = tl.load(W_ptr + offs, mask=mask, other=0.0) - lr * acc
+    tl.store(Out_ptr + tl.program_id(2) * part_stride + offs, acc, mask=mask)
+
+
+@triton.jit
+def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out, oh: tl.constexpr,
+                       ow: tl.constexpr, n_pos, k_total, k_chunk, part_stride, KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dx for a BLOCK_M (input channels) x BLOCK_N (input positions) tile; K runs over (c_out, tap)."""
+    dt = DX_ptr.dtype.element_ty
+    ci = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    p = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    hw, ohw = h * w, oh * ow
+    n, q = p // hw, p % hw
+    ih, iw = q // w, q % w
+    ci_ok, p_ok = ci < c_in, p < n_pos
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=dt)
+    k_lo = tl.program_id(2) * k_chunk
+    k_hi = tl.minimum(k_lo + k_chunk, k_total)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_hi
+        co, tap = k // (KH * KW), k % (KH * KW)
+        kh, kw = tap // KW, tap % KW
+        a = tl.load(W_ptr + ci[:, None] * (KH * KW) + (co * (c_in * KH * KW) + tap)[None, :],
+                    mask=ci_ok[:, None] & k_ok[None, :], other=0.0)
+        y_r = ih[None, :] - kh[:, None]
+        y_c = iw[None, :] - kw[:, None]
+        ok = (y_r >= 0) & (y_r < oh) & (y_c >= 0) & (y_c < ow) & k_ok[:, None] & p_ok[None, :]
+        b = tl.load(GY_ptr + (n * (c_out * ohw))[None, :] + (co * ohw)[:, None] + y_r * ow + y_c,
+                    mask=ok, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=dt)
+    dx_offs = tl.program_id(2) * part_stride + (n * (c_in * hw) + q)[None, :] + ci[:, None] * hw
+    tl.store(DX_ptr + dx_offs, acc, mask=ci_ok[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def _split_sum_kernel(P_ptr, W_ptr, Out_ptr, numel, splits, lr_hi, lr_lo, SGD: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Out = sum over the split axis of P [splits, numel] (in split order: deterministic), or
+    W - lr * that sum for the weight grad's SGD step."""
+    dt = Out_ptr.dtype.element_ty
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=dt)
+    for s in range(0, splits):
+        acc += tl.load(P_ptr + s * numel + offs, mask=mask, other=0.0)
+    if SGD:
+        lr = tl.cast(lr_hi, dt) + tl.cast(lr_lo, dt)
+        acc = tl.load(W_ptr + offs, mask=mask, other=0.0) - lr * acc
+    tl.store(Out_ptr + offs, acc, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and launchers
+# ----------------------------------------------------------------------------------------------
+
+# Tiles per GEMM, by the length of its reduction and its N (output columns):
+# {kernel: [(max reduction, max N, config)]}, the first row that fits wins. "PROGRAMS" is the
+# split target (see PROGRAMS below). The winners of bench/tune_conv_valid.py on an H200
+# (2026-11-27; 50 candidates a product, graph-replayed, each within 4e-7 of the float64 twin),
+# per product of the inner loop at batch 1, against the twin's cuDNN product timed the same way:
+#   forward   conv1 (K 27, N 676)    3.7 us  (cuDNN  4.0)
+#             conv2 (K 2304, N 121) 15.6 us  (cuDNN 19.5)
+#             conv3 (K 2304, N 9)    8.5 us  (cuDNN 18.9)
+#   wgrad+SGD conv1 (P 676, N 27)    6.8 us  (cuDNN wgrad and the subtraction 15.7)
+#             conv2 (P 121, N 2304) 11.0 us  (18.8)
+#             conv3 (P 9, N 2304)    5.2 us  (10.8)
+#   dgrad     conv2 (K 2304, N 169) 25.2 us  (cuDNN 16.0: slower, the next thing to improve)
+#             conv3 (K 2304, N 25)  12.0 us  (cuDNN 18.6)
+# Small tiles everywhere: at batch 1 only small tiles and a split reduction give enough programs.
+CONFIGS = {
+    "fwd": [(64, 1 << 62, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2, PROGRAMS=264)),
+            (1 << 62, 16, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2, PROGRAMS=132)),
+            (1 << 62, 1 << 62, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, PROGRAMS=264))],
+    "wgrad": [(1 << 62, 64, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, PROGRAMS=132)),
+              (1 << 62, 1 << 62, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2, PROGRAMS=132))],
+    "dgrad": [(1 << 62, 32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, PROGRAMS=132)),
+              (1 << 62, 1 << 62, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, num_warps=2, num_stages=2, PROGRAMS=528))],
+}
+
+
+def config(kernel: str, k: int, n: int) -> dict:
+    """The tiles `kernel` ("fwd", "wgrad" or "dgrad") runs with for a reduction of length k and n
+    output columns."""
+    for max_k, max_n, cfg in CONFIGS[kernel]:
+        if k <= max_k and n <= max_n:
+            return cfg
+    raise ValueError(f"conv_valid: no {kernel} config for K={k}, N={n}")
+
+
+def _split(x: float) -> tuple[float, float]:
+    """A double as two float32s whose sum is exact in float64 (Triton float arguments are float32)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, op: str, grad_y: torch.Tensor | None = None):
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: x must be [N, C_in, H, W] and weight [C_out, C_in, kh, kw] with the "
+                         f"same C_in, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.shape[2] < weight.shape[2] or x.shape[3] < weight.shape[3]:
+        raise ValueError(f"{op}: input {tuple(x.shape)} is smaller than the kernel {tuple(weight.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype:
+        raise TypeError(f"{op}: the Triton op takes float32 or float64, both alike, got {x.dtype} "
+                        f"and {weight.dtype} (use the plain-PyTorch twin for other dtypes)")
+    if x.device != weight.device:
+        raise ValueError(f"{op}: x and weight must be on one device, got {x.device} and {weight.device}")
+    if grad_y is not None:
+        want = (x.shape[0], weight.shape[0], x.shape[2] - weight.shape[2] + 1, x.shape[3] - weight.shape[3] + 1)
+        if tuple(grad_y.shape) != want or grad_y.dtype != x.dtype or grad_y.device != x.device:
+            raise ValueError(f"{op}: grad_y must be {x.dtype} {list(want)} on {x.device}, got "
+                             f"{grad_y.dtype} {list(grad_y.shape)} on {grad_y.device}")
+
+
+def _dims(x, weight):
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    return n, c_in, h, w, c_out, kh, kw, h - kh + 1, w - kw + 1
+
+
+# Split the reduction until about this many programs run (2 per SM of an H100/H200): at batch 1
+# the output tiles alone are too few to fill the card, and each would run a 2304-long reduction
+# serially. A config may set its own target ("PROGRAMS"; 1 = never split).
+PROGRAMS = 264
+_SUM_BLOCK = 1024
+
+
+def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, sgd_weight=None, **constexprs):
+    """One GEMM: `head` are the kernel's tensors before its output, `dims` its ints up to k_total;
+    `red` is the reduction's length. Split over the reduction, it writes [splits, out] partials
+    and a second launch sums them in order (no atomics: the same bits on every run), applying the
+    SGD step there when `sgd_weight` is given."""
+    cfg = dict(config(name, red, n_cols))
+    target = cfg.pop("PROGRAMS", PROGRAMS)
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n_cols, cfg["BLOCK_N"])
+    iters = triton.cdiv(red, cfg["BLOCK_K"])
+    splits = max(1, min(iters, target // tiles))
+    chunk = triton.cdiv(iters, splits) * cfg["BLOCK_K"]
+    splits = triton.cdiv(red, chunk)
+    numel = out.numel()
+    dest = out if splits == 1 else out.new_empty((splits, numel))
+    lr_args = () if lr is None else _split(float(lr))
+    if kernel is _conv_wgrad_kernel:
+        constexprs["SGD"] = sgd_weight is not None and splits == 1
+        lr_args = lr_args or (0.0, 0.0)
+    precision = "ieee" if out.dtype == torch.float64 else "tf32x3"
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"]), splits)
+    wrap_triton(kernel)[grid](*head, dest, *dims, chunk, numel, *lr_args, **constexprs,
+                              PRECISION=precision, **cfg)
+    if splits > 1:
+        wrap_triton(_split_sum_kernel)[(triton.cdiv(numel, _SUM_BLOCK),)](
+            dest, out if sgd_weight is None else sgd_weight, out, numel, splits,
+            *(_split(float(lr)) if lr is not None else (0.0, 0.0)), SGD=sgd_weight is not None,
+            BLOCK=_SUM_BLOCK)
+
+
+@triton_op("anml_fast::conv_valid", mutates_args=())
+def conv_valid(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    _check(x, weight, "conv_valid")
+    x, weight = x.contiguous(), weight.contiguous()
+    n, c_in, h, w, c_out, kh, kw, oh, ow = _dims(x, weight)
+    y = x.new_empty((n, c_out, oh, ow))
+    if y.numel() and c_in:
+        _launch(_conv_fwd_kernel, "fwd", y, c_out, n * oh * ow, c_in * kh * kw, (x, weight),
+                (c_in, h, w, c_out, oh, ow, n * oh * ow, c_in * kh * kw), KH=kh, KW=kw)
+    elif y.numel():
+        y.zero_()
+    return y
+
+
+def _weight_grad(grad_y, x, weight, out, lr: float | None):
+    n, c_in, h, w, c_out, kh, kw, oh, ow = _dims(x, weight)
+    k = c_in * kh * kw
+    if out.numel() == 0:
+        return
+    if n * oh * ow == 0:  # no positions: the gradient is zero
+        if lr is None:
+            out.zero_()
+        else:
+            out.copy_(weight)
+        return
+    _launch(_conv_wgrad_kernel, "wgrad", out, c_out, k, n * oh * ow, (grad_y, x, weight),
+            (c_in, h, w, c_out, oh, ow, n * oh * ow, k), lr=lr,
+            sgd_weight=None if lr is None else weight, KH=kh, KW=kw)
+
+
+@triton_op("anml_fast::conv_valid_backward", mutates_args=())
+def conv_valid_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool,
+                        weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x, weight, "conv_valid_backward", grad_y)
+    grad_y, x, weight = grad_y.contiguous(), x.contiguous(), weight.contiguous()
+    n, c_in, h, w, c_out, kh, kw, oh, ow = _dims(x, weight)
+    grad_x = torch.empty_like(x) if input_grad else x.new_empty((0,))
+    grad_w = torch.empty_like(weight) if weight_grad else weight.new_empty((0,))
+    if input_grad and grad_x.numel():
+        if c_out * oh * ow == 0:
+            grad_x.zero_()
+        else:
+            _launch(_conv_dgrad_kernel, "dgrad", grad_x, c_in, n * h * w, c_out * kh * kw, (grad_y, weight),
+                    (c_in, h, w, c_out, oh, ow, n * h * w, c_out * kh * kw), KH=kh, KW=kw)
+    if weight_grad:
+        _weight_grad(grad_y, x, weight, grad_w, None)
+    return grad_x, grad_w
+
+
+@triton_op("anml_fast::conv_valid_sgd", mutates_args=())
+def conv_valid_sgd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lr: float) -> torch.Tensor:
+    _check(x, weight, "conv_valid_sgd", grad_y)
+    grad_y, x, weight = grad_y.contiguous(), x.contiguous(), weight.contiguous()
+    new = torch.empty_like(weight)
+    _weight_grad(grad_y, x, weight, new, lr)
+    return new
+
+
+# Explicit fakes: triton_op would trace the implementation, which needs wrap_triton's graph capture,
+# and Triton's CPU interpreter bypasses that (see kernels/gated_head.py).
+@conv_valid.register_fake
+def _(x, weight):
+    _check(x, weight, "conv_valid")
+    n, _, h, w, c_out, kh, kw, oh, ow = _dims(x, weight)
+    return x.new_empty((n, c_out, oh, ow))
+
+
+@conv_valid_backward.register_fake
+def _(grad_y, x, weight, input_grad, weight_grad):
+    _check(x, weight, "conv_valid_backward", grad_y)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if input_grad else x.new_empty((0,)),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad
+            else weight.new_empty((0,)))
+
+
+@conv_valid_sgd.register_fake
+def _(grad_y, x, weight, lr):
+    _check(x, weight, "conv_valid_sgd", grad_y)
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd: first-order grads from the kernels; under create_graph (second order) the backward
+# differentiates the twin (torch's conv2d), which autograd can differentiate again, as the other
+# ops of the package do.
+# ----------------------------------------------------------------------------------------------
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():
+        wanted = [t for t, nd in zip((x, weight), need) if nd]
+        grads = iter(torch.autograd.grad(torch.nn.functional.conv2d(x, weight), wanted, grad_y,
+                                         create_graph=True))
+        return tuple(next(grads) if nd else None for nd in need)
+    gx, gw = conv_valid_backward(grad_y, x, weight, need[0], need[1])
+    return gx if need[0] else None, gw if need[1] else None
+
+
+conv_valid.register_autograd(_backward, setup_context=_setup)
+
+
+def interpreted() -> bool:
+    """Whether these kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return type(_conv_fwd_kernel).__name__ == "InterpretedFunction"

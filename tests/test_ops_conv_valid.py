@@ -1,0 +1,195 @@
+"""The batch-1 Triton convolutions (conv_valid, its backward, its fused SGD step) against their twins.
+
+On a GPU the kernels run compiled on CUDA; without one, in Triton's interpreter on CPU tensors
+(conftest.py turns it on before anything imports anml_fast.ops).
+"""
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from anml_fast import ops  # noqa: E402
+from anml_fast.ops import reference  # noqa: E402
+from conftest import assert_close  # noqa: E402
+
+cv = importlib.import_module("anml_fast.ops.conv_valid")
+if not callable(ops.conv_valid):  # see test_ops_gated_head.py: a submodule import rebinds the name
+    ops.conv_valid = reference.conv_valid
+
+pytest.importorskip("triton")
+kernels = cv._kernels()
+CUDA = torch.cuda.is_available()
+if not CUDA and not cv._CHECK.interpreted():
+    raise RuntimeError("the conv kernels were defined for a GPU, but there is none: set TRITON_INTERPRET=1 "
+                       "before anything imports anml_fast.ops (tests/conftest.py should, when CUDA is absent)")
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+gpu = pytest.mark.gpu
+
+# (N, C_in, H, W, C_out, kh, kw): odd sizes hit every mask; then the inner loop's three layers.
+ODD = [(1, 2, 7, 9, 3, 3, 3), (2, 5, 9, 7, 6, 3, 3), (3, 4, 6, 5, 5, 2, 3), (1, 17, 5, 5, 19, 3, 3),
+       (2, 3, 4, 4, 2, 1, 1), (1, 3, 3, 3, 33, 3, 3)]
+PROTOCOL = [(1, 3, 28, 28, 256, 3, 3), (1, 256, 13, 13, 256, 3, 3), (1, 256, 5, 5, 256, 3, 3)]
+# float64: only the summation order differs. float32: "tf32x3" products (float32 accuracy) summed
+# in another order than cuDNN's; ~1e-6 relative per value, so 1e-4 with K up to 2304 terms.
+TOL = {torch.float64: (1e-11, 1e-10), torch.float32: (1e-4, 1e-4)}
+
+
+def make(shape, dtype=torch.float32, seed=0):
+    n, c_in, h, w, c_out, kh, kw = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, kh, kw, generator=g, dtype=torch.float64) / (c_in * kh * kw) ** 0.5
+    gy = torch.randn(n, c_out, h - kh + 1, w - kw + 1, generator=g, dtype=torch.float64)
+    return [t.to(DEVICE, dtype) for t in (x, weight, gy)]
+
+
+def _scaled(atol, ref):
+    return atol * max(1.0, ref.abs().max().item())
+
+
+def _check_all(shape, dtype):
+    x, w, gy = make(shape, dtype)
+    got = (cv.conv_valid(x, w), *cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1))
+    # the twins in float64: the reference for both dtypes
+    x64, w64, gy64 = (t.double() for t in (x, w, gy))
+    want = (reference.conv_valid(x64, w64), *reference.conv_valid_backward(gy64, x64, w64, True, True),
+            reference.conv_valid_sgd(gy64, x64, w64, 0.1))
+    atol, rtol = TOL[dtype]
+    for name, a, b in zip(("y", "grad_x", "grad_weight", "sgd weight"), got, want):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert_close(a.double(), b, _scaled(atol, b), rtol, f"{name} {shape} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", ODD)
+def test_matches_twin(shape, dtype):
+    _check_all(shape, dtype)
+
+
+@pytest.mark.parametrize("shape", [PROTOCOL[0], PROTOCOL[2], pytest.param(PROTOCOL[1], marks=gpu)])
+def test_protocol_shapes(shape):
+    # conv2 (the 13 x 13 layer) alone takes minutes in the interpreter: GPU only
+    _check_all(shape, torch.float32)
+
+
+def test_float32_error_within_2x_of_pytorch():
+    """Against float64, the kernels' float32 error is at most twice the twin's in float32."""
+    x, w, gy = make((1, 64, 9, 9, 48, 3, 3))
+    x64, w64, gy64 = (t.double() for t in (x, w, gy))
+    ours = (cv.conv_valid(x, w), *cv.conv_valid_backward(gy, x, w, True, True))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        theirs = (reference.conv_valid(x, w), *reference.conv_valid_backward(gy, x, w, True, True))
+    exact = (reference.conv_valid(x64, w64), *reference.conv_valid_backward(gy64, x64, w64, True, True))
+    for name, a, b, e in zip(("y", "grad_x", "grad_weight"), ours, theirs, exact):
+        err, ref_err = (a.double() - e).norm() / e.norm(), (b.double() - e).norm() / e.norm()
+        assert err <= 2 * ref_err + 1e-7, f"{name}: {err:.2e} against PyTorch's {ref_err:.2e}"
+
+
+def test_only_the_needed_grads():
+    x, w, gy = make(ODD[1])
+    gx, gw = cv.conv_valid_backward(gy, x, w, True, False)
+    assert gx.shape == x.shape and gw.numel() == 0
+    gx, gw = cv.conv_valid_backward(gy, x, w, False, True)
+    assert gx.numel() == 0 and gw.shape == w.shape
+
+
+def test_non_contiguous_inputs_and_deterministic():
+    x, w, gy = make(ODD[1])
+    xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    assert not xt.is_contiguous()
+    assert torch.equal(cv.conv_valid(xt, w), cv.conv_valid(x, w))
+    assert torch.equal(cv.conv_valid_sgd(gy, x, w, 0.1), cv.conv_valid_sgd(gy, x, w, 0.1))
+
+
+def test_sgd_leaves_the_weight_alone():
+    x, w, gy = make(ODD[0])
+    before = w.clone()
+    new = cv.conv_valid_sgd(gy, x, w, 0.5)
+    assert torch.equal(w, before) and new.data_ptr() != w.data_ptr()
+
+
+def test_input_errors():
+    x, w, gy = make(ODD[1])
+    with pytest.raises(ValueError, match="same C_in"):
+        cv.conv_valid(x, w[:, :2])
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        cv.conv_valid(x[:, :, :2], w)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        cv.conv_valid(x.half(), w.half())
+    with pytest.raises(ValueError, match="grad_y must be"):
+        cv.conv_valid_sgd(gy[:, :, 1:], x, w, 0.1)
+
+
+def test_gradcheck_float64():
+    x, w, _ = make((2, 3, 6, 5, 4, 3, 3), torch.float64)
+    x.requires_grad_(), w.requires_grad_()
+    assert torch.autograd.gradcheck(cv.conv_valid, (x, w))
+
+
+def test_second_order_through_the_twin():
+    x, w, _ = make((1, 2, 5, 5, 3, 3, 3), torch.float64)
+    x.requires_grad_(), w.requires_grad_()
+    assert torch.autograd.gradgradcheck(cv.conv_valid, (x, w))
+
+
+# See test_ops_gated_head.py: on CPU the interpreter cannot be captured by AOT dispatch.
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
+                 "test_aot_dispatch_dynamic") if CUDA else ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+@pytest.mark.parametrize("case", ["conv_valid", "conv_valid_backward", "conv_valid_backward_weight",
+                                  "conv_valid_sgd"])
+def test_opcheck(case):
+    x, w, gy = make(ODD[1])
+    args = {"conv_valid": (kernels.conv_valid, (x.requires_grad_(), w.requires_grad_())),
+            "conv_valid_backward": (kernels.conv_valid_backward, (gy, x.detach(), w.detach(), True, True)),
+            "conv_valid_backward_weight": (kernels.conv_valid_backward, (gy, x.detach(), w.detach(), False, True)),
+            "conv_valid_sgd": (kernels.conv_valid_sgd, (gy, x.detach(), w.detach(), 0.1))}[case]
+    torch.library.opcheck(*args, test_utils=OPCHECK_UTILS)
+
+
+def _block(x, w, gw, gb):
+    return ops.plane_norm(cv.conv_valid(x, w), gw, gb, True, backend="compiled").square().mean()
+
+
+def test_compile_fullgraph():
+    """A conv block built from the two ops (Triton conv, C++ plane_norm) under torch.compile."""
+    if not ops._conv_block_ext.available(DEVICE):
+        pytest.skip(f"the C++ plane_norm is not built: {ops._conv_block_ext.unavailable_reason(DEVICE)}")
+    torch._dynamo.reset()
+    x, w, _ = make(ODD[1])
+    gw, gb = torch.rand(w.shape[0], device=DEVICE) + 0.5, torch.randn(w.shape[0], device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (x, w, gw, gb)]
+    ops.available()  # self-tests outside the trace
+    loss = torch.compile(_block, fullgraph=True, backend="inductor" if CUDA else "eager")(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w, gw, gb)]
+    ref = reference.plane_norm(F.conv2d(ref_leaves[0], ref_leaves[1]), *ref_leaves[2:], True).square().mean()
+    ref_grads = torch.autograd.grad(ref, ref_leaves)
+    assert_close(loss, ref, 1e-5, 1e-4, "loss")
+    for n, g, r in zip(("x", "weight", "norm_weight", "norm_bias"), grads, ref_grads):
+        assert_close(g, r, _scaled(1e-4, r), 1e-3, n)
+
+
+def test_dispatch_and_available():
+    assert cv.available(DEVICE)
+    assert ops.choose("conv_valid_sgd", DEVICE, "compiled") is cv.conv_valid_sgd
+    assert ops.choose("conv_valid_sgd", DEVICE, "torch") is reference.conv_valid_sgd
+
+
+def test_split_reduction_equals_one_pass(monkeypatch):
+    """The reduction split over programs (partials summed by a second launch) gives the one-pass
+    result up to summation order, and the same bits on every run."""
+    x, w, gy = make((1, 17, 5, 5, 19, 3, 3))
+    split = (cv.conv_valid(x, w), *cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1))
+    again = (cv.conv_valid(x, w), *cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1))
+    monkeypatch.setattr(kernels, "PROGRAMS", 1)
+    whole = (cv.conv_valid(x, w), *cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1))
+    for name, a, b, c in zip(("y", "grad_x", "grad_weight", "sgd weight"), split, again, whole):
+        assert torch.equal(a, b), name
+        assert_close(a, c, 1e-5, 1e-5, name)
