@@ -49,6 +49,8 @@ def _step(impl):
             with ops.use_backend("torch"):
                 return pln_sgd_step_autograd(net, params, pln, x, y, gate, 0.1)
     else:
+        # fused_donate updates the benchmark's own head weights in place every round: harmless
+        # for a timing (the values drift, the work does not change)
         donate = impl == "fused_donate"
 
         def run():

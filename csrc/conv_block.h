@@ -93,9 +93,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_block_conv_backward(
 // What the normalisation's backward reads (the conv_block backward's and plane_norm_backward's).
 inline void check_plane_norm_backward_args(const at::Tensor& grad_out, const at::Tensor& conv_out,
                                            const at::Tensor& mean, const at::Tensor& rstd,
-                                           bool pool) {
-  TORCH_CHECK(conv_out.dim() == 4, "plane_norm_backward: y must be [N, C, H, W], got ",
-              conv_out.sizes());
+                                           const at::Tensor& norm_weight,
+                                           const at::Tensor& norm_bias, bool pool) {
+  check_plane_norm_args(conv_out, norm_weight, norm_bias);
+  for (const at::Tensor* t : {&grad_out, &mean, &rstd}) {
+    TORCH_CHECK(t->device() == conv_out.device(),
+                "plane_norm_backward: grad_out, mean and rstd must be on ", conv_out.device(),
+                ", got ", t->device());
+  }
   const int64_t N = conv_out.size(0), C = conv_out.size(1);
   const int64_t H = conv_out.size(2), W = conv_out.size(3);
   const std::array<int64_t, 4> expect{N, C, pool ? H / 2 : H, pool ? W / 2 : W};

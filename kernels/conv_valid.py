@@ -154,7 +154,8 @@ def _split_sum_kernel(P_ptr, W_ptr, Out_ptr, numel, splits, lr_hi, lr_lo, SGD: t
 # Tiles per GEMM, by the length of its reduction and its N (output columns):
 # {kernel: [(max reduction, max N, config)]}, the first row that fits wins. "PROGRAMS" is the
 # split target (see PROGRAMS below). The winners of bench/tune_conv_valid.py on an H200
-# (2026-11-27; 50 candidates a product, graph-replayed, each within 4e-7 of the float64 twin),
+# (2026-11-27; 96 candidates a product: 8 tiles x warps x stages x 4 split targets, graph-replayed,
+# each within 4e-7 of the float64 twin; bench/results/tune-conv-valid-nvidia-h200.json),
 # per product of the inner loop at batch 1, against the twin's cuDNN product timed the same way:
 #   forward   conv1 (K 27, N 676)    3.7 us  (cuDNN  4.0)
 #             conv2 (K 2304, N 121) 15.6 us  (cuDNN 19.5)
@@ -195,8 +196,13 @@ def _check(x: torch.Tensor, weight: torch.Tensor, op: str, grad_y: torch.Tensor 
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"{op}: x must be [N, C_in, H, W] and weight [C_out, C_in, kh, kw] with the "
                          f"same C_in, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if weight.shape[2] < 1 or weight.shape[3] < 1:
+        raise ValueError(f"{op}: the kernel must be at least 1 x 1, got weight {tuple(weight.shape)}")
     if x.shape[2] < weight.shape[2] or x.shape[3] < weight.shape[3]:
         raise ValueError(f"{op}: input {tuple(x.shape)} is smaller than the kernel {tuple(weight.shape)}")
+    if max(x.numel(), weight.numel(), x.shape[0] * weight.shape[0] * x.shape[2] * x.shape[3]) >= 2 ** 31:
+        raise ValueError(f"{op}: the kernels index with 32-bit offsets; x {tuple(x.shape)} with weight "
+                         f"{tuple(weight.shape)} is too large (split the batch, or use the twin)")
     if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype:
         raise TypeError(f"{op}: the Triton op takes float32 or float64, both alike, got {x.dtype} "
                         f"and {weight.dtype} (use the plain-PyTorch twin for other dtypes)")
@@ -217,7 +223,7 @@ def _dims(x, weight):
 
 # Split the reduction until about this many programs run (2 per SM of an H100/H200): at batch 1
 # the output tiles alone are too few to fill the card, and each would run a 2304-long reduction
-# serially. A config may set its own target ("PROGRAMS"; 1 = never split).
+# serially. The default for a config without its own target ("PROGRAMS"; 1 = never split).
 PROGRAMS = 264
 _SUM_BLOCK = 1024
 
@@ -242,6 +248,9 @@ def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, sgd_weight=N
         lr_args = lr_args or (0.0, 0.0)
     precision = "ieee" if out.dtype == torch.float64 else "tf32x3"
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"]), splits)
+    if grid[1] > 65535:  # CUDA's limit on grid axes 1 and 2
+        raise ValueError(f"conv_valid: {n_cols} output columns are too many for one launch of the {name} "
+                         f"kernel (written for the inner loop's batch of one); split the batch, or use the twin")
     wrap_triton(kernel)[grid](*head, dest, *dims, chunk, numel, *lr_args, **constexprs,
                               PRECISION=precision, **cfg)
     if splits > 1:

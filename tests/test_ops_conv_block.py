@@ -274,6 +274,13 @@ def test_plane_norm_opcheck_and_errors():
         cb.plane_norm(y, nw[:2], nb, True)
     with pytest.raises(RuntimeError, match="grad_out must be"):
         cb.plane_norm_backward(out[:, :, :1], y, mean, rstd, nw, nb, True)
+    with pytest.raises(RuntimeError, match=r"norm_weight and norm_bias must be \[C\]"):
+        cb.plane_norm_backward(out, y, mean, rstd, nw[:2], nb, True)
+    with pytest.raises(RuntimeError, match="mean must be"):
+        cb.plane_norm_backward(out, y, mean[:1], rstd, nw, nb, True)
+    # the C++ op checks for itself too (a caller may go through torch.ops directly)
+    with pytest.raises(RuntimeError, match="norm_weight and norm_bias"):
+        torch.ops.anml_fast.plane_norm_backward(out, y.detach(), mean, rstd, nw.detach()[:2], nb, True)
 
 
 def test_same_signature_as_twin():

@@ -123,6 +123,8 @@ def test_input_errors():
         cv.conv_valid(x.half(), w.half())
     with pytest.raises(ValueError, match="grad_y must be"):
         cv.conv_valid_sgd(gy[:, :, 1:], x, w, 0.1)
+    with pytest.raises(ValueError, match="at least 1 x 1"):
+        cv.conv_valid(x, w[:, :, :0])
 
 
 def test_gradcheck_float64():
@@ -182,14 +184,33 @@ def test_dispatch_and_available():
     assert ops.choose("conv_valid_sgd", DEVICE, "torch") is reference.conv_valid_sgd
 
 
-def test_split_reduction_equals_one_pass(monkeypatch):
+@pytest.mark.parametrize("shape", [(1, 17, 5, 5, 19, 3, 3), (1, 3, 12, 12, 5, 3, 3)])
+def test_split_reduction_equals_one_pass(shape, monkeypatch):
     """The reduction split over programs (partials summed by a second launch) gives the one-pass
-    result up to summation order, and the same bits on every run."""
-    x, w, gy = make((1, 17, 5, 5, 19, 3, 3))
-    split = (cv.conv_valid(x, w), *cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1))
-    again = (cv.conv_valid(x, w), *cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1))
-    monkeypatch.setattr(kernels, "PROGRAMS", 1)
-    whole = (cv.conv_valid(x, w), *cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1))
+    result up to summation order, and the same bits on every run. The first shape splits the
+    forward's and the input grad's reductions, the second the weight grad's (with its SGD step):
+    test_those_shapes_do_split checks that."""
+    x, w, gy = make(shape)
+
+    def run():
+        return (cv.conv_valid(x, w), *cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1))
+    split, again = run(), run()
+    unsplit = {name: [(k, n, {**cfg, "PROGRAMS": 1}) for k, n, cfg in rows] for name, rows in kernels.CONFIGS.items()}
+    monkeypatch.setattr(kernels, "CONFIGS", unsplit)
+    whole = run()
     for name, a, b, c in zip(("y", "grad_x", "grad_weight", "sgd weight"), split, again, whole):
         assert torch.equal(a, b), name
         assert_close(a, c, 1e-5, 1e-5, name)
+
+
+@pytest.mark.parametrize("shape, kernel", [((1, 17, 5, 5, 19, 3, 3), "fwd"), ((1, 17, 5, 5, 19, 3, 3), "dgrad"),
+                                           ((1, 3, 12, 12, 5, 3, 3), "wgrad")])
+def test_those_shapes_do_split(shape, kernel):
+    """What the test above relies on: at these shapes the shipped configs split the reduction."""
+    n, c_in, h, w, c_out, kh, kw = shape
+    m, cols, red = {"fwd": (c_out, n * (h - kh + 1) * (w - kw + 1), c_in * kh * kw),
+                    "dgrad": (c_in, n * h * w, c_out * kh * kw),
+                    "wgrad": (c_out, c_in * kh * kw, n * (h - kh + 1) * (w - kw + 1))}[kernel]
+    cfg = kernels.config(kernel, red, cols)
+    tiles = -(-m // cfg["BLOCK_M"]) * -(-cols // cfg["BLOCK_N"])
+    assert min(-(-red // cfg["BLOCK_K"]), cfg.get("PROGRAMS", kernels.PROGRAMS) // tiles) > 1

@@ -120,13 +120,17 @@ def plane_norm_forward(y, norm_weight, norm_bias, pool: bool):
 
 def plane_norm_backward(grad_out, y, mean, rstd, norm_weight, norm_bias, pool: bool):
     """(grad_y, grad_norm_weight, grad_norm_bias)."""
+    _check_norm_args(y, norm_weight, norm_bias)
     want = (*y.shape[:2], y.shape[2] // 2, y.shape[3] // 2) if pool else tuple(y.shape)
-    if y.dim() != 4 or tuple(grad_out.shape) != want or grad_out.dtype != y.dtype:
-        raise RuntimeError(f"plane_norm_backward: grad_out must be {y.dtype} {list(want)}, got "
-                           f"{grad_out.dtype} {list(grad_out.shape)}")
-    if mean.numel() != y.shape[0] * y.shape[1] or rstd.shape != mean.shape or mean.dtype != _stats_dtype(y.dtype):
-        raise RuntimeError(f"plane_norm_backward: mean and rstd must be {_stats_dtype(y.dtype)} with "
-                           f"N * C = {y.shape[0] * y.shape[1]} values")
+    if tuple(grad_out.shape) != want or grad_out.dtype != y.dtype or grad_out.device != y.device:
+        raise RuntimeError(f"plane_norm_backward: grad_out must be {y.dtype} {list(want)} on {y.device}, got "
+                           f"{grad_out.dtype} {list(grad_out.shape)} on {grad_out.device}")
+    stats = _stats_dtype(y.dtype)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if t.numel() != y.shape[0] * y.shape[1] or t.dtype != stats or t.device != y.device:
+            raise RuntimeError(f"plane_norm_backward: {name} must be {stats} with N * C = "
+                               f"{y.shape[0] * y.shape[1]} values on {y.device}, got {t.dtype} "
+                               f"{list(t.shape)} on {t.device}")
     return torch.ops.anml_fast.plane_norm_backward(grad_out, y, mean, rstd, norm_weight, norm_bias,
                                                    bool(pool))
 

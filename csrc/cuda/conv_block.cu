@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> plane_norm_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& conv_out, const at::Tensor& mean,
     const at::Tensor& rstd, const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool) {
-  check_plane_norm_backward_args(grad_out, conv_out, mean, rstd, pool);
+  check_plane_norm_backward_args(grad_out, conv_out, mean, rstd, norm_weight, norm_bias, pool);
   const c10::cuda::CUDAGuard guard(conv_out.device());
   const at::Tensor y = conv_out.contiguous(), gout = grad_out.contiguous();
   const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
