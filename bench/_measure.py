@@ -5,6 +5,22 @@ import re
 import torch
 
 
+def graphed(fn, calls: int = 1):
+    """`calls` calls of fn captured in one CUDA graph (after warm-up on a side stream: kernels
+    compiled, the allocator settled); the returned callable replays them."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
 def card_slug(card: str) -> str:
     """A card's name as the results files are named: "NVIDIA H200" -> "nvidia-h200"."""
     return re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()

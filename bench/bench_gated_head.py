@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from _measure import record_peak, test_kind, time_backward, timings  # bench/_measure.py
+from _measure import graphed, record_peak, test_kind, time_backward, timings  # bench/_measure.py
 
 gh = importlib.import_module("anml_fast.ops.gated_head")
 
@@ -46,20 +46,6 @@ def call(impl, op, leaves, y):
     fn = IMPLS[impl][op]
     out = fn(*leaves) if op == "logits" else fn(*leaves, y)
     return out if op == "ce" else out.square().mean()  # a scalar to differentiate
-
-
-def graphed(fn):
-    """fn captured once in a CUDA graph; the returned callable replays it."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # compile kernels, settle the allocator
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def timed(fn, mode):

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from _measure import record_kernel_time, record_peak, timings  # bench/_measure.py
+from _measure import graphed, record_kernel_time, record_peak, timings  # bench/_measure.py
 
 from anml_fast import ops
 from anml_fast.models import ModelConfig, build
@@ -58,25 +58,11 @@ def _step(impl):
     return run
 
 
-def _graphed(fn):
-    """Capture fn once (after warm-up on a side stream) and return a replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 @pytest.mark.parametrize("mode", ["eager", "graph"])
 @pytest.mark.parametrize("impl", ["fused", "fused_donate", "twin"])
 def test_pln_inner_step(benchmark, impl, mode):
     step = _step(impl)
-    call = _graphed(step) if mode == "graph" else step
+    call = graphed(step) if mode == "graph" else step
 
     def run():
         call()

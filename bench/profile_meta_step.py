@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from _measure import card_slug  # bench/ is on the path of a script run from it
+from _measure import card_slug, graphed  # bench/ is on the path of a script run from it
 
 HERE = Path(__file__).resolve().parent
 # first match wins; names as CUPTI reports them
@@ -64,20 +64,20 @@ def _meta_step_runs(args):
     data = load_omniglot(args.data, progress=False)
     tmp_eager, tmp_graph = tempfile.TemporaryDirectory(), tempfile.TemporaryDirectory()
     eager = _trainer(data, args.second_order, False, tmp_eager.name)
-    graphed = _trainer(data, args.second_order, True, tmp_graph.name)
-    eager._tmp, graphed._tmp = tmp_eager, tmp_graph  # removed with the trainers
-    return eager.step_once, graphed.step_once
+    replayed = _trainer(data, args.second_order, True, tmp_graph.name)
+    eager._tmp, replayed._tmp = tmp_eager, tmp_graph  # removed with the trainers
+    return eager.step_once, replayed.step_once
 
 
 def _inner_step_runs(impl: str):
     """(eager step, graph-replayed step) of the batch-1 PLN inner step (bench_inner_step.py's)."""
-    from bench_inner_step import _graphed, _step
+    from bench_inner_step import _step
 
     step = _step(impl)
-    return step, _graphed(step)
+    return step, graphed(step)
 
 
-def _profile(eager, graphed, steps: int):
+def _profile(eager, replayed, steps: int):
     """Kernels seen over `steps` eager calls (per call), and the graph replay's wall ms per call."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -89,11 +89,11 @@ def _profile(eager, graphed, steps: int):
             eager()
         torch.cuda.synchronize()
     for _ in range(5):  # includes a capture where the step captures itself
-        graphed()
+        replayed()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        graphed()
+        replayed()
     torch.cuda.synchronize()
     graph_ms = 1e3 * (time.perf_counter() - t0) / steps
     kernels = []
@@ -147,8 +147,8 @@ def main() -> int:
         runs = {"auto": _meta_step_runs(args)}
     result = {"card": card, "torch": torch.__version__, "date": str(datetime.date.today()), "what": name,
               "steps": args.steps}
-    for label, (eager, graphed) in runs.items():
-        kernels, graph_ms = _profile(eager, graphed, args.steps)
+    for label, (eager, replayed) in runs.items():
+        kernels, graph_ms = _profile(eager, replayed, args.steps)
         if not kernels:
             print("profile_meta_step.py: error: the profiler saw no GPU kernels (CUPTI unavailable?)",
                   file=sys.stderr)

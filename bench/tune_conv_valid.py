@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from _measure import card_slug
+from _measure import card_slug, graphed
 
 HERE = Path(__file__).resolve().parent
 LAYERS = {"conv1": (3, 28), "conv2": (256, 13), "conv3": (256, 5)}  # (C_in, H = W), C_out 256
@@ -31,21 +31,12 @@ REPLAY = 20
 
 def _time_us(fn, reps: int = 30) -> float:
     """Median microseconds per call of fn, replayed REPLAY times per graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPLAY):
-            fn()
+    replay = graphed(fn, REPLAY)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        replay()
         end.record()
         end.synchronize()
         times.append(1e3 * start.elapsed_time(end) / REPLAY)
