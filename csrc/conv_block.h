@@ -117,4 +117,31 @@ inline void check_plane_norm_backward_args(const at::Tensor& grad_out, const at:
               grad_out.scalar_type());
 }
 
+// conv_block is ATen's convolution followed by the device's plane_norm; its backward is the
+// device's plane_norm_backward followed by ATen's convolution backward. The CPU and CUDA files
+// pass their own norm functions (and the CUDA one sets its device guard around the call).
+template <typename PlaneNorm>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_with(
+    PlaneNorm plane_norm, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool) {
+  check_conv_block_args(x, weight, bias, norm_weight, norm_bias);
+  const at::Tensor conv_out = conv_block_conv(x, weight);
+  auto [out, mean, rstd] = plane_norm(conv_out, norm_weight, norm_bias, pool);
+  return {out, conv_out, mean, rstd};
+}
+
+template <typename PlaneNormBackward>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_backward_with(
+    PlaneNormBackward plane_norm_backward, const at::Tensor& grad_out, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& conv_out, const at::Tensor& mean,
+    const at::Tensor& rstd, const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool,
+    std::array<bool, 3> output_mask) {
+  TORCH_CHECK(conv_out.dim() == 4 && conv_out.size(0) == x.size(0),
+              "conv_block_backward: conv_out must be [N, C_out, H, W], got ", conv_out.sizes());
+  auto [grad_y, grad_gamma, grad_beta] =
+      plane_norm_backward(grad_out, conv_out, mean, rstd, norm_weight, norm_bias, pool);
+  auto [grad_x, grad_weight, grad_bias] = conv_block_conv_backward(grad_y, x, weight, output_mask);
+  return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
+}
+
 }  // namespace anml_fast

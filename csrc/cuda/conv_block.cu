@@ -134,11 +134,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plane_norm_cuda(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool) {
-  check_conv_block_args(x, weight, bias, norm_weight, norm_bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor conv_out = conv_block_conv(x, weight);
-  auto [out, mean, rstd] = plane_norm_cuda(conv_out, norm_weight, norm_bias, pool);
-  return {out, conv_out, mean, rstd};
+  return conv_block_with(plane_norm_cuda, x, weight, bias, norm_weight, norm_bias, pool);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> plane_norm_backward_cuda(
@@ -184,13 +181,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
     const at::Tensor& conv_out, const at::Tensor& mean, const at::Tensor& rstd,
     const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool pool,
     std::array<bool, 3> output_mask) {
-  TORCH_CHECK(conv_out.dim() == 4 && conv_out.size(0) == x.size(0),
-              "conv_block_backward: conv_out must be [N, C_out, H, W], got ", conv_out.sizes());
   const c10::cuda::CUDAGuard guard(conv_out.device());
-  auto [grad_y, grad_gamma, grad_beta] =
-      plane_norm_backward_cuda(grad_out, conv_out, mean, rstd, norm_weight, norm_bias, pool);
-  auto [grad_x, grad_weight, grad_bias] = conv_block_conv_backward(grad_y, x, weight, output_mask);
-  return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
+  return conv_block_backward_with(plane_norm_backward_cuda, grad_out, x, weight, conv_out, mean,
+                                  rstd, norm_weight, norm_bias, pool, output_mask);
 }
 
 }  // namespace
