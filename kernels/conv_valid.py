@@ -30,26 +30,41 @@ float32 or float64, contiguous (the wrappers make them so).
 """
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._scalars import join_double, split_double
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 @triton.jit
-def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out, oh: tl.constexpr,
-                     ow: tl.constexpr, n_pos, k_total, k_chunk, part_stride, KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _window_offsets(p, c_in, h: tl.constexpr, w: tl.constexpr, oh: tl.constexpr, ow: tl.constexpr):
+    """For flat output positions p = (sample n, position q): n, q, and the offset in x of each
+    position's window corner."""
+    n, q = p // (oh * ow), p % (oh * ow)
+    return n, q, n * (c_in * h * w) + (q // ow) * w + q % ow
+
+
+@triton.jit
+def _tap_offsets(k, h: tl.constexpr, w: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
+    """For flat filter indices k = (ci, kh, kw): their offset in x from a window's corner."""
+    tap = k % (KH * KW)
+    return (k // (KH * KW)) * (h * w) + (tap // KW) * w + tap % KW
+
+
+@triton.jit
+def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out,
+                     oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, k_chunk, part_stride,
+                     KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     dt = Y_ptr.dtype.element_ty
     co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     p = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ohw = oh * ow
-    n, q = p // ohw, p % ohw
-    x_pos = n * (c_in * h * w) + (q // ow) * w + q % ow
+    n, q, x_pos = _window_offsets(p, c_in, h, w, oh, ow)
     co_ok, p_ok = co < c_out, p < n_pos
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=dt)
     k_lo = tl.program_id(2) * k_chunk
@@ -57,8 +72,7 @@ def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, c_in, h: tl.constexpr, w: tl.constexpr
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < k_hi
-        tap = k % (KH * KW)
-        x_k = (k // (KH * KW)) * (h * w) + (tap // KW) * w + tap % KW
+        x_k = _tap_offsets(k, h, w, KH, KW)
         a = tl.load(W_ptr + co[:, None] * k_total + k[None, :], mask=co_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(X_ptr + x_k[:, None] + x_pos[None, :], mask=k_ok[:, None] & p_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=dt)
@@ -68,15 +82,16 @@ def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, c_in, h: tl.constexpr, w: tl.constexpr
 
 @triton.jit
 def _conv_wgrad_kernel(GY_ptr, X_ptr, W_ptr, Out_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out,
-                       oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, k_chunk, part_stride, lr_hi, lr_lo, SGD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, k_chunk, part_stride,
+                       lr_hi, lr_lo, SGD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     """dW (SGD=False) or W - lr dW (SGD=True) for a BLOCK_M x BLOCK_N tile of [C_out, C_in*kh*kw]."""
     dt = Out_ptr.dtype.element_ty
     co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok, k_ok = co < c_out, k < k_total
-    tap = k % (KH * KW)
-    x_k = (k // (KH * KW)) * (h * w) + (tap // KW) * w + tap % KW
+    x_k = _tap_offsets(k, h, w, KH, KW)
     ohw = oh * ow
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=dt)
     p_lo = tl.program_id(2) * k_chunk  # this kernel's reduction runs over positions
@@ -84,8 +99,7 @@ def _conv_wgrad_kernel(GY_ptr, X_ptr, W_ptr, Out_ptr, c_in, h: tl.constexpr, w: 
     for p0 in range(p_lo, p_hi, BLOCK_K):
         p = p0 + tl.arange(0, BLOCK_K)
         p_ok = p < p_hi
-        n, q = p // ohw, p % ohw
-        x_pos = n * (c_in * h * w) + (q // ow) * w + q % ow
+        n, q, x_pos = _window_offsets(p, c_in, h, w, oh, ow)
         a = tl.load(GY_ptr + (n * (c_out * ohw) + q)[None, :] + co[:, None] * ohw,
                     mask=co_ok[:, None] & p_ok[None, :], other=0.0)
         b = tl.load(X_ptr + x_pos[:, None] + x_k[None, :], mask=p_ok[:, None] & k_ok[None, :], other=0.0)
@@ -93,15 +107,16 @@ def _conv_wgrad_kernel(GY_ptr, X_ptr, W_ptr, Out_ptr, c_in, h: tl.constexpr, w: 
     offs = co[:, None] * k_total + k[None, :]
     mask = co_ok[:, None] & k_ok[None, :]
     if SGD:
-        lr = tl.cast(lr_hi, dt) + tl.cast(lr_lo, dt)
+        lr = join_double(lr_hi, lr_lo, dt)
         acc = tl.load(W_ptr + offs, mask=mask, other=0.0) - lr * acc
     tl.store(Out_ptr + tl.program_id(2) * part_stride + offs, acc, mask=mask)
 
 
 @triton.jit
-def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out, oh: tl.constexpr,
-                       ow: tl.constexpr, n_pos, k_total, k_chunk, part_stride, KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out,
+                       oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, k_chunk, part_stride,
+                       KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx for a BLOCK_M (input channels) x BLOCK_N (input positions) tile; K runs over (c_out, tap)."""
     dt = DX_ptr.dtype.element_ty
     ci = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -142,7 +157,7 @@ def _split_sum_kernel(P_ptr, W_ptr, Out_ptr, numel, splits, lr_hi, lr_lo, SGD: t
     for s in range(0, splits):
         acc += tl.load(P_ptr + s * numel + offs, mask=mask, other=0.0)
     if SGD:
-        lr = tl.cast(lr_hi, dt) + tl.cast(lr_lo, dt)
+        lr = join_double(lr_hi, lr_lo, dt)
         acc = tl.load(W_ptr + offs, mask=mask, other=0.0) - lr * acc
     tl.store(Out_ptr + offs, acc, mask=mask)
 
@@ -184,12 +199,6 @@ def config(kernel: str, k: int, n: int) -> dict:
         if k <= max_k and n <= max_n:
             return cfg
     raise ValueError(f"conv_valid: no {kernel} config for K={k}, N={n}")
-
-
-def _split(x: float) -> tuple[float, float]:
-    """A double as two float32s whose sum is exact in float64 (Triton float arguments are float32)."""
-    hi = struct.unpack("f", struct.pack("f", x))[0]
-    return hi, x - hi
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, op: str, grad_y: torch.Tensor | None = None):
@@ -235,29 +244,26 @@ def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, sgd_weight=N
     SGD step there when `sgd_weight` is given."""
     cfg = dict(config(name, red, n_cols))
     target = cfg.pop("PROGRAMS", PROGRAMS)
-    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n_cols, cfg["BLOCK_N"])
+    m_tiles, n_tiles = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"])
+    if n_tiles > 65535:  # CUDA's limit on grid axes 1 and 2
+        raise ValueError(f"conv_valid: {n_cols} output columns are too many for one launch of the {name} "
+                         f"kernel (written for the inner loop's batch of one); split the batch, or use the twin")
     iters = triton.cdiv(red, cfg["BLOCK_K"])
-    splits = max(1, min(iters, target // tiles))
+    splits = max(1, min(iters, target // (m_tiles * n_tiles)))
     chunk = triton.cdiv(iters, splits) * cfg["BLOCK_K"]
     splits = triton.cdiv(red, chunk)
     numel = out.numel()
     dest = out if splits == 1 else out.new_empty((splits, numel))
-    lr_args = () if lr is None else _split(float(lr))
-    if kernel is _conv_wgrad_kernel:
-        constexprs["SGD"] = sgd_weight is not None and splits == 1
-        lr_args = lr_args or (0.0, 0.0)
+    lr_args = (0.0, 0.0) if lr is None else split_double(float(lr))
+    if kernel is _conv_wgrad_kernel:  # the only GEMM that takes the learning rate
+        constexprs.update(SGD=sgd_weight is not None and splits == 1, lr_hi=lr_args[0], lr_lo=lr_args[1])
     precision = "ieee" if out.dtype == torch.float64 else "tf32x3"
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"]), splits)
-    if grid[1] > 65535:  # CUDA's limit on grid axes 1 and 2
-        raise ValueError(f"conv_valid: {n_cols} output columns are too many for one launch of the {name} "
-                         f"kernel (written for the inner loop's batch of one); split the batch, or use the twin")
-    wrap_triton(kernel)[grid](*head, dest, *dims, chunk, numel, *lr_args, **constexprs,
-                              PRECISION=precision, **cfg)
+    wrap_triton(kernel)[(m_tiles, n_tiles, splits)](*head, dest, *dims, chunk, numel, **constexprs,
+                                                    PRECISION=precision, **cfg)
     if splits > 1:
         wrap_triton(_split_sum_kernel)[(triton.cdiv(numel, _SUM_BLOCK),)](
-            dest, out if sgd_weight is None else sgd_weight, out, numel, splits,
-            *(_split(float(lr)) if lr is not None else (0.0, 0.0)), SGD=sgd_weight is not None,
-            BLOCK=_SUM_BLOCK)
+            dest, out if sgd_weight is None else sgd_weight, out, numel, splits, *lr_args,
+            SGD=sgd_weight is not None, BLOCK=_SUM_BLOCK)
 
 
 @triton_op("anml_fast::conv_valid", mutates_args=())

@@ -28,12 +28,13 @@ Kernels, shared by the ops:
 """
 from __future__ import annotations
 
-import struct
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from ._scalars import join_double, split_double
 
 # tl.dot on float32 defaults to TF32 on NVIDIA tensor cores (10-bit mantissa: measured 5e-4 error
 # on the logits at B = 84 against 1e-8 for PyTorch). PyTorch's own float32 matmul is IEEE unless
@@ -245,7 +246,7 @@ def _gated_head_bwd_weight_kernel(
 
     if SGD:
         # Triton passes Python floats as float32; lr = hi + lo keeps it exact for float64.
-        lr = tl.cast(lr_hi, dt) + tl.cast(lr_lo, dt)
+        lr = join_double(lr_hi, lr_lo, dt)
         tl.store(W_ptr + w_offs, w - lr * acc, mask=w_mask)
         if pid_f == 0:
             bias = tl.load(Bias_ptr + outs, mask=out_mask, other=0.0)
@@ -450,8 +451,7 @@ def _launch_bwd(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh,
             FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss_is_one, FROM_PARTIAL=False,
             USE_DOT=use_dot, DOT_PRECISION=INPUT_GRAD_DOT_PRECISION, **icfg)
     if weight_grad or sgd:
-        lr_hi = struct.unpack("f", struct.pack("f", lr))[0]  # lr as two float32s: hi + lo
-        lr_lo = lr - lr_hi
+        lr_hi, lr_lo = split_double(lr)
         grid = (n_parts, triton.cdiv(n_features, wcfg["BLOCK_F"]))
         wrap_triton(_gated_head_bwd_weight_kernel)[grid](
             h, z, weight, bias, dlogits, logits, lse, target, grad_loss,

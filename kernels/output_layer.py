@@ -38,12 +38,13 @@ against ~100 for the plain-PyTorch loop's dozen elementwise passes.
 from __future__ import annotations
 
 import math
-import struct
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from ._scalars import join_double, split_double
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -52,12 +53,6 @@ BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
-
-@triton.jit
-def _scalar(hi, lo, dt: tl.constexpr):
-    """A host double passed as two float32s (Triton float arguments are float32): exact in float64."""
-    return tl.cast(hi, dt) + tl.cast(lo, dt)
-
 
 @triton.jit
 def _image_index(step, n_steps):
@@ -89,16 +84,16 @@ def _adam_scalars(step, t, LR_ptr, lr_stride, omb1_hi, omb1_lo, b2_hi, b2_lo, om
     """(1 - beta1, beta2, 1 - beta2, eps, sqrt(1 - beta2**step), lr[t] / (1 - beta1**step)) in dt."""
     # 1 - beta comes from the host, not 1.0 - beta here: float32(1 - 0.9) is what PyTorch uses,
     # and 1.0f - float32(0.9) differs from it by 2e-7.
-    one_minus_beta1 = _scalar(omb1_hi, omb1_lo, dt)
-    beta2 = _scalar(b2_hi, b2_lo, dt)
-    one_minus_beta2 = _scalar(omb2_hi, omb2_lo, dt)
-    eps = _scalar(eps_hi, eps_lo, dt)
+    one_minus_beta1 = join_double(omb1_hi, omb1_lo, dt)
+    beta2 = join_double(b2_hi, b2_lo, dt)
+    one_minus_beta2 = join_double(omb2_hi, omb2_lo, dt)
+    eps = join_double(eps_hi, eps_lo, dt)
     # Bias corrections 1 - beta**step from the step number, in float64 whatever dt is (as the host
     # computes them for torch.optim.Adam): beta**step = exp(step * log(beta)), log(beta) exact to
     # float64 from its two float32 halves. Computed here, since the step is only known here.
     s64 = step.to(tl.float64)
-    bc1 = 1.0 - tl.exp(s64 * _scalar(lb1_hi, lb1_lo, tl.float64))
-    bc2_sqrt = tl.sqrt(1.0 - tl.exp(s64 * _scalar(lb2_hi, lb2_lo, tl.float64))).to(dt)
+    bc1 = 1.0 - tl.exp(s64 * join_double(lb1_hi, lb1_lo, tl.float64))
+    bc2_sqrt = tl.sqrt(1.0 - tl.exp(s64 * join_double(lb2_hi, lb2_lo, tl.float64))).to(dt)
     step_size = tl.load(LR_ptr + t * lr_stride) / bc1.to(dt)
     return one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt, step_size
 
@@ -205,11 +200,6 @@ def adam_config(T: int) -> dict:
     return ADAM_CONFIGS[max(k for k in ADAM_CONFIGS if k <= max(T, min(ADAM_CONFIGS)))]
 
 
-def _split(x: float) -> tuple[float, float]:
-    hi = struct.unpack("f", struct.pack("f", x))[0]
-    return hi, x - hi
-
-
 def _check_inputs(W, b, mW, vW, mb, vb, logits, X, Y, lr, step):
     if W.dim() != 3:
         raise ValueError(f"output_layer_adam_step_: W must be [T, O, F], got {tuple(W.shape)}")
@@ -255,7 +245,7 @@ def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, 
         return
     S = X.shape[1]
     scalars = [x for v in (1 - BETA1, BETA2, 1 - BETA2, EPS, math.log(BETA1), math.log(BETA2))
-               for x in _split(v)]
+               for x in split_double(v)]
     d = torch.empty_like(logits)
     wrap_triton(_output_layer_grad_kernel)[(T,)](
         logits, Y, step, d, b, mb, vb, lr, O, S, Y.stride(0), Y.stride(1), lr.stride(0), *scalars,
