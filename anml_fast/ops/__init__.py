@@ -191,4 +191,5 @@ def available() -> dict:
 
 __all__ = ["BACKENDS", "available", "choose", "get_backend", "set_backend", "use_backend", "reference",
            "conv_block", "plane_norm", "conv_valid", "conv_valid_backward", "conv_valid_sgd",
-           "gated_head", "gated_head_cross_entropy", "gated_head_ce_sgd_", "sgd_update", "adam_update_", "output_layer_logits", "output_layer_adam_step_"]
+           "gated_head", "gated_head_cross_entropy", "gated_head_ce_sgd_", "sgd_update", "adam_update_",
+           "output_layer_logits", "output_layer_adam_step_"]
