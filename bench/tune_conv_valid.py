@@ -1,6 +1,6 @@
 """Tile sweep for the batch-1 Triton convolutions (kernels/conv_valid.py) at ANML's PLN shapes.
 
-    python3 bench/tune_conv_valid.py [--out bench/results] [--quick]
+    python3 bench/tune_conv_valid.py [--out bench/results] [--quick] [--only conv2:dgrad,...]
 
 For each of the inner step's three conv layers (batch 1: 3->256 on 28x28, 256->256 on 13x13 and
 on 5x5) and each kernel (forward, the weight grad with its SGD step, the input grad), every
@@ -43,22 +43,36 @@ def _time_us(fn, reps: int = 30) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def candidates(quick: bool):
-    tiles = [(16, 16, 64), (16, 32, 64), (32, 16, 64), (32, 32, 32), (32, 32, 64), (32, 64, 32),
-             (64, 32, 32), (16, 16, 128)]
+def candidates(kernel: str, quick: bool):
+    flat = [(16, 16, 64), (16, 32, 64), (32, 16, 64), (32, 32, 32), (32, 32, 64), (32, 64, 32),
+            (64, 32, 32), (16, 16, 128)]
+    # the input grad's other reduction order (kernels/conv_valid.py, TAPS_INNER): an iteration is
+    # 9 unrolled taps of BLOCK_K channels, so smaller BLOCK_K
+    unrolled = [(16, 16, 16), (16, 32, 16), (32, 16, 16), (32, 32, 16), (16, 16, 32), (16, 32, 32),
+                (32, 16, 32), (32, 32, 32)]
+    tiles = [(t, {}) for t in flat]
+    if kernel == "dgrad":
+        tiles = [(t, dict(TAPS_INNER=False)) for t in flat] + [(t, dict(TAPS_INNER=True)) for t in unrolled]
     if quick:
-        tiles = tiles[:3]
-    for (m, n, k), warps, stages, programs in itertools.product(tiles, (2, 4), (2, 3), (1, 132, 264, 528)):
+        tiles = tiles[:3] + tiles[-3:]
+    for ((m, n, k), order), warps, stages, programs in itertools.product(
+            tiles, (2, 4), (2, 3), (1, 132, 264, 528, 1056)):
         if warps == 2 and m * n > 512:
             continue
-        yield dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages, PROGRAMS=programs)
+        yield dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages, PROGRAMS=programs, **order)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON")
     ap.add_argument("--quick", action="store_true", help="a few candidates only (a smoke run)")
+    ap.add_argument("--only", default="", metavar="LAYER:KERNEL,...",
+                    help="sweep only these products, e.g. conv2:dgrad,conv3:fwd (default: all eight)")
     args = ap.parse_args()
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    known = {f"{layer}:{kernel}" for layer in LAYERS for kernel in ("fwd", "wgrad", "dgrad")} - {"conv1:dgrad"}
+    if only - known:
+        ap.error(f"--only: unknown product(s) {sorted(only - known)}; choose from {sorted(known)}")
     if not torch.cuda.is_available():
         print("tune_conv_valid.py: error: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -73,6 +87,9 @@ def main() -> int:
     results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": str(datetime.date.today()), "layers": {}}
     saved = {k: list(v) for k, v in kernels.CONFIGS.items()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"tune-conv-valid-{card_slug(results['card'])}.json"
     for layer, (c_in, hw) in LAYERS.items():
         x = torch.randn(1, c_in, hw, hw, device="cuda", generator=g)
         w = torch.randn(256, c_in, 3, 3, device="cuda", generator=g) * 0.05
@@ -93,13 +110,15 @@ def main() -> int:
         for kernel, (ours, twin) in runs.items():
             if kernel == "dgrad" and layer == "conv1":
                 continue  # the inner step never asks for the image's gradient
+            if only and f"{layer}:{kernel}" not in only:
+                continue
             with torch.no_grad():  # the twin in float64: the accuracy reference
                 x64, w64, gy64 = x.double(), w.double(), gy.double()
                 want = {"fwd": lambda: reference.conv_valid(x64, w64),
                         "wgrad": lambda: reference.conv_valid_sgd(gy64, x64, w64, 0.1),
                         "dgrad": lambda: reference.conv_valid_backward(gy64, x64, w64, True, False)[0]}[kernel]()
             rows = []
-            for cfg in candidates(args.quick):
+            for cfg in candidates(kernel, args.quick):
                 kernels.CONFIGS[kernel] = [(1 << 62, 1 << 62, cfg)]
                 try:
                     got = ours()
@@ -118,10 +137,7 @@ def main() -> int:
                   f"shipped {entry[kernel]['shipped_us']:.1f} us, "
                   f"best {best['us'] if best else float('nan'):.1f} us {best['config'] if best else ''}",
                   flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"tune-conv-valid-{card_slug(results['card'])}.json"
-    path.write_text(json.dumps(results, indent=1))
+            path.write_text(json.dumps(results, indent=1))  # after each product: a cut-off sweep keeps its part
     print(f"wrote {path}")
     return 0
 

@@ -13,8 +13,8 @@ GEMM whose operand tiles are gathered straight from the NCHW tensors (no im2col 
 The wgrad kernel can apply the SGD step itself (W_new = W - lr dW): the inner loop's weight gradient
 is then never written. Where the output tiles are too few to fill the card (a long reduction over a
 small output: the 2304-long ones, conv1's weight grad), the reduction is split over programs that
-write partials, summed in order by a second small launch (which then applies the SGD step): no
-atomics, the same bits on every run. The spatial sizes are compile-time constants (divisions by
+write partials; the last program of each tile to finish (an atomic counter says which) sums them
+in split order and applies the SGD step: one launch, and the same bits on every run. The spatial sizes are compile-time constants (divisions by
 constants in the address arithmetic; one compile per layer shape, three in ANML): that alone took
 the weight grads from 16-38 us to 5-13 us.
 
@@ -56,9 +56,38 @@ def _tap_offsets(k, h: tl.constexpr, w: tl.constexpr, KH: tl.constexpr, KW: tl.c
 
 
 @triton.jit
-def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out,
-                     oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, k_chunk, part_stride,
-                     KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
+def _finish(acc, offs, mask, Out_ptr, Part_ptr, Count_ptr, W_ptr, numel, lr_hi, lr_lo,
+            SPLITS: tl.constexpr, SGD: tl.constexpr):
+    """Store a program's tile: Out = acc, or W - lr * acc for the SGD step. Split over the
+    reduction (grid axis 2, SPLITS programs a tile), each program writes its partial and counts
+    itself in on the tile's counter; the last to arrive sums the partials in split order (the same
+    bits whichever program that is), stores the result and resets the counter to zero for the next
+    launch. This replaces a second launch that summed them: at batch 1 that launch cost as much as
+    the GEMM's tail. SPLITS is a compile-time constant so that the partials' loads are unrolled and
+    in flight together, not one L2 round trip after another."""
+    if SPLITS > 1:
+        tl.store(Part_ptr + tl.program_id(2) * numel + offs, acc, mask=mask)
+        # every thread's partial is issued before the count (a release at GPU scope) says it is there
+        tl.debug_barrier()
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(Count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            total = tl.load(Part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLITS):
+                total += tl.load(Part_ptr + s * numel + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(Count_ptr + tile, 0, sem="relaxed", scope="gpu")
+            if SGD:
+                total = tl.load(W_ptr + offs, mask=mask, other=0.0) - join_double(lr_hi, lr_lo, total.dtype) * total
+            tl.store(Out_ptr + offs, total, mask=mask)
+    else:
+        if SGD:
+            acc = tl.load(W_ptr + offs, mask=mask, other=0.0) - join_double(lr_hi, lr_lo, acc.dtype) * acc
+        tl.store(Out_ptr + offs, acc, mask=mask)
+
+
+@triton.jit
+def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, Part_ptr, Count_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out,
+                     oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, chunk, numel,
+                     KH: tl.constexpr, KW: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     dt = Y_ptr.dtype.element_ty
     co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -67,8 +96,8 @@ def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, c_in, h: tl.constexpr, w: tl.constexpr
     n, q, x_pos = _window_offsets(p, c_in, h, w, oh, ow)
     co_ok, p_ok = co < c_out, p < n_pos
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=dt)
-    k_lo = tl.program_id(2) * k_chunk
-    k_hi = tl.minimum(k_lo + k_chunk, k_total)
+    k_lo = tl.program_id(2) * chunk * BLOCK_K
+    k_hi = tl.minimum(k_lo + chunk * BLOCK_K, k_total)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < k_hi
@@ -76,16 +105,17 @@ def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, c_in, h: tl.constexpr, w: tl.constexpr
         a = tl.load(W_ptr + co[:, None] * k_total + k[None, :], mask=co_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(X_ptr + x_k[:, None] + x_pos[None, :], mask=k_ok[:, None] & p_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=dt)
-    y_offs = tl.program_id(2) * part_stride + (n * (c_out * ohw) + q)[None, :] + co[:, None] * ohw
-    tl.store(Y_ptr + y_offs, acc, mask=co_ok[:, None] & p_ok[None, :])
+    y_offs = (n * (c_out * ohw) + q)[None, :] + co[:, None] * ohw
+    _finish(acc, y_offs, co_ok[:, None] & p_ok[None, :], Y_ptr, Part_ptr, Count_ptr, W_ptr, numel, 0.0, 0.0,
+            SPLITS, False)
 
 
 @triton.jit
-def _conv_wgrad_kernel(GY_ptr, X_ptr, W_ptr, Out_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out,
-                       oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, k_chunk, part_stride,
-                       lr_hi, lr_lo, SGD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+def _conv_wgrad_kernel(GY_ptr, X_ptr, W_ptr, Out_ptr, Part_ptr, Count_ptr, c_in, h: tl.constexpr,
+                       w: tl.constexpr, c_out, oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, chunk,
+                       numel, lr_hi, lr_lo, SGD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                       SPLITS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dW (SGD=False) or W - lr dW (SGD=True) for a BLOCK_M x BLOCK_N tile of [C_out, C_in*kh*kw]."""
     dt = Out_ptr.dtype.element_ty
     co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,8 +124,8 @@ def _conv_wgrad_kernel(GY_ptr, X_ptr, W_ptr, Out_ptr, c_in, h: tl.constexpr, w: 
     x_k = _tap_offsets(k, h, w, KH, KW)
     ohw = oh * ow
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=dt)
-    p_lo = tl.program_id(2) * k_chunk  # this kernel's reduction runs over positions
-    p_hi = tl.minimum(p_lo + k_chunk, n_pos)
+    p_lo = tl.program_id(2) * chunk * BLOCK_K  # this kernel's reduction runs over positions
+    p_hi = tl.minimum(p_lo + chunk * BLOCK_K, n_pos)
     for p0 in range(p_lo, p_hi, BLOCK_K):
         p = p0 + tl.arange(0, BLOCK_K)
         p_ok = p < p_hi
@@ -104,62 +134,63 @@ def _conv_wgrad_kernel(GY_ptr, X_ptr, W_ptr, Out_ptr, c_in, h: tl.constexpr, w: 
                     mask=co_ok[:, None] & p_ok[None, :], other=0.0)
         b = tl.load(X_ptr + x_pos[:, None] + x_k[None, :], mask=p_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=dt)
-    offs = co[:, None] * k_total + k[None, :]
-    mask = co_ok[:, None] & k_ok[None, :]
-    if SGD:
-        lr = join_double(lr_hi, lr_lo, dt)
-        acc = tl.load(W_ptr + offs, mask=mask, other=0.0) - lr * acc
-    tl.store(Out_ptr + tl.program_id(2) * part_stride + offs, acc, mask=mask)
+    _finish(acc, co[:, None] * k_total + k[None, :], co_ok[:, None] & k_ok[None, :], Out_ptr, Part_ptr,
+            Count_ptr, W_ptr, numel, lr_hi, lr_lo, SPLITS, SGD)
 
 
 @triton.jit
-def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out,
-                       oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, k_chunk, part_stride,
-                       KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dx for a BLOCK_M (input channels) x BLOCK_N (input positions) tile; K runs over (c_out, tap)."""
+def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, Part_ptr, Count_ptr, c_in, h: tl.constexpr, w: tl.constexpr,
+                       c_out, oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, chunk, numel,
+                       KH: tl.constexpr, KW: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+                       TAPS_INNER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """dx for a BLOCK_M (input channels) x BLOCK_N (input positions) tile; K runs over (c_out, tap).
+    TAPS_INNER: each iteration takes BLOCK_K output channels and all their taps (unrolled), so the
+    bounds masks are per position (1-D) and the taps of one (c_out, c_in) pair, 36 contiguous bytes
+    of W, are read back to back; else K runs flat over (c_out, tap), BLOCK_K at a time, with 2-D
+    masks."""
     dt = DX_ptr.dtype.element_ty
     ci = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     p = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     hw, ohw = h * w, oh * ow
     n, q = p // hw, p % hw
     ih, iw = q // w, q % w
+    gy_n = n * (c_out * ohw)
     ci_ok, p_ok = ci < c_in, p < n_pos
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=dt)
-    k_lo = tl.program_id(2) * k_chunk
-    k_hi = tl.minimum(k_lo + k_chunk, k_total)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < k_hi
-        co, tap = k // (KH * KW), k % (KH * KW)
-        kh, kw = tap // KW, tap % KW
-        a = tl.load(W_ptr + ci[:, None] * (KH * KW) + (co * (c_in * KH * KW) + tap)[None, :],
-                    mask=ci_ok[:, None] & k_ok[None, :], other=0.0)
-        y_r = ih[None, :] - kh[:, None]
-        y_c = iw[None, :] - kw[:, None]
-        ok = (y_r >= 0) & (y_r < oh) & (y_c >= 0) & (y_c < ow) & k_ok[:, None] & p_ok[None, :]
-        b = tl.load(GY_ptr + (n * (c_out * ohw))[None, :] + (co * ohw)[:, None] + y_r * ow + y_c,
-                    mask=ok, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=dt)
-    dx_offs = tl.program_id(2) * part_stride + (n * (c_in * hw) + q)[None, :] + ci[:, None] * hw
-    tl.store(DX_ptr + dx_offs, acc, mask=ci_ok[:, None] & p_ok[None, :])
-
-
-@triton.jit
-def _split_sum_kernel(P_ptr, W_ptr, Out_ptr, numel, splits, lr_hi, lr_lo, SGD: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """Out = sum over the split axis of P [splits, numel] (in split order: deterministic), or
-    W - lr * that sum for the weight grad's SGD step."""
-    dt = Out_ptr.dtype.element_ty
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    acc = tl.zeros((BLOCK,), dtype=dt)
-    for s in range(0, splits):
-        acc += tl.load(P_ptr + s * numel + offs, mask=mask, other=0.0)
-    if SGD:
-        lr = join_double(lr_hi, lr_lo, dt)
-        acc = tl.load(W_ptr + offs, mask=mask, other=0.0) - lr * acc
-    tl.store(Out_ptr + offs, acc, mask=mask)
+    if TAPS_INNER:
+        it_lo = tl.program_id(2) * chunk
+        it_hi = tl.minimum(it_lo + chunk, tl.cdiv(c_out, BLOCK_K))
+        for it in range(it_lo, it_hi):
+            co = it * BLOCK_K + tl.arange(0, BLOCK_K)
+            co_ok = co < c_out
+            w_offs = ci[:, None] * (KH * KW) + (co * (c_in * KH * KW))[None, :]
+            gy_offs = (co * ohw)[:, None] + gy_n[None, :]
+            for tap in tl.static_range(KH * KW):
+                y_r, y_c = ih - tap // KW, iw - tap % KW
+                y_ok = (y_r >= 0) & (y_r < oh) & (y_c >= 0) & (y_c < ow) & p_ok
+                a = tl.load(W_ptr + w_offs + tap, mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+                b = tl.load(GY_ptr + gy_offs + (y_r * ow + y_c)[None, :], mask=co_ok[:, None] & y_ok[None, :],
+                            other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=dt)
+    else:
+        k_lo = tl.program_id(2) * chunk * BLOCK_K
+        k_hi = tl.minimum(k_lo + chunk * BLOCK_K, k_total)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < k_hi
+            co, tap = k // (KH * KW), k % (KH * KW)
+            kh, kw = tap // KW, tap % KW
+            a = tl.load(W_ptr + ci[:, None] * (KH * KW) + (co * (c_in * KH * KW) + tap)[None, :],
+                        mask=ci_ok[:, None] & k_ok[None, :], other=0.0)
+            y_r = ih[None, :] - kh[:, None]
+            y_c = iw[None, :] - kw[:, None]
+            ok = (y_r >= 0) & (y_r < oh) & (y_c >= 0) & (y_c < ow) & k_ok[:, None] & p_ok[None, :]
+            b = tl.load(GY_ptr + gy_n[None, :] + (co * ohw)[:, None] + y_r * ow + y_c, mask=ok, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=dt)
+    dx_offs = (n * (c_in * hw) + q)[None, :] + ci[:, None] * hw
+    _finish(acc, dx_offs, ci_ok[:, None] & p_ok[None, :], DX_ptr, Part_ptr, Count_ptr, W_ptr, numel, 0.0, 0.0,
+            SPLITS, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,11 +215,13 @@ def _split_sum_kernel(P_ptr, W_ptr, Out_ptr, numel, splits, lr_hi, lr_lo, SGD: t
 CONFIGS = {
     "fwd": [(64, 1 << 62, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2, PROGRAMS=264)),
             (1 << 62, 16, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2, PROGRAMS=132)),
-            (1 << 62, 1 << 62, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, PROGRAMS=264))],
+            (1 << 62, 1 << 62, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3, PROGRAMS=264))],
     "wgrad": [(1 << 62, 64, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, PROGRAMS=132)),
               (1 << 62, 1 << 62, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2, PROGRAMS=132))],
-    "dgrad": [(1 << 62, 32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, PROGRAMS=132)),
-              (1 << 62, 1 << 62, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, num_warps=2, num_stages=2, PROGRAMS=528))],
+    "dgrad": [(1 << 62, 32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, PROGRAMS=132,
+                                 TAPS_INNER=False)),
+              (1 << 62, 1 << 62, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=2, num_stages=2, PROGRAMS=528,
+                                      TAPS_INNER=True))],
 }
 
 
@@ -234,36 +267,51 @@ def _dims(x, weight):
 # the output tiles alone are too few to fill the card, and each would run a 2304-long reduction
 # serially. The default for a config without its own target ("PROGRAMS"; 1 = never split).
 PROGRAMS = 264
-_SUM_BLOCK = 1024
+# A split launch counts its programs in on one int32 per output tile (see _finish). The counters
+# live here, zero between launches (the last program of a tile resets its own), one buffer per
+# device and stream: launches on one stream run one after the other, so they can share it. A
+# split only pays when the tiles are few, so no split launch has more tiles than this.
+MAX_SPLIT_TILES = 1024
+_COUNTERS: dict = {}
 
 
-def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, sgd_weight=None, **constexprs):
+def _counters(like: torch.Tensor) -> torch.Tensor:
+    if type(like) is not torch.Tensor or torch.compiler.is_compiling():
+        # traced (torch.compile, fake tensors): the graph gets zeroed counters of its own
+        return torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=like.device)
+    stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0
+    key = (like.device, stream)
+    if key not in _COUNTERS:  # a buffer captured into a CUDA graph must stay: never freed or replaced
+        _COUNTERS[key] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=like.device)
+    return _COUNTERS[key]
+
+
+def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, **constexprs):
     """One GEMM: `head` are the kernel's tensors before its output, `dims` its ints up to k_total;
-    `red` is the reduction's length. Split over the reduction, it writes [splits, out] partials
-    and a second launch sums them in order (no atomics: the same bits on every run), applying the
-    SGD step there when `sgd_weight` is given."""
+    `red` is the reduction's length, `taps` the filter's taps (the input grad may unroll them).
+    Split over the reduction when its output tiles are too few to fill the card; `lr` (the weight
+    grad's SGD step) is applied where the tile is finished."""
     cfg = dict(config(name, red, n_cols))
     target = cfg.pop("PROGRAMS", PROGRAMS)
     m_tiles, n_tiles = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"])
     if n_tiles > 65535:  # CUDA's limit on grid axes 1 and 2
         raise ValueError(f"conv_valid: {n_cols} output columns are too many for one launch of the {name} "
                          f"kernel (written for the inner loop's batch of one); split the batch, or use the twin")
-    iters = triton.cdiv(red, cfg["BLOCK_K"])
-    splits = max(1, min(iters, target // (m_tiles * n_tiles)))
-    chunk = triton.cdiv(iters, splits) * cfg["BLOCK_K"]
-    splits = triton.cdiv(red, chunk)
+    tiles = m_tiles * n_tiles
+    # the input grad's TAPS_INNER iterations take BLOCK_K output channels with all their taps
+    iters = triton.cdiv(red // taps, cfg["BLOCK_K"]) if cfg.get("TAPS_INNER") else triton.cdiv(red, cfg["BLOCK_K"])
+    splits = max(1, min(iters, target // tiles)) if tiles <= MAX_SPLIT_TILES else 1
+    chunk = triton.cdiv(iters, splits)  # iterations a program
+    splits = triton.cdiv(iters, chunk)
     numel = out.numel()
-    dest = out if splits == 1 else out.new_empty((splits, numel))
-    lr_args = (0.0, 0.0) if lr is None else split_double(float(lr))
+    part = out.new_empty((splits, numel)) if splits > 1 else out
+    counters = _counters(out) if splits > 1 else out
     if kernel is _conv_wgrad_kernel:  # the only GEMM that takes the learning rate
-        constexprs.update(SGD=sgd_weight is not None and splits == 1, lr_hi=lr_args[0], lr_lo=lr_args[1])
+        lr_hi, lr_lo = (0.0, 0.0) if lr is None else split_double(float(lr))
+        constexprs.update(SGD=lr is not None, lr_hi=lr_hi, lr_lo=lr_lo)
     precision = "ieee" if out.dtype == torch.float64 else "tf32x3"
-    wrap_triton(kernel)[(m_tiles, n_tiles, splits)](*head, dest, *dims, chunk, numel, **constexprs,
-                                                    PRECISION=precision, **cfg)
-    if splits > 1:
-        wrap_triton(_split_sum_kernel)[(triton.cdiv(numel, _SUM_BLOCK),)](
-            dest, out if sgd_weight is None else sgd_weight, out, numel, splits, *lr_args,
-            SGD=sgd_weight is not None, BLOCK=_SUM_BLOCK)
+    wrap_triton(kernel)[(m_tiles, n_tiles, splits)](*head, out, part, counters, *dims, chunk, numel, **constexprs,
+                                                    SPLITS=splits, PRECISION=precision, **cfg)
 
 
 @triton_op("anml_fast::conv_valid", mutates_args=())
@@ -292,8 +340,7 @@ def _weight_grad(grad_y, x, weight, out, lr: float | None):
             out.copy_(weight)
         return
     _launch(_conv_wgrad_kernel, "wgrad", out, c_out, k, n * oh * ow, (grad_y, x, weight),
-            (c_in, h, w, c_out, oh, ow, n * oh * ow, k), lr=lr,
-            sgd_weight=None if lr is None else weight, KH=kh, KW=kw)
+            (c_in, h, w, c_out, oh, ow, n * oh * ow, k), lr=lr, KH=kh, KW=kw)
 
 
 @triton_op("anml_fast::conv_valid_backward", mutates_args=())
@@ -309,7 +356,7 @@ def conv_valid_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Ten
             grad_x.zero_()
         else:
             _launch(_conv_dgrad_kernel, "dgrad", grad_x, c_in, n * h * w, c_out * kh * kw, (grad_y, weight),
-                    (c_in, h, w, c_out, oh, ow, n * h * w, c_out * kh * kw), KH=kh, KW=kw)
+                    (c_in, h, w, c_out, oh, ow, n * h * w, c_out * kh * kw), taps=kh * kw, KH=kh, KW=kw)
     if weight_grad:
         _weight_grad(grad_y, x, weight, grad_w, None)
     return grad_x, grad_w

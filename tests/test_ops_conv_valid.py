@@ -186,7 +186,7 @@ def test_dispatch_and_available():
 
 @pytest.mark.parametrize("shape", [(1, 17, 5, 5, 19, 3, 3), (1, 3, 12, 12, 5, 3, 3)])
 def test_split_reduction_equals_one_pass(shape, monkeypatch):
-    """The reduction split over programs (partials summed by a second launch) gives the one-pass
+    """The reduction split over programs (partials summed by the tile's last program) gives the one-pass
     result up to summation order, and the same bits on every run. The first shape splits the
     forward's and the input grad's reductions, the second the weight grad's (with its SGD step):
     test_those_shapes_do_split checks that."""
@@ -201,6 +201,60 @@ def test_split_reduction_equals_one_pass(shape, monkeypatch):
     for name, a, b, c in zip(("y", "grad_x", "grad_weight", "sgd weight"), split, again, whole):
         assert torch.equal(a, b), name
         assert_close(a, c, 1e-5, 1e-5, name)
+
+
+@pytest.mark.parametrize("taps_inner", [False, True])
+@pytest.mark.parametrize("programs", [1, 1056])
+def test_input_grad_reduction_orders(taps_inner, programs, monkeypatch):
+    """Both orders of the input grad's reduction (TAPS_INNER; the tuner picks per shape), whole
+    and split, on odd shapes whose channels are not a multiple of BLOCK_K."""
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=2, num_stages=2, PROGRAMS=programs,
+               TAPS_INNER=taps_inner)
+    monkeypatch.setitem(kernels.CONFIGS, "dgrad", [(1 << 62, 1 << 62, cfg)])
+    for shape in (ODD[1], ODD[2], ODD[3]):
+        x, w, gy = make(shape, torch.float64)
+        want = reference.conv_valid_backward(gy, x, w, True, False)[0]
+        assert_close(cv.conv_valid_backward(gy, x, w, True, False)[0], want, 1e-11, 1e-10, f"{shape}")
+
+
+def test_split_counters_are_left_at_zero():
+    """A split launch's last program per tile resets the tile's counter: the next launch (another
+    shape, another split) starts from zero."""
+    for shape in (ODD[3], (1, 3, 12, 12, 5, 3, 3)):
+        x, w, gy = make(shape)
+        cv.conv_valid(x, w), cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1)
+        assert int(kernels._counters(x).abs().sum()) == 0
+
+
+@gpu
+@pytest.mark.skipif(not CUDA, reason="programs race only on a GPU")
+def test_split_is_deterministic_under_races():
+    """On the GPU the split programs finish in any order; whichever sums, the bits are the same,
+    eagerly and replayed from a CUDA graph (which reuses the counters of its capture)."""
+    x, w, gy = make(PROTOCOL[1])
+
+    def run():
+        return torch.cat([cv.conv_valid(x, w).flatten(), cv.conv_valid_backward(gy, x, w, True, False)[0].flatten(),
+                          cv.conv_valid_sgd(gy, x, w, 0.1).flatten()])
+    first = run()
+    for _ in range(200):
+        assert torch.equal(run(), first)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # warm-up off the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(100):
+        graph.replay()
+        assert torch.equal(out, first)
+    x64, w64, gy64 = (t.double() for t in (x, w, gy))
+    want = torch.cat([reference.conv_valid(x64, w64).flatten(),
+                      reference.conv_valid_backward(gy64, x64, w64, True, False)[0].flatten(),
+                      reference.conv_valid_sgd(gy64, x64, w64, 0.1).flatten()])
+    assert_close(first.double(), want, 1e-4, 1e-4, "split result")
 
 
 @pytest.mark.parametrize("shape, kernel", [((1, 17, 5, 5, 19, 3, 3), "fwd"), ((1, 17, 5, 5, 19, 3, 3), "dgrad"),

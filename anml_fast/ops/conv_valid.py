@@ -4,8 +4,8 @@
   conv_valid_backward(grad_y, x, weight, input_grad, weight_grad) -> (grad_x, grad_weight)
   conv_valid_sgd(grad_y, x, weight, lr) -> weight - lr * grad_weight   (a new tensor; dW never written)
 
-Each is one implicit-GEMM launch (two where its reduction is split over programs), written for the
-inner loop's batch of one, where cuDNN's kernels
+Each is one implicit-GEMM launch (a split reduction is finished by the last program of each tile),
+written for the inner loop's batch of one, where cuDNN's kernels
 took two thirds of the fused PLN step (kernels/conv_valid.py says how). Each has a plain-PyTorch twin
 of the same signature in `anml_fast.ops.reference`. float32 or float64, on CUDA (or on CPU when the
 kernels were defined under TRITON_INTERPRET=1). conv_valid has registered autograd; under
