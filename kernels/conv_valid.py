@@ -57,22 +57,23 @@ def _tap_offsets(k, h: tl.constexpr, w: tl.constexpr, KH: tl.constexpr, KW: tl.c
 
 @triton.jit
 def _finish(acc, offs, mask, Out_ptr, Part_ptr, Count_ptr, W_ptr, numel, lr_hi, lr_lo,
-            SPLITS: tl.constexpr, SGD: tl.constexpr):
+            SPLIT: tl.constexpr, SGD: tl.constexpr):
     """Store a program's tile: Out = acc, or W - lr * acc for the SGD step. Split over the
-    reduction (grid axis 2, SPLITS programs a tile), each program writes its partial and counts
-    itself in on the tile's counter; the last to arrive sums the partials in split order (the same
-    bits whichever program that is), stores the result and resets the counter to zero for the next
-    launch. This replaces a second launch that summed them: at batch 1 that launch cost as much as
-    the GEMM's tail. SPLITS is a compile-time constant so that the partials' loads are unrolled and
-    in flight together, not one L2 round trip after another."""
-    if SPLITS > 1:
+    reduction (grid axis 2), each program writes its partial and counts itself in on the tile's
+    counter; the last to arrive sums the partials in split order (the same bits whichever program
+    that is), stores the result and resets the counter to zero for the next launch. This replaces
+    a second launch that summed them (5 of the inner step's 26 launches). The number of splits
+    stays a runtime value: unrolling the partials' loads (one compile per split count) measured
+    no faster on an H200."""
+    if SPLIT:
         tl.store(Part_ptr + tl.program_id(2) * numel + offs, acc, mask=mask)
         # every thread's partial is issued before the count (a release at GPU scope) says it is there
         tl.debug_barrier()
         tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        if tl.atomic_add(Count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+        splits = tl.num_programs(2)
+        if tl.atomic_add(Count_ptr + tile, 1, sem="acq_rel", scope="gpu") == splits - 1:
             total = tl.load(Part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in tl.static_range(1, SPLITS):
+            for s in range(1, splits):
                 total += tl.load(Part_ptr + s * numel + offs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(Count_ptr + tile, 0, sem="relaxed", scope="gpu")
             if SGD:
@@ -87,7 +88,7 @@ def _finish(acc, offs, mask, Out_ptr, Part_ptr, Count_ptr, W_ptr, numel, lr_hi, 
 @triton.jit
 def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, Part_ptr, Count_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out,
                      oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, chunk, numel,
-                     KH: tl.constexpr, KW: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+                     KH: tl.constexpr, KW: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     dt = Y_ptr.dtype.element_ty
     co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -107,14 +108,14 @@ def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, Part_ptr, Count_ptr, c_in, h: tl.const
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=dt)
     y_offs = (n * (c_out * ohw) + q)[None, :] + co[:, None] * ohw
     _finish(acc, y_offs, co_ok[:, None] & p_ok[None, :], Y_ptr, Part_ptr, Count_ptr, W_ptr, numel, 0.0, 0.0,
-            SPLITS, False)
+            SPLIT, False)
 
 
 @triton.jit
 def _conv_wgrad_kernel(GY_ptr, X_ptr, W_ptr, Out_ptr, Part_ptr, Count_ptr, c_in, h: tl.constexpr,
                        w: tl.constexpr, c_out, oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, chunk,
                        numel, lr_hi, lr_lo, SGD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                       SPLITS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dW (SGD=False) or W - lr dW (SGD=True) for a BLOCK_M x BLOCK_N tile of [C_out, C_in*kh*kw]."""
     dt = Out_ptr.dtype.element_ty
@@ -135,13 +136,13 @@ def _conv_wgrad_kernel(GY_ptr, X_ptr, W_ptr, Out_ptr, Part_ptr, Count_ptr, c_in,
         b = tl.load(X_ptr + x_pos[:, None] + x_k[None, :], mask=p_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=dt)
     _finish(acc, co[:, None] * k_total + k[None, :], co_ok[:, None] & k_ok[None, :], Out_ptr, Part_ptr,
-            Count_ptr, W_ptr, numel, lr_hi, lr_lo, SPLITS, SGD)
+            Count_ptr, W_ptr, numel, lr_hi, lr_lo, SPLIT, SGD)
 
 
 @triton.jit
 def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, Part_ptr, Count_ptr, c_in, h: tl.constexpr, w: tl.constexpr,
                        c_out, oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, chunk, numel,
-                       KH: tl.constexpr, KW: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+                       KH: tl.constexpr, KW: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
                        TAPS_INNER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
     """dx for a BLOCK_M (input channels) x BLOCK_N (input positions) tile; K runs over (c_out, tap).
@@ -190,7 +191,7 @@ def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, Part_ptr, Count_ptr, c_in, h: tl.c
             acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=dt)
     dx_offs = (n * (c_in * hw) + q)[None, :] + ci[:, None] * hw
     _finish(acc, dx_offs, ci_ok[:, None] & p_ok[None, :], DX_ptr, Part_ptr, Count_ptr, W_ptr, numel, 0.0, 0.0,
-            SPLITS, False)
+            SPLIT, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,18 +200,20 @@ def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, Part_ptr, Count_ptr, c_in, h: tl.c
 
 # Tiles per GEMM, by the length of its reduction and its N (output columns):
 # {kernel: [(max reduction, max N, config)]}, the first row that fits wins. "PROGRAMS" is the
-# split target (see PROGRAMS below). The winners of bench/tune_conv_valid.py on an H200
-# (2026-11-27; 96 candidates a product: 8 tiles x warps x stages x 4 split targets, graph-replayed,
-# each within 4e-7 of the float64 twin; bench/results/tune-conv-valid-nvidia-h200.json),
-# per product of the inner loop at batch 1, against the twin's cuDNN product timed the same way:
+# split target (see PROGRAMS below); TAPS_INNER the input grad's reduction order. The winners of
+# bench/tune_conv_valid.py (graph-replayed, each candidate within 1e-5 of the float64 twin;
+# bench/results/tune-conv-valid-*.json say which sweep ran which code), per product of the inner
+# loop at batch 1, against the twin's cuDNN product timed the same way, H200:
 #   forward   conv1 (K 27, N 676)    3.7 us  (cuDNN  4.0)
-#             conv2 (K 2304, N 121) 15.6 us  (cuDNN 19.5)
-#             conv3 (K 2304, N 9)    8.5 us  (cuDNN 18.9)
+#             conv2 (K 2304, N 121) 16.0 us  (cuDNN 19.7)
+#             conv3 (K 2304, N 9)    7.3 us  (cuDNN 19.0)
 #   wgrad+SGD conv1 (P 676, N 27)    6.8 us  (cuDNN wgrad and the subtraction 15.7)
 #             conv2 (P 121, N 2304) 11.0 us  (18.8)
 #             conv3 (P 9, N 2304)    5.2 us  (10.8)
-#   dgrad     conv2 (K 2304, N 169) 25.2 us  (cuDNN 16.0: slower, the next thing to improve)
+#   dgrad     conv2 (K 2304, N 169) 23.8 us  (cuDNN 15.7: still slower; TAPS_INNER, was 25.2 flat)
 #             conv3 (K 2304, N 25)  12.0 us  (cuDNN 18.6)
+# (the weight grads and conv1's forward from the sweep before the split was finished in-kernel;
+# an H100 sweep of the weight grads after it found the same tiles within 0.2 us.)
 # Small tiles everywhere: at batch 1 only small tiles and a split reduction give enough programs.
 CONFIGS = {
     "fwd": [(64, 1 << 62, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2, PROGRAMS=264)),
@@ -311,7 +314,7 @@ def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, *
         constexprs.update(SGD=lr is not None, lr_hi=lr_hi, lr_lo=lr_lo)
     precision = "ieee" if out.dtype == torch.float64 else "tf32x3"
     wrap_triton(kernel)[(m_tiles, n_tiles, splits)](*head, out, part, counters, *dims, chunk, numel, **constexprs,
-                                                    SPLITS=splits, PRECISION=precision, **cfg)
+                                                    SPLIT=splits > 1, PRECISION=precision, **cfg)
 
 
 @triton_op("anml_fast::conv_valid", mutates_args=())
