@@ -253,19 +253,20 @@ def _profile_finetune(run, trajs, updates: int):
     return kernels, 1e3 * (t1 - t0) / updates, 1e3 * (t1 - ends[-1]) / updates
 
 
-def _adam_alone(shapes: dict[str, tuple[int, ...]], steps: int = 5) -> list[dict]:
-    """Kernels per update of the batched Adam alone (ops/reference.py's, as run_finetune_batched
-    calls it) on stacks of TRAJECTORIES trajectories' parameters of these shapes."""
+def _adam_alone(shapes: dict[str, tuple[int, ...]], backend: str, steps: int = 5) -> list[dict]:
+    """Kernels per update of the batched Adam alone on `backend` ("auto": what run_finetune_batched
+    runs; "torch": the twin) on stacks of TRAJECTORIES trajectories' parameters of these shapes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from anml_fast.ops.reference import adam_update_batched_
+    from anml_fast import ops
 
     stacks = [[torch.rand(TRAJECTORIES, *s, device="cuda") for _ in range(4)] for s in shapes.values()]
     lr = torch.full((TRAJECTORIES,), 1e-4, device="cuda")
+    adam = ops.choose("adam_update_batched_", torch.device("cuda"), backend)
 
     def update(step):
         for p, g, m, v in stacks:
-            adam_update_batched_(p, g, m, v, step, lr)
+            adam(p, g, m, v, step, lr)
 
     update(1)
     torch.cuda.synchronize()
@@ -285,18 +286,20 @@ def _finetune(args, card: str) -> dict | None:
           f"a step below = one update of all of them; of the wall, {1e3 * tail_ms:.1f} us a step come "
           "after the last update (the accuracies)")
     rep = _report("finetune", kernels, wall_ms, args.top, wall="timed run", key="wall_ms_per_step")
-    adam = _adam_alone(shapes)
-    adam_ms = sum(k["us_per_step"] for k in adam) / 1e3
     arith = finetune_bounds(shapes, len(trajs), card, rep["launches_per_step"])
-    adam_tbs = arith["bytes_per_update"]["adam"] / (adam_ms / 1e3) / 1e12
-    print(f"batched Adam alone: {adam_ms:.3f} ms a step of kernels, {sum(k['calls_per_step'] for k in adam):.0f} "
-          f"launches: its 28 B a parameter at {adam_tbs:.2f} TB/s")
+    adam_alone = {}
+    for backend in ("auto", "torch"):  # what the run used, and the twin, on the same stacks
+        adam = _adam_alone(shapes, backend)
+        adam_ms = sum(k["us_per_step"] for k in adam) / 1e3
+        adam_tbs = arith["bytes_per_update"]["adam"] / (adam_ms / 1e3) / 1e12
+        print(f"batched Adam alone ({backend}): {adam_ms:.3f} ms a step of kernels, "
+              f"{sum(k['calls_per_step'] for k in adam):.0f} launches: its 28 B a parameter at {adam_tbs:.2f} TB/s")
+        adam_alone[backend] = {"kernel_ms_per_step": adam_ms, "tb_per_s_at_28_bytes": adam_tbs, "kernels": adam}
     print_bounds(arith, {"measured wall (timed run)": wall_ms, "kernels' sum (profiled run)": rep["kernel_ms_per_step"],
-                         "batched Adam alone (kernels)": adam_ms})
+                         "batched Adam alone (kernels, as run)": adam_alone["auto"]["kernel_ms_per_step"]})
     return {"trajectories": len(trajs), "classes": len(trajs[0].classes), "updates": updates,
             "step": "one Adam update of all trajectories", "after_last_update_ms_per_step": tail_ms,
-            "finetune": rep, "adam_alone": {"kernel_ms_per_step": adam_ms, "tb_per_s_at_28_bytes": adam_tbs,
-                                            "kernels": adam},
+            "finetune": rep, "adam_alone": adam_alone,
             "arithmetic": arith,
             "measured_s_protocol": {"wall": wall_ms * PROTOCOL_UPDATES / 1e3,
                                     "kernels": rep["kernel_ms_per_step"] * PROTOCOL_UPDATES / 1e3}}

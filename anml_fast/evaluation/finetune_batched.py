@@ -4,7 +4,7 @@ Every trajectory keeps its own copy of the trained layers (and of the reset outp
 own Adam state and learning rate. One step computes every trajectory's batch-1 gradient in one
 vectorised pass, `torch.func.vmap` over the plain-PyTorch model (a convolution whose weights
 differ per trajectory becomes one grouped convolution), then updates all of them with one batched
-Adam. Per trajectory the arithmetic is `trajectories.run_finetune`'s, which runs them one by one
+Adam (`ops.adam_update_batched_`: on CUDA one Triton launch a tensor). Per trajectory the arithmetic is `trajectories.run_finetune`'s, which runs them one by one
 and is this function's reference in the tests; the random numbers are drawn in the same order.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from .. import ops
 from ..data.tasks import MetaTestSet, as_rgb
 from ..models import Network, Params, select
-from ..ops.reference import adam_update_batched_
 from .trajectories import Trajectory, _batched_logits, _trajectory_starts
 
 
@@ -76,6 +75,8 @@ def run_finetune_batched(net: Network, params: Params, test_set: MetaTestSet, tr
 
     grads_of = vmap(grad(loss), in_dims=(0, 0, 0, 0 if reuse_gate else None))
     S = order.shape[1]
+    # the Adam step outside vmap may run compiled (one launch a tensor); chosen before the twins' block
+    adam = ops.choose("adam_update_batched_", torch.device(dev))
     with ops.use_backend("torch"):  # vmap runs through the twins, not the compiled ops
         for s in range(S):
             x = as_rgb(test_set.train[cls[:, s], drw[:, s]])  # [T, 3, 28, 28]
@@ -84,7 +85,7 @@ def run_finetune_batched(net: Network, params: Params, test_set: MetaTestSet, tr
             with torch.no_grad():
                 for k in names:
                     if optimizer == "adam":
-                        adam_update_batched_(P[k], g[k], M[k], V[k], s + 1, lr)
+                        adam(P[k], g[k], M[k], V[k], s + 1, lr)
                     else:
                         P[k].sub_(g[k] * lr.view(-1, *[1] * (P[k].dim() - 1)))
             if on_steps is not None and ((s + 1) % 100 == 0 or s + 1 == S):

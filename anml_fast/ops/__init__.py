@@ -15,6 +15,8 @@ signature (the twin is the fallback and the tests' reference):
   output_layer_adam_step_                Triton: T meta-test output layers' Adam step, gW never written,
                                          W read once (the next step's logits carried in `logits`,
                                          primed once by output_layer_logits, plain PyTorch)
+  adam_update_batched_                   Triton: Adam on T stacked tensors with one learning rate each
+                                         (the whole-PLN meta-test), one launch a tensor
 
 Which one runs, per call (`backend=`), for a block (`with use_backend(...)`), or for the process
 (`set_backend`):
@@ -36,6 +38,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import reference
+from . import adam_batched as _adam_batched_triton
 from . import conv_block as _conv_block_ext  # bound before the op names below, which they shadow
 from . import conv_valid as _conv_valid_triton
 from . import gated_head as _gated_head_triton
@@ -58,6 +61,7 @@ _COMPILED = {
     "gated_head_cross_entropy": _gated_head_triton,
     "gated_head_ce_sgd_": _gated_head_triton,
     "output_layer_adam_step_": _output_layer_triton,
+    "adam_update_batched_": _adam_batched_triton,
 }
 
 
@@ -178,6 +182,11 @@ def output_layer_adam_step_(W, b, mW, vW, mb, vb, logits, X, Y, lr, step: torch.
     choose("output_layer_adam_step_", W.device, backend)(W, b, mW, vW, mb, vb, logits, X, Y, lr, step)
 
 
+def adam_update_batched_(p, g, m, v, step, lr, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, *,
+                         backend: str | None = None) -> None:
+    choose("adam_update_batched_", p.device, backend)(p, g, m, v, step, lr, beta1, beta2, eps)
+
+
 def available() -> dict:
     """What works here, per op and device type: True, or the reason it does not."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -192,4 +201,4 @@ def available() -> dict:
 __all__ = ["BACKENDS", "available", "choose", "get_backend", "set_backend", "use_backend", "reference",
            "conv_block", "plane_norm", "conv_valid", "conv_valid_backward", "conv_valid_sgd",
            "gated_head", "gated_head_cross_entropy", "gated_head_ce_sgd_", "sgd_update", "adam_update_",
-           "output_layer_logits", "output_layer_adam_step_"]
+           "output_layer_logits", "output_layer_adam_step_", "adam_update_batched_"]
