@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 # first match wins; names as CUPTI reports them
 FAMILIES = [
     ("package CUDA kernels", r"anml_fast::"),  # first: the norm kernels' names also say "conv"
-    ("package Triton kernels", r"^_(gated_head|output_layer|conv|split_sum)|triton"),
+    ("package Triton kernels", r"^_(gated_head|output_layer|conv|adam_batched)|triton"),
     ("cuDNN batch norm", r"cudnn::bn_"),  # before the convolutions: its names say "cudnn" too
     # not a bare "xmma": cuBLAS's GEMMs are sm80_xmma_gemm_..._cublas; cuDNN's say fprop/dgrad/wgrad
     ("cuDNN convolution", r"cudnn|conv|implicit_convolve|wgrad|dgrad|fprop|winograd|nchwTo|nhwcTo|im2col|col2im"),
