@@ -90,6 +90,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"tune-conv-valid-{card_slug(results['card'])}.json"
+    if only and path.exists():  # a partial sweep updates its products in the card's file, keeping the rest
+        kept = json.loads(path.read_text())
+        results["layers"] = kept.get("layers", {})
     for layer, (c_in, hw) in LAYERS.items():
         x = torch.randn(1, c_in, hw, hw, device="cuda", generator=g)
         w = torch.randn(256, c_in, 3, 3, device="cuda", generator=g) * 0.05
@@ -106,7 +109,7 @@ def main() -> int:
         aten = {"fwd": lambda: torch.mm(w.view(256, k), F.unfold(x, 3)[0]),
                 "wgrad": lambda: torch.addmm(w.view(256, k), gy.view(256, p), col.t(), alpha=-0.1),
                 "dgrad": lambda: F.fold(torch.mm(w.view(256, k).t(), gy.view(256, p))[None], (hw, hw), 3)}
-        entry = results["layers"][layer] = {}
+        entry = results["layers"].setdefault(layer, {})
         for kernel, (ours, twin) in runs.items():
             if kernel == "dgrad" and layer == "conv1":
                 continue  # the inner step never asks for the image's gradient
@@ -131,7 +134,7 @@ def main() -> int:
             timed = [r for r in rows if isinstance(r["us"], float)]
             best = min(timed, key=lambda r: r["us"]) if timed else None
             cudnn = _time_us(twin)
-            entry[kernel] = {"candidates": rows, "best": best, "twin_us": cudnn,
+            entry[kernel] = {"swept": results["date"], "candidates": rows, "best": best, "twin_us": cudnn,
                              "shipped_us": _time_us(ours), "aten_cublas_us": _time_us(aten[kernel])}
             print(f"{layer} {kernel}: twin (cuDNN) {cudnn:.1f} us, cuBLAS {entry[kernel]['aten_cublas_us']:.1f} us, "
                   f"shipped {entry[kernel]['shipped_us']:.1f} us, "

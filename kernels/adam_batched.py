@@ -67,8 +67,13 @@ def _check(p, g, m, v, step, lr):
         if step.dtype != torch.int64 or step.numel() != 1 or step.device != p.device:
             raise TypeError(f"adam_update_batched_: a tensor step must be one int64 element on {p.device}, got "
                             f"{step.dtype} {list(step.shape)} on {step.device}")
+    elif isinstance(step, torch.SymInt):  # traced by torch.compile with a dynamic step
+        torch._check(step >= 1, lambda: "adam_update_batched_: step must be >= 1")
     elif not isinstance(step, int) or step < 1:
         raise ValueError(f"adam_update_batched_: step must be an int >= 1 or a tensor, got {step!r}")
+    if p.shape[0] > 65535 or (p.numel() // max(p.shape[0], 1)) >= 2 ** 31 - BLOCK:
+        raise ValueError(f"adam_update_batched_: {tuple(p.shape)} is past the kernel's grid (T <= 65535, "
+                         "fewer than 2**31 elements a tensor); split the stack, or use the twin")
 
 
 def _run(p, g, m, v, step, lr, beta1, beta2, eps):

@@ -14,9 +14,9 @@ The wgrad kernel can apply the SGD step itself (W_new = W - lr dW): the inner lo
 is then never written. Where the output tiles are too few to fill the card (a long reduction over a
 small output: the 2304-long ones, conv1's weight grad), the reduction is split over programs that
 write partials; the last program of each tile to finish (an atomic counter says which) sums them
-in split order and applies the SGD step: one launch, and the same bits on every run. The spatial sizes are compile-time constants (divisions by
-constants in the address arithmetic; one compile per layer shape, three in ANML): that alone took
-the weight grads from 16-38 us to 5-13 us.
+in split order and applies the SGD step: one launch, and the same bits on every run. The spatial
+sizes are compile-time constants (divisions by constants in the address arithmetic; one compile
+per layer shape, three in ANML): that alone took the weight grads from 16-38 us to 5-13 us.
 
 float32 dots use "tf32x3" (three TF32 tensor-core products, float32 accumulation): float32
 accuracy (kernels/gated_head.py measured it), at tensor-core speed. float64 uses IEEE FMAs.
@@ -29,6 +29,8 @@ Shapes: x [N, C_in, H, W], weight [C_out, C_in, kh, kw], y [N, C_out, H - kh + 1
 float32 or float64, contiguous (the wrappers make them so).
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 import triton
@@ -205,7 +207,7 @@ def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, Part_ptr, Count_ptr, c_in, h: tl.c
 # bench/results/tune-conv-valid-*.json say which sweep ran which code), per product of the inner
 # loop at batch 1, against the twin's cuDNN product timed the same way, H200:
 #   forward   conv1 (K 27, N 676)    3.7 us  (cuDNN  4.0)
-#             conv2 (K 2304, N 121) 16.0 us  (cuDNN 19.7)
+#             conv2 (K 2304, N 121) 14.8 us  (cuDNN 19.4)
 #             conv3 (K 2304, N 9)    7.3 us  (cuDNN 19.0)
 #   wgrad+SGD conv1 (P 676, N 27)    6.8 us  (cuDNN wgrad and the subtraction 15.7)
 #             conv2 (P 121, N 2304) 11.0 us  (18.8)
@@ -213,7 +215,7 @@ def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, Part_ptr, Count_ptr, c_in, h: tl.c
 #   dgrad     conv2 (K 2304, N 169) 23.8 us  (cuDNN 15.7: still slower; TAPS_INNER, was 25.2 flat)
 #             conv3 (K 2304, N 25)  12.0 us  (cuDNN 18.6)
 # (the weight grads and conv1's forward from the sweep before the split was finished in-kernel;
-# an H100 sweep of the weight grads after it found the same tiles within 0.2 us.)
+# an H100 sweep of the weight grads after it found these tiles within 0.2 us of its best.)
 # Small tiles everywhere: at batch 1 only small tiles and a split reduction give enough programs.
 CONFIGS = {
     "fwd": [(64, 1 << 62, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2, PROGRAMS=264)),
@@ -270,23 +272,47 @@ def _dims(x, weight):
 # the output tiles alone are too few to fill the card, and each would run a 2304-long reduction
 # serially. The default for a config without its own target ("PROGRAMS"; 1 = never split).
 PROGRAMS = 264
-# A split launch counts its programs in on one int32 per output tile (see _finish). The counters
-# live here, zero between launches (the last program of a tile resets its own), one buffer per
-# device and stream: launches on one stream run one after the other, so they can share it. A
+# A split launch counts its programs in on one int32 per output tile (see _finish); each tile's
+# last program resets its counter to zero, so counters are zero between launches. Eagerly, one
+# buffer per device and stream serves every launch: launches on one stream run one after the
+# other. A CUDA graph keeps the counters it captured and may replay beside other graphs (all
+# captured on torch's one default capture stream), so each captured launch takes counters of its
+# own, from a reserve zeroed outside any capture: no memset node in the graph, none shared. A
 # split only pays when the tiles are few, so no split launch has more tiles than this.
 MAX_SPLIT_TILES = 1024
+RESERVE_COUNTERS = 1 << 20  # 4 MiB a device: about a thousand captured split launches
 _COUNTERS: dict = {}
+_RESERVE: dict = {}  # device -> [zeroed int32 tensor, first unused index]
+_LOCK = threading.Lock()
 
 
-def _counters(like: torch.Tensor) -> torch.Tensor:
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _counters(like: torch.Tensor, tiles: int) -> torch.Tensor:
+    """`tiles` zeroed int32 counters for a split launch writing `like` (see above)."""
+    dev = like.device
     if type(like) is not torch.Tensor or torch.compiler.is_compiling():
         # traced (torch.compile, fake tensors): the graph gets zeroed counters of its own
-        return torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=like.device)
-    stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0
-    key = (like.device, stream)
-    if key not in _COUNTERS:  # a buffer captured into a CUDA graph must stay: never freed or replaced
-        _COUNTERS[key] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=like.device)
-    return _COUNTERS[key]
+        return torch.zeros(tiles, dtype=torch.int32, device=dev)
+    with _LOCK:
+        if _capturing(dev):
+            reserve = _RESERVE.get(dev)
+            if reserve is None or reserve[1] + tiles > reserve[0].numel():
+                # no reserve zeroed before this capture (or it is used up): zeroed in the graph
+                return torch.zeros(tiles, dtype=torch.int32, device=dev)
+            start = reserve[1]
+            reserve[1] += tiles
+            return reserve[0][start:start + tiles]
+        if dev not in _RESERVE:
+            _RESERVE[dev] = [torch.zeros(RESERVE_COUNTERS, dtype=torch.int32, device=dev), 0]
+            if dev.type == "cuda":  # zero before a capture on any stream reads it
+                torch.cuda.current_stream(dev).synchronize()
+        key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
+        if key not in _COUNTERS:
+            _COUNTERS[key] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=dev)
+        return _COUNTERS[key]
 
 
 def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, **constexprs):
@@ -301,6 +327,8 @@ def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, *
         raise ValueError(f"conv_valid: {n_cols} output columns are too many for one launch of the {name} "
                          f"kernel (written for the inner loop's batch of one); split the batch, or use the twin")
     tiles = m_tiles * n_tiles
+    if cfg.get("TAPS_INNER") and taps > 9:
+        cfg["TAPS_INNER"] = False  # tuned for 3 x 3; a larger filter's unrolled taps only cost compile time
     # the input grad's TAPS_INNER iterations take BLOCK_K output channels with all their taps
     iters = triton.cdiv(red // taps, cfg["BLOCK_K"]) if cfg.get("TAPS_INNER") else triton.cdiv(red, cfg["BLOCK_K"])
     splits = max(1, min(iters, target // tiles)) if tiles <= MAX_SPLIT_TILES else 1
@@ -308,7 +336,7 @@ def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, *
     splits = triton.cdiv(iters, chunk)
     numel = out.numel()
     part = out.new_empty((splits, numel)) if splits > 1 else out
-    counters = _counters(out) if splits > 1 else out
+    counters = _counters(out, tiles) if splits > 1 else out
     if kernel is _conv_wgrad_kernel:  # the only GEMM that takes the learning rate
         lr_hi, lr_lo = (0.0, 0.0) if lr is None else split_double(float(lr))
         constexprs.update(SGD=lr is not None, lr_hi=lr_hi, lr_lo=lr_lo)

@@ -74,6 +74,9 @@ def test_input_errors():
         ab.adam_update_batched_(p, grads[0], m, v, torch.tensor(1.0, device=DEVICE), lr)
     with pytest.raises(TypeError, match="float32 or float64"):
         ab.adam_update_batched_(p, grads[0].double(), m, v, 1, lr)
+    with pytest.raises(ValueError, match="past the kernel's grid"):
+        big = torch.zeros(65536, 1, device=DEVICE)
+        ab.adam_update_batched_(big, big, big, big, 1, torch.zeros(65536, device=DEVICE))
     with pytest.raises(ValueError, match="contiguous"):
         q = torch.zeros(4, 3, device=DEVICE).t()
         ab.adam_update_batched_(q, torch.zeros_like(q), torch.zeros(3, 4, device=DEVICE),
@@ -84,6 +87,45 @@ def test_input_errors():
 # AOT-dispatch check runs on the GPU only.
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") + \
     (("test_aot_dispatch_dynamic",) if CUDA else ())
+
+
+def test_compile_with_a_dynamic_step():
+    """torch.compile traces the op with a symbolic step (a Python int that changes each call)."""
+    p, grads, lr = make((3, 5, 7), torch.float32)
+    ours = [p.clone(), torch.zeros_like(p), torch.zeros_like(p)]
+    ref = [p.clone(), torch.zeros_like(p), torch.zeros_like(p)]
+
+    @torch.compile(backend="eager", dynamic=True, fullgraph=True)
+    def step(q, g, m, v, s):
+        torch.ops.anml_fast.adam_update_batched_(q, g, m, v, s, lr, 0.9, 0.999, 1e-8)
+
+    for s, g in enumerate(grads, 1):
+        step(ours[0], g, ours[1], ours[2], s)
+        reference.adam_update_batched_(ref[0], g, ref[1], ref[2], s, lr)
+    for name, a, b in zip(("p", "m", "v"), ours, ref):
+        assert_close(a, b, *TOL[torch.float32], name)
+
+
+def test_finetune_runs_the_op_and_matches_the_twin(synthetic_data):
+    """run_finetune_batched's Adam through the Triton op (the interpreter on CPU, forced by
+    "compiled") gives the twin's accuracies."""
+    from anml_fast.data.tasks import MetaTestSet
+    from anml_fast.evaluation.finetune_batched import run_finetune_batched
+    from anml_fast.evaluation.trajectories import Trajectory
+    from anml_fast.models import build
+    from conftest import TINY
+
+    net = build(TINY)
+    params = net.init_params(torch.Generator(DEVICE).manual_seed(5), DEVICE, torch.float64)
+    test_set = MetaTestSet(synthetic_data, DEVICE, dtype=torch.float64)
+    g = torch.Generator(DEVICE).manual_seed(3)
+    trajs = [Trajectory(test_set.draw_classes(g, 2), lr) for lr in (1e-3, 1e-2)]
+    runs = {}
+    for backend in ("compiled", "torch"):
+        with ops.use_backend(backend):
+            runs[backend] = run_finetune_batched(net, params, test_set, trajs, ["pln"], "adam", False,
+                                                 torch.Generator(DEVICE).manual_seed(9))
+    assert runs["compiled"] == pytest.approx(runs["torch"], abs=1e-9)
 
 
 def test_opcheck():

@@ -316,6 +316,15 @@ def test_available():
     assert cb.unavailable_reason("cpu") is None
 
 
+def test_available_when_first_asked_without_grad():
+    """The self-test differentiates the op; asked first inside no_grad or inference_mode (as an
+    evaluation may), it must still say yes (its answer is remembered for every later call)."""
+    for mode in (torch.no_grad, torch.inference_mode):
+        cb._self_test._check.cache_clear()
+        with mode():
+            assert cb.available("cpu"), cb.unavailable_reason("cpu")
+
+
 # Which torch.compile backends work over conv_block + sgd_update: all three on CPU ("inductor"
 # needs a C++ compiler, as any CPU inductor graph does).
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")  # the recording backend

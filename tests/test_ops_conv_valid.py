@@ -204,14 +204,16 @@ def test_split_reduction_equals_one_pass(shape, monkeypatch):
 
 
 @pytest.mark.parametrize("taps_inner", [False, True])
-@pytest.mark.parametrize("programs", [1, 1056])
+@pytest.mark.parametrize("programs", [1, 8, 1056])
 def test_input_grad_reduction_orders(taps_inner, programs, monkeypatch):
     """Both orders of the input grad's reduction (TAPS_INNER; the tuner picks per shape), whole
     and split, on odd shapes whose channels are not a multiple of BLOCK_K."""
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=2, num_stages=2, PROGRAMS=programs,
                TAPS_INNER=taps_inner)
     monkeypatch.setitem(kernels.CONFIGS, "dgrad", [(1 << 62, 1 << 62, cfg)])
-    for shape in (ODD[1], ODD[2], ODD[3]):
+    # (1, 17, 5, 5, 40, 3, 3): 3 iterations of 16 output channels over 4 tiles; 8 programs split
+    # them 2 + 1 (a ragged last chunk)
+    for shape in (ODD[1], ODD[2], ODD[3], (1, 17, 5, 5, 40, 3, 3)):
         x, w, gy = make(shape, torch.float64)
         want = reference.conv_valid_backward(gy, x, w, True, False)[0]
         assert_close(cv.conv_valid_backward(gy, x, w, True, False)[0], want, 1e-11, 1e-10, f"{shape}")
@@ -223,7 +225,27 @@ def test_split_counters_are_left_at_zero():
     for shape in (ODD[3], (1, 3, 12, 12, 5, 3, 3)):
         x, w, gy = make(shape)
         cv.conv_valid(x, w), cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1)
-        assert int(kernels._counters(x).abs().sum()) == 0
+        assert int(kernels._counters(x, 1).abs().sum()) == 0
+
+
+def test_captured_launches_take_counters_of_their_own(monkeypatch):
+    """Under CUDA-graph capture (simulated here) each split launch takes fresh counters from the
+    reserve zeroed before any capture, so graphs never share counters, and those counters are
+    zero again after the launch; the results are those of the eager launches."""
+    x, w, gy = make(ODD[3])
+    want = (cv.conv_valid(x, w), cv.conv_valid_backward(gy, x, w, True, False)[0])  # makes the reserve
+    reserve = kernels._RESERVE[x.device]
+    before = reserve[1]
+    monkeypatch.setattr(kernels, "_capturing", lambda device: True)
+    got = (cv.conv_valid(x, w), cv.conv_valid_backward(gy, x, w, True, False)[0])
+    assert reserve[1] > before  # two launches, two fresh ranges
+    first = kernels._counters(x, 4)
+    assert first.data_ptr() != kernels._counters(x, 4).data_ptr()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert int(reserve[0][:reserve[1]].abs().sum()) == 0
+    reserve[1] = reserve[0].numel()  # used up: a captured launch then zeroes its own (in the graph)
+    assert torch.equal(cv.conv_valid(x, w), want[0])
 
 
 @gpu
@@ -232,10 +254,11 @@ def test_split_is_deterministic_under_races():
     """On the GPU the split programs finish in any order; whichever sums, the bits are the same,
     eagerly and replayed from a CUDA graph (which reuses the counters of its capture)."""
     x, w, gy = make(PROTOCOL[1])
+    x1, w1, gy1 = make(PROTOCOL[0])  # conv1's weight grad splits, with its SGD step in the last program
 
     def run():
         return torch.cat([cv.conv_valid(x, w).flatten(), cv.conv_valid_backward(gy, x, w, True, False)[0].flatten(),
-                          cv.conv_valid_sgd(gy, x, w, 0.1).flatten()])
+                          cv.conv_valid_sgd(gy, x, w, 0.1).flatten(), cv.conv_valid_sgd(gy1, x1, w1, 0.1).flatten()])
     first = run()
     for _ in range(200):
         assert torch.equal(run(), first)
@@ -247,13 +270,18 @@ def test_split_is_deterministic_under_races():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = run()
-    for _ in range(100):
+    graph2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph2):
+        out2 = run()
+    for _ in range(50):  # the later capture first, and the two interleaved: no shared counters
+        graph2.replay()
         graph.replay()
-        assert torch.equal(out, first)
+        assert torch.equal(out, first) and torch.equal(out2, first)
     x64, w64, gy64 = (t.double() for t in (x, w, gy))
     want = torch.cat([reference.conv_valid(x64, w64).flatten(),
                       reference.conv_valid_backward(gy64, x64, w64, True, False)[0].flatten(),
-                      reference.conv_valid_sgd(gy64, x64, w64, 0.1).flatten()])
+                      reference.conv_valid_sgd(gy64, x64, w64, 0.1).flatten(),
+                      reference.conv_valid_sgd(gy1.double(), x1.double(), w1.double(), 0.1).flatten()])
     assert_close(first.double(), want, 1e-4, 1e-4, "split result")
 
 
@@ -267,4 +295,5 @@ def test_those_shapes_do_split(shape, kernel):
                     "wgrad": (c_out, c_in * kh * kw, n * (h - kh + 1) * (w - kw + 1))}[kernel]
     cfg = kernels.config(kernel, red, cols)
     tiles = -(-m // cfg["BLOCK_M"]) * -(-cols // cfg["BLOCK_N"])
-    assert min(-(-red // cfg["BLOCK_K"]), cfg.get("PROGRAMS", kernels.PROGRAMS) // tiles) > 1
+    iters = -(-(red // (kh * kw)) // cfg["BLOCK_K"]) if cfg.get("TAPS_INNER") else -(-red // cfg["BLOCK_K"])
+    assert min(iters, cfg.get("PROGRAMS", kernels.PROGRAMS) // tiles) > 1

@@ -76,7 +76,7 @@ def run_finetune_batched(net: Network, params: Params, test_set: MetaTestSet, tr
     grads_of = vmap(grad(loss), in_dims=(0, 0, 0, 0 if reuse_gate else None))
     S = order.shape[1]
     # the Adam step outside vmap may run compiled (one launch a tensor); chosen before the twins' block
-    adam = ops.choose("adam_update_batched_", torch.device(dev))
+    adam = ops.choose("adam_update_batched_", torch.device(dev)) if optimizer == "adam" else None
     with ops.use_backend("torch"):  # vmap runs through the twins, not the compiled ops
         for s in range(S):
             x = as_rgb(test_set.train[cls[:, s], drw[:, s]])  # [T, 3, 28, 28]

@@ -52,7 +52,10 @@ class DeviceSelfTest:
             if load() is None:
                 return f"extension not loaded: {error()}"
             try:
-                return check(device_type)
+                # the first call may come from inside no_grad or inference_mode (an evaluation);
+                # the check differentiates the op, and its answer is remembered for every later call
+                with torch.inference_mode(False), torch.enable_grad():
+                    return check(device_type)
             except Exception as e:  # no kernel for this device, a driver or architecture mismatch, ...
                 return f"{type(e).__name__}: {e}"
         self._check = functools.cache(guarded)

@@ -61,7 +61,9 @@ class TritonSelfTest:
                 elif self._device() is None:
                     reason = "no CUDA device, and the kernels were not defined under TRITON_INTERPRET=1"
                 else:
-                    reason = self.self_test(self._device())
+                    # as DeviceSelfTest does: independent of the caller's grad mode
+                    with torch.inference_mode(False), torch.enable_grad():
+                        reason = self.self_test(self._device())
             except Exception as e:  # anything at all means "do not use these kernels here"
                 reason = f"{type(e).__name__}: {e}"
             self.state.update(reason=reason, ok=reason is None)
