@@ -1,10 +1,12 @@
-"""The compiled multi-tensor updates (C++/CUDA) against their plain-PyTorch twins, at ANML's sizes.
+"""The compiled multi-tensor updates against their plain-PyTorch twins, at ANML's sizes.
 
 sgd_update over the PLN's 14 tensors (3.5M values: the inner loop's step, 20 per task) and over all
 28 tensors; adam_update_ over all 28 (6.1M values: the meta-step), with torch.optim.Adam's own
-fused CUDA step as a further baseline. Batch size does not enter an update; the sizes are the
-model's, read from anml_fast.models so that they are the ones the trainer uses. Each timed call
-ends with torch.cuda.synchronize(); peak memory above the inputs is recorded in extra_info.
+fused CUDA step as a further baseline (C++/CUDA); adam_update_batched_ (Triton) over the PLN's 14
+tensors stacked over the whole-PLN protocol's 150 trajectories (8.4 GB of state). Batch size does
+not enter an update; the sizes are the model's, read from anml_fast.models so that they are the
+ones the trainer uses. Each timed call ends with torch.cuda.synchronize(); peak memory above the
+inputs is recorded in extra_info.
 
     python3 -m pytest bench/bench_multi_tensor.py --benchmark-json=multi_tensor.json
     python3 bench/bench_multi_tensor.py multi_tensor.json      # the markdown table for the README
@@ -83,6 +85,38 @@ def test_adam_update(benchmark, impl, part):
     record_peak(benchmark, run)
     record_kernel_time(benchmark, run)
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=10)
+
+
+TRAJECTORIES = 150  # the 600-class whole-PLN protocol's trajectories, side by side
+
+
+@pytest.mark.parametrize("part", ["pln"])
+@pytest.mark.parametrize("impl", ["compiled", "twin"])
+def test_adam_update_batched(benchmark, impl, part):
+    """One Adam update of every trajectory's PLN, each tensor stacked over the trajectories with a
+    learning rate per trajectory (run_finetune_batched's update): Triton, one launch a tensor,
+    against the twin's elementwise passes."""
+    ab = importlib.import_module("anml_fast.ops.adam_batched")
+    if impl == "compiled" and not ab.available("cuda"):
+        pytest.skip(f"the Triton batched Adam does not work here: {ab.unavailable_reason('cuda')}")
+    shapes = {s.name: s.shape for s in _NET.param_specs()}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    stacks = [[torch.randn(TRAJECTORIES, *shapes[n], device="cuda", generator=g) for _ in range(4)]
+              for n in PARTS[part]]
+    for s in stacks:
+        s[3].abs_()
+    lr = torch.full((TRAJECTORIES,), 1e-4, device="cuda")
+    fn = ab.adam_update_batched_ if impl == "compiled" else reference.adam_update_batched_
+
+    def run():
+        for p, grad, m, v in stacks:
+            fn(p, grad, m, v, 10, lr)
+        torch.cuda.synchronize()
+
+    run()
+    record_peak(benchmark, run)
+    record_kernel_time(benchmark, run)
+    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
 
 
 def table(path: str) -> str:
