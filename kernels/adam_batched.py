@@ -16,15 +16,12 @@ as it advances). float32 or float64.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._scalars import split_double
-from .output_layer import _adam_scalars, _adam_update
+from .output_layer import _adam_scalars, _adam_update, adam_scalar_args
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 BLOCK = 1024
@@ -84,8 +81,7 @@ def _run(p, g, m, v, step, lr, beta1, beta2, eps):
     if not all(t.is_contiguous() for t in (p, m, v)):
         raise ValueError("adam_update_batched_: p, m and v are updated in place and must be contiguous")
     in_memory = isinstance(step, torch.Tensor)
-    scalars = [x for s in (1 - beta1, beta2, 1 - beta2, eps, math.log(beta1), math.log(beta2))
-               for x in split_double(s)]
+    scalars = adam_scalar_args(beta1, beta2, eps)
     wrap_triton(_adam_batched_kernel)[(triton.cdiv(n, BLOCK), T)](
         p, g.contiguous(), m, v, lr, step if in_memory else p, 0 if in_memory else step, n, lr.stride(0),
         *scalars, STEP_IN_MEMORY=in_memory, BLOCK=BLOCK, num_warps=4)

@@ -78,6 +78,13 @@ def _adam_update(P_ptr, M_ptr, V_ptr, offs, mask, g, one_minus_beta1, beta2, one
     return p
 
 
+def adam_scalar_args(beta1: float, beta2: float, eps: float) -> list[float]:
+    """The host side of `_adam_scalars`: its 12 float arguments after lr_stride, in its order (1 - beta1,
+    beta2, 1 - beta2, eps, log(beta1), log(beta2), each as split_double's two float32 halves)."""
+    return [x for v in (1 - beta1, beta2, 1 - beta2, eps, math.log(beta1), math.log(beta2))
+            for x in split_double(v)]
+
+
 @triton.jit
 def _adam_scalars(step, t, LR_ptr, lr_stride, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo,
                   eps_hi, eps_lo, lb1_hi, lb1_lo, lb2_hi, lb2_lo, dt: tl.constexpr):
@@ -244,8 +251,7 @@ def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, 
     if T == 0 or O == 0:
         return
     S = X.shape[1]
-    scalars = [x for v in (1 - BETA1, BETA2, 1 - BETA2, EPS, math.log(BETA1), math.log(BETA2))
-               for x in split_double(v)]
+    scalars = adam_scalar_args(BETA1, BETA2, EPS)
     d = torch.empty_like(logits)
     wrap_triton(_output_layer_grad_kernel)[(T,)](
         logits, Y, step, d, b, mb, vb, lr, O, S, Y.stride(0), Y.stride(1), lr.stride(0), *scalars,

@@ -25,6 +25,14 @@ def import_kernels(name: str) -> tuple[ModuleType | None, str | None]:
         return None, f"{type(e).__name__}: {e}"
 
 
+def require(kernels: ModuleType | None, import_error: str | None, what: str,
+            instead: str = "backend='torch'") -> ModuleType:
+    """The kernel module an op module imported, or the error its ops raise when there is none."""
+    if kernels is None:
+        raise RuntimeError(f"anml_fast's Triton {what} not available ({import_error}); use {instead}")
+    return kernels
+
+
 class TritonSelfTest:
     """Whether a Triton op module works here, decided once by running its ops against their twins.
 

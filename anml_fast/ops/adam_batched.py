@@ -23,10 +23,7 @@ _KERNELS, _IMPORT_ERROR = _triton.import_kernels("adam_batched")
 
 
 def _kernels():
-    if _KERNELS is None:
-        raise RuntimeError(f"anml_fast's Triton batched Adam is not available ({_IMPORT_ERROR}); "
-                           "use backend='torch'")
-    return _KERNELS
+    return _triton.require(_KERNELS, _IMPORT_ERROR, "batched Adam is")
 
 
 def adam_update_batched_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,

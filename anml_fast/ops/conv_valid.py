@@ -25,10 +25,7 @@ _KERNELS, _IMPORT_ERROR = _triton.import_kernels("conv_valid")
 
 
 def _kernels():
-    if _KERNELS is None:
-        raise RuntimeError(f"anml_fast's Triton convolution ops are not available ({_IMPORT_ERROR}); "
-                           "use backend='torch'")
-    return _KERNELS
+    return _triton.require(_KERNELS, _IMPORT_ERROR, "convolution ops are")
 
 
 def conv_valid(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

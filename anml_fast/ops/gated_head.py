@@ -43,10 +43,7 @@ _KERNELS, _IMPORT_ERROR = _triton.import_kernels("gated_head")
 
 
 def _kernels():
-    if _KERNELS is None:
-        raise RuntimeError(f"anml_fast's Triton gated-head ops are not available ({_IMPORT_ERROR}); "
-                           "use backend='torch'")
-    return _KERNELS
+    return _triton.require(_KERNELS, _IMPORT_ERROR, "gated-head ops are")
 
 
 def gated_head(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.Tensor,

@@ -39,10 +39,7 @@ _KERNELS, _IMPORT_ERROR = _triton.import_kernels("output_layer")
 
 
 def _kernels():
-    if _KERNELS is None:
-        raise RuntimeError(f"anml_fast's Triton output-layer op is not available ({_IMPORT_ERROR}); "
-                           "use output_layer_adam_step_reference_")
-    return _KERNELS
+    return _triton.require(_KERNELS, _IMPORT_ERROR, "output-layer op is", "output_layer_adam_step_reference_")
 
 
 def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, vW: torch.Tensor,
