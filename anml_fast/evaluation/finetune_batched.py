@@ -4,8 +4,9 @@ Every trajectory keeps its own copy of the trained layers (and of the reset outp
 own Adam state and learning rate. One step computes every trajectory's batch-1 gradient in one
 vectorised pass, `torch.func.vmap` over the plain-PyTorch model (a convolution whose weights
 differ per trajectory becomes one grouped convolution), then updates all of them with one batched
-Adam (`ops.adam_update_batched_`: on CUDA one Triton launch a tensor). Per trajectory the arithmetic is `trajectories.run_finetune`'s, which runs them one by one
-and is this function's reference in the tests; the random numbers are drawn in the same order.
+Adam (`ops.adam_update_batched_`: on CUDA one Triton launch a tensor). Per trajectory the
+arithmetic is `trajectories.run_finetune`'s, which runs them one by one and is this function's
+reference in the tests; the random numbers are drawn in the same order.
 """
 from __future__ import annotations
 
