@@ -74,15 +74,18 @@ def own_benchmarks(path: str, module_file: str) -> list[dict]:
     return [b for b in json.load(open(path))["benchmarks"] if stem in b["fullname"]]
 
 
-def timings(path: str, module_file: str, key) -> dict:
+def timings(path: str, module_file: str, key, per_call: str | None = None) -> dict:
     """One bench file's results grouped for a table: {key(bench): {impl: (median us, IQR us,
     GPU kernel us or None, peak MB or None)}}, where key(bench) picks the row from its name and
-    params."""
+    params. `per_call` names an extra_info entry counting the units a timed call did: times are
+    then per unit."""
     rows: dict = {}
     for b in own_benchmarks(path, module_file):
         s, info = b["stats"], b["extra_info"]
+        n = info.get(per_call, 1) if per_call else 1
+        gpu = info.get("kernel_us")
         rows.setdefault(key(b), {})[b["params"]["impl"]] = (
-            s["median"] * 1e6, s["iqr"] * 1e6, info.get("kernel_us"), info.get("peak_mb"))
+            s["median"] * 1e6 / n, s["iqr"] * 1e6 / n, gpu if gpu is None else gpu / n, info.get("peak_mb"))
     return rows
 
 

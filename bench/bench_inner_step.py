@@ -1,18 +1,26 @@
 """The whole batch-1 PLN inner step (forward, backward, SGD update) at the protocol's sizes.
 
 twin:  the model's forward on the plain-PyTorch ops, autograd, torch._foreach SGD (what the
-       meta-trainer runs with backend="torch");
+       meta-trainer runs with backend="torch"), with PyTorch's default settings: cuDNN may run
+       its float32 convolutions in TF32 (10-bit mantissa), and does for the forward;
+twin_fp32: the same with cuDNN's convolutions in IEEE float32 (torch.backends.cudnn.conv.
+       fp32_precision = "ieee"): the accuracy the fused path keeps (its dots are 3xTF32, float32
+       accuracy), so the like-for-like baseline;
 fused: `pln_sgd_step_fused`, no autograd: the batch-1 Triton convolutions and the norm kernels,
        the Triton head's fused cross-entropy SGD step, the norms' fused backward, the Triton input
        grads and weight grads with the SGD step fused, one multi-tensor SGD launch for the norms;
 fused_donate: the same with the head's weights updated in place (`donate=True`), as the
        meta-trainer's inner loop runs 19 of its 20 steps (no copy of the 9 MB head).
-Each eagerly and replayed from a CUDA graph (launch overhead gone on both sides). Timed calls end
-with torch.cuda.synchronize().
+Three modes: eager; graph, one step replayed from a CUDA graph (launch overhead gone on both
+sides, but each replay still pays the graph launch and the synchronize); graph20, 20 chained steps
+(each on the previous one's weights) replayed from one graph and reported per step: the inner loop
+as the meta-step's graph runs it (fused_donate then copies the head once, on the first step, as
+the trainer does). Timed calls end with torch.cuda.synchronize().
 
     python3 -m pytest bench/bench_inner_step.py --benchmark-json=inner_step.json
     python3 bench/bench_inner_step.py inner_step.json     # the markdown table
 """
+import contextlib
 import sys
 
 import pytest
@@ -28,6 +36,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA GPU and every compiled op working on it")
 
 ROUNDS = 300
+CHAIN = 20  # steps a replay in the graph<CHAIN> mode: the meta-step's inner loop
 
 
 def _setup():
@@ -41,28 +50,51 @@ def _setup():
     return net, params, x, y, gate
 
 
+@contextlib.contextmanager
+def cudnn_conv_precision(precision: str | None):
+    """cuDNN convolutions' float32 precision ("ieee", "tf32") inside the block; None: as set."""
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    if precision is not None:
+        conv.fp32_precision = precision
+    try:
+        yield
+    finally:
+        conv.fp32_precision = before
+
+
 def _step(impl):
+    """A callable taking PLN weights and donate, doing one step of `impl`, returning the new weights."""
     net, params, x, y, gate = _setup()
-    pln = {n: params[n] for n in PLN_NAMES}
-    if impl == "twin":
-        def run():
-            with ops.use_backend("torch"):
-                return pln_sgd_step_autograd(net, params, pln, x, y, gate, 0.1)
+    if impl.startswith("twin"):
+        precision = "ieee" if impl == "twin_fp32" else None
+
+        def step(pln, donate=False):
+            with ops.use_backend("torch"), cudnn_conv_precision(precision):
+                return pln_sgd_step_autograd(net, params, pln, x, y, gate, 0.1)[1]
+    else:
+        def step(pln, donate=False):
+            return pln_sgd_step_fused(net, params, pln, x, y, gate, 0.1, donate=donate)[1]
+    return step, {n: params[n] for n in PLN_NAMES}
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", f"graph{CHAIN}"])
+@pytest.mark.parametrize("impl", ["fused", "fused_donate", "twin", "twin_fp32"])
+def test_pln_inner_step(benchmark, impl, mode):
+    step, pln = _step(impl)
+    if mode == f"graph{CHAIN}":
+        # the inner loop as the meta-step graph holds it: CHAIN steps, each on the last one's
+        # weights; fused_donate updates the head in place after the first, as the trainer does
+        def call_steps():
+            p = pln
+            for k in range(CHAIN):
+                p = step(p, donate=impl == "fused_donate" and k > 0)
     else:
         # fused_donate updates the benchmark's own head weights in place every round: harmless
         # for a timing (the values drift, the work does not change)
-        donate = impl == "fused_donate"
-
-        def run():
-            return pln_sgd_step_fused(net, params, pln, x, y, gate, 0.1, donate=donate)
-    return run
-
-
-@pytest.mark.parametrize("mode", ["eager", "graph"])
-@pytest.mark.parametrize("impl", ["fused", "fused_donate", "twin"])
-def test_pln_inner_step(benchmark, impl, mode):
-    step = _step(impl)
-    call = graphed(step) if mode == "graph" else step
+        def call_steps():
+            step(pln, donate=impl == "fused_donate")
+    call = call_steps if mode == "eager" else graphed(call_steps)
 
     def run():
         call()
@@ -70,18 +102,21 @@ def test_pln_inner_step(benchmark, impl, mode):
     record_peak(benchmark, run)
     record_kernel_time(benchmark, run)
     benchmark.extra_info["card"] = torch.cuda.get_device_name()
+    benchmark.extra_info["steps_per_call"] = CHAIN if mode == f"graph{CHAIN}" else 1
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=20)
 
 
 def table(path: str) -> str:
-    """Median (IQR) microseconds per step, and the speed-up over the twin in the same mode."""
-    rows = timings(path, __file__, lambda b: b["params"]["mode"])
-    lines = ["| PLN inner step, batch 1 | impl | wall us (IQR) | vs twin | GPU us | peak MB |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    """Median (IQR) microseconds per step, and the speed-ups over both twins in the same mode."""
+    rows = timings(path, __file__, lambda b: b["params"]["mode"], per_call="steps_per_call")
+    lines = ["| PLN inner step, batch 1 | impl | wall us (IQR) | vs twin (defaults: TF32 convs) | vs twin_fp32 | "
+             "GPU us | peak MB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    ratio = lambda base, m: "" if base is None else f"{base / m:.2f}x"
     for mode, r in sorted(rows.items()):
-        twin = r.get("twin", (None,))[0]
+        twin, twin32 = r.get("twin", (None,))[0], r.get("twin_fp32", (None,))[0]
         for impl, (m, iqr, gpu, peak) in sorted(r.items()):
-            lines.append(f"| {mode} | {impl} | {m:.1f} ({iqr:.1f}) | {twin / m:.2f}x | "
+            lines.append(f"| {mode} | {impl} | {m:.1f} ({iqr:.1f}) | {ratio(twin, m)} | {ratio(twin32, m)} | "
                          f"{gpu if gpu is None else f'{gpu:.1f}'} | {peak if peak is None else f'{peak:.1f}'} |")
     return "\n".join(lines)
 

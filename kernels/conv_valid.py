@@ -30,13 +30,12 @@ float32 or float64, contiguous (the wrappers make them so).
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._counters import MAX_TILES, counters
 from ._scalars import join_double, split_double
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -272,47 +271,10 @@ def _dims(x, weight):
 # the output tiles alone are too few to fill the card, and each would run a 2304-long reduction
 # serially. The default for a config without its own target ("PROGRAMS"; 1 = never split).
 PROGRAMS = 264
-# A split launch counts its programs in on one int32 per output tile (see _finish); each tile's
-# last program resets its counter to zero, so counters are zero between launches. Eagerly, one
-# buffer per device and stream serves every launch: launches on one stream run one after the
-# other. A CUDA graph keeps the counters it captured and may replay beside other graphs (all
-# captured on torch's one default capture stream), so each captured launch takes counters of its
-# own, from a reserve zeroed outside any capture: no memset node in the graph, none shared. A
-# split only pays when the tiles are few, so no split launch has more tiles than this.
-MAX_SPLIT_TILES = 1024
-RESERVE_COUNTERS = 1 << 20  # 4 MiB a device: about a thousand captured split launches
-_COUNTERS: dict = {}
-_RESERVE: dict = {}  # device -> [zeroed int32 tensor, first unused index]
-_LOCK = threading.Lock()
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _counters(like: torch.Tensor, tiles: int) -> torch.Tensor:
-    """`tiles` zeroed int32 counters for a split launch writing `like` (see above)."""
-    dev = like.device
-    if type(like) is not torch.Tensor or torch.compiler.is_compiling():
-        # traced (torch.compile, fake tensors): the graph gets zeroed counters of its own
-        return torch.zeros(tiles, dtype=torch.int32, device=dev)
-    with _LOCK:
-        if _capturing(dev):
-            reserve = _RESERVE.get(dev)
-            if reserve is None or reserve[1] + tiles > reserve[0].numel():
-                # no reserve zeroed before this capture (or it is used up): zeroed in the graph
-                return torch.zeros(tiles, dtype=torch.int32, device=dev)
-            start = reserve[1]
-            reserve[1] += tiles
-            return reserve[0][start:start + tiles]
-        if dev not in _RESERVE:
-            _RESERVE[dev] = [torch.zeros(RESERVE_COUNTERS, dtype=torch.int32, device=dev), 0]
-            if dev.type == "cuda":  # zero before a capture on any stream reads it
-                torch.cuda.current_stream(dev).synchronize()
-        key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
-        if key not in _COUNTERS:
-            _COUNTERS[key] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=dev)
-        return _COUNTERS[key]
+# Split launches finish in-kernel on arrival counters (kernels/_counters.py, one per output
+# tile). A split only pays when the tiles are few; past the counters' eager buffer it is not
+# worth the fresh zeros a launch would then need.
+MAX_SPLIT_TILES = MAX_TILES
 
 
 def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, **constexprs):
@@ -336,13 +298,13 @@ def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, *
     splits = triton.cdiv(iters, chunk)
     numel = out.numel()
     part = out.new_empty((splits, numel)) if splits > 1 else out
-    counters = _counters(out, tiles) if splits > 1 else out
+    tile_counters = counters(out, tiles) if splits > 1 else out
     if kernel is _conv_wgrad_kernel:  # the only GEMM that takes the learning rate
         lr_hi, lr_lo = (0.0, 0.0) if lr is None else split_double(float(lr))
         constexprs.update(SGD=lr is not None, lr_hi=lr_hi, lr_lo=lr_lo)
     precision = "ieee" if out.dtype == torch.float64 else "tf32x3"
-    wrap_triton(kernel)[(m_tiles, n_tiles, splits)](*head, out, part, counters, *dims, chunk, numel, **constexprs,
-                                                    SPLIT=splits > 1, PRECISION=precision, **cfg)
+    wrap_triton(kernel)[(m_tiles, n_tiles, splits)](*head, out, part, tile_counters, *dims, chunk, numel,
+                                                    **constexprs, SPLIT=splits > 1, PRECISION=precision, **cfg)
 
 
 @triton_op("anml_fast::conv_valid", mutates_args=())

@@ -20,11 +20,13 @@ backward works and only first-order grads come from the kernels. The `*_bwd` ops
 tensors for the grads they were told to skip.
 
 Kernels, shared by the ops:
-  _gated_head_fwd_kernel        logits tiles (+ per-tile row max and sum of exps for the loss)
-  _gated_head_ce_loss_kernel    one program: logsumexp per row from those partials, mean loss
+  _gated_head_fwd_kernel        logits tiles; for the loss also per-tile row max and sum of exps,
+                                which the launch's last program turns into logsumexp and the loss
   _gated_head_bwd_weight_kernel dW and db (or W -= lr dW, b -= lr db in place), and optionally
-                                da summed over its own block of outputs (W is already in registers)
-  _gated_head_bwd_input_kernel  da = dl W (or the sum of those partials), then dh and dz
+                                da summed over its own block of outputs (W is already in registers),
+                                which each feature block's last program adds up into dh and dz
+  _gated_head_bwd_input_kernel  da = dl W, then dh and dz (where the weight kernel does not)
+A loss step at B = 1 (the inner loop's gated_head_ce_sgd_) is two launches: forward, backward.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._counters import counters
 from ._scalars import join_double, split_double
 
 # tl.dot on float32 defaults to TF32 on NVIDIA tensor cores (10-bit mantissa: measured 5e-4 error
@@ -48,10 +51,10 @@ DOT_PRECISION = "ieee"
 INPUT_GRAD_DOT_PRECISION = "tf32x3"
 
 # The loss-with-input-grad path: below this many rows, the weight-grad kernel (which holds a tile
-# of W in registers anyway) also emits da summed over its block of outputs, and a small kernel adds
-# those partials up; W is then read once in the backward instead of twice. The partials cost
-# n_out_blocks * B * F floats: 16 * 1 * 2304 at B = 1 (1.6% of W), but 134% of W at B = 84, where
-# a separate dl @ W kernel is cheaper.
+# of W in registers anyway) also emits da summed over its block of outputs, and the last program
+# of each feature block adds those partials up; W is then read once in the backward instead of
+# twice. The partials cost n_out_blocks * B * F floats: 16 * 1 * 2304 at B = 1 (1.6% of W), but
+# 134% of W at B = 84, where a separate dl @ W kernel is cheaper.
 FUSE_INPUT_GRAD_MAX_ROWS = 16
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -105,16 +108,19 @@ def _dlogits_tile(DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, scale, rows, out
 
 @triton.jit
 def _gated_head_fwd_kernel(
-    H_ptr, Z_ptr, W_ptr, Bias_ptr, Logits_ptr, PartMax_ptr, PartSum_ptr,
+    H_ptr, Z_ptr, W_ptr, Bias_ptr, Logits_ptr, PartMax_ptr, PartSum_ptr, Target_ptr, Lse_ptr,
+    Loss_ptr, Count_ptr,
     n_rows, n_features, n_outputs,
     WITH_LSE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_LOSS_B: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """One [BLOCK_B rows, BLOCK_O outputs] tile of logits, reducing over all features.
 
     Grid (out blocks, row blocks). With WITH_LSE it also writes, per row, the max and the sum of
-    exp(logit - max) over its outputs: the loss kernel combines those, so the logits are read back
-    only at the target (no full second pass over [B, O]).
+    exp(logit - max) over its outputs, and the last program of the launch to finish (an arrival
+    counter, kernels/_counters.py) combines those into lse and the mean loss (`_ce_loss`): the
+    logits are read back only at the target, and the loss costs no launch of its own.
     """
     pid_o = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -154,20 +160,24 @@ def _gated_head_fwd_kernel(
         n_out_blocks = tl.num_programs(0)
         tl.store(PartMax_ptr + rows * n_out_blocks + pid_o, row_max, mask=row_mask)
         tl.store(PartSum_ptr + rows * n_out_blocks + pid_o, row_sum, mask=row_mask)
+        # every thread's stores are issued before the count (a release at GPU scope) says they are there
+        tl.debug_barrier()
+        n_programs = n_out_blocks * tl.num_programs(1)
+        if tl.atomic_add(Count_ptr, 1, sem="acq_rel", scope="gpu") == n_programs - 1:
+            _ce_loss(Logits_ptr, Target_ptr, PartMax_ptr, PartSum_ptr, Lse_ptr, Loss_ptr,
+                     n_rows, n_outputs, n_out_blocks, dt, BLOCK_LOSS_B, BLOCK_P)
+            tl.atomic_xchg(Count_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _gated_head_ce_loss_kernel(
-    Logits_ptr, Target_ptr, PartMax_ptr, PartSum_ptr, Lse_ptr, Loss_ptr,
-    n_rows, n_outputs, n_out_blocks,
-    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """One program: lse per row from the forward's partials, and the mean loss.
+def _ce_loss(Logits_ptr, Target_ptr, PartMax_ptr, PartSum_ptr, Lse_ptr, Loss_ptr,
+             n_rows, n_outputs, n_out_blocks, dt: tl.constexpr,
+             BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    """lse per row from the forward's per-block partials, and the mean loss, run by one program.
 
-    A single program sums the rows in a fixed order, so the loss is deterministic (no atomics);
-    its input is B x n_out_blocks x 2 numbers, so one program is enough.
+    It sums the rows in a fixed order, so the loss is deterministic (no atomics). Its loads skip
+    L1 (.cg): other programs of the launch wrote what they read.
     """
-    dt = Logits_ptr.dtype.element_ty
     parts = tl.arange(0, BLOCK_P)
     part_mask = parts < n_out_blocks
     total = tl.zeros((BLOCK_B,), dtype=dt)
@@ -176,24 +186,36 @@ def _gated_head_ce_loss_kernel(
         row_mask = rows < n_rows
         offs = rows[:, None] * n_out_blocks + parts[None, :]
         mask = row_mask[:, None] & part_mask[None, :]
-        part_max = tl.load(PartMax_ptr + offs, mask=mask, other=float("-inf"))
-        part_sum = tl.load(PartSum_ptr + offs, mask=mask, other=0.0)
+        part_max = tl.load(PartMax_ptr + offs, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        part_sum = tl.load(PartSum_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
         row_max = tl.max(part_max, axis=1)
         # Padding rows (all -inf, sum 0) would give nan and log(0); make them harmless, then drop them.
         row_max = tl.where(row_mask, row_max, 0.0)
         row_sum = tl.sum(part_sum * tl.exp(part_max - row_max[:, None]), axis=1)
         lse = row_max + tl.log(tl.where(row_mask, row_sum, 1.0))
         y = tl.load(Target_ptr + rows, mask=row_mask, other=0)
-        target_logit = tl.load(Logits_ptr + rows * n_outputs + y, mask=row_mask, other=0.0)
+        target_logit = tl.load(Logits_ptr + rows * n_outputs + y, mask=row_mask, other=0.0,
+                               cache_modifier=".cg")
         tl.store(Lse_ptr + rows, lse, mask=row_mask)
         total += tl.where(row_mask, lse - target_logit, 0.0)
     tl.store(Loss_ptr, tl.sum(total, axis=0) / n_rows)
 
 
 @triton.jit
+def _store_input_grads(da, H_ptr, Z_ptr, DH_ptr, DZ_ptr, rows, cols, row_mask, col_mask, n_features):
+    """dh = da * g and dz = da * h * g * (1 - g) for a [rows, cols] tile, from da = dl @ W."""
+    h, g = _load_gate(H_ptr, Z_ptr, rows, cols, row_mask, col_mask, n_features)
+    dh = da * g
+    offs = rows[:, None] * n_features + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(DH_ptr + offs, dh, mask=mask)
+    tl.store(DZ_ptr + offs, dh * h * (1.0 - g), mask=mask)
+
+
+@triton.jit
 def _gated_head_bwd_weight_kernel(
     H_ptr, Z_ptr, W_ptr, Bias_ptr, DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, GradLoss_ptr,
-    DW_ptr, DB_ptr, DAPart_ptr, lr_hi, lr_lo,
+    DW_ptr, DB_ptr, DAPart_ptr, DH_ptr, DZ_ptr, Count_ptr, lr_hi, lr_lo,
     n_rows, n_features, n_outputs,
     FROM_CE: tl.constexpr, GRAD_LOSS_IS_ONE: tl.constexpr, SGD: tl.constexpr,
     WITH_DA_PARTIAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -206,7 +228,11 @@ def _gated_head_bwd_weight_kernel(
     it loads before any store, and nothing else in this launch reads W: no races, and the da
     partials below see the old W. If da comes from the separate input kernel instead, that kernel
     must run before this one (the launcher orders them so).
-    WITH_DA_PARTIAL: also writes da_part[out block] = dl[:, out block] @ W[out block, feature block].
+    WITH_DA_PARTIAL: also writes da_part[out block] = dl[:, out block] @ W[out block, feature block],
+    and the last program of each feature block to finish (an arrival counter per feature block,
+    kernels/_counters.py) adds up its partials over the out blocks in order (the same bits
+    whichever program that is) into dh and dz: the input grads cost no launch of their own, and
+    W is read once in the whole backward.
     """
     pid_o = tl.program_id(0)
     pid_f = tl.program_id(1)
@@ -256,20 +282,36 @@ def _gated_head_bwd_weight_kernel(
         if pid_f == 0:
             tl.store(DB_ptr + outs, db, mask=out_mask)
 
+    if WITH_DA_PARTIAL:
+        tl.debug_barrier()  # the partials' stores are issued before the count says they are there
+        n_parts = tl.num_programs(0)
+        if tl.atomic_add(Count_ptr + pid_f, 1, sem="acq_rel", scope="gpu") == n_parts - 1:
+            for b0 in range(0, n_rows, BLOCK_B):
+                rows = b0 + tl.arange(0, BLOCK_B)
+                row_mask = rows < n_rows
+                mask = row_mask[:, None] & col_mask[None, :]
+                da = tl.zeros((BLOCK_B, BLOCK_F), dtype=dt)
+                for p in range(0, n_parts):
+                    da += tl.load(DAPart_ptr + (p * n_rows + rows[:, None]) * n_features + cols[None, :],
+                                  mask=mask, other=0.0, cache_modifier=".cg")
+                _store_input_grads(da, H_ptr, Z_ptr, DH_ptr, DZ_ptr, rows, cols, row_mask, col_mask,
+                                   n_features)
+            tl.atomic_xchg(Count_ptr + pid_f, 0, sem="relaxed", scope="gpu")
+
 
 @triton.jit
 def _gated_head_bwd_input_kernel(
-    H_ptr, Z_ptr, W_ptr, DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, GradLoss_ptr, DAPart_ptr,
+    H_ptr, Z_ptr, W_ptr, DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, GradLoss_ptr,
     DH_ptr, DZ_ptr,
-    n_rows, n_features, n_outputs, n_parts,
-    FROM_CE: tl.constexpr, GRAD_LOSS_IS_ONE: tl.constexpr, FROM_PARTIAL: tl.constexpr,
+    n_rows, n_features, n_outputs,
+    FROM_CE: tl.constexpr, GRAD_LOSS_IS_ONE: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """One [BLOCK_B, BLOCK_F] tile of dh = da * g and dz = da * h * g * (1 - g) (grid: feature x row blocks).
 
-    da = dl @ W reduced over all outputs here, or (FROM_PARTIAL) the sum of the weight kernel's
-    per-out-block partials, added in a fixed order (deterministic).
+    da = dl @ W reduced over all outputs here (the weight kernel forms it itself where it fuses the
+    input grads).
     """
     pid_f = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -278,32 +320,21 @@ def _gated_head_bwd_input_kernel(
     cols = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     row_mask = rows < n_rows
     col_mask = cols < n_features
-    mask = row_mask[:, None] & col_mask[None, :]
 
     da = tl.zeros((BLOCK_B, BLOCK_F), dtype=dt)
-    if FROM_PARTIAL:
-        for p in range(0, n_parts):
-            da += tl.load(DAPart_ptr + (p * n_rows + rows[:, None]) * n_features + cols[None, :],
-                          mask=mask, other=0.0)
-    else:
-        scale = _dloss_scale(GradLoss_ptr, n_rows, dt, GRAD_LOSS_IS_ONE)
-        for o0 in range(0, n_outputs, BLOCK_O):
-            outs = o0 + tl.arange(0, BLOCK_O)
-            out_mask = outs < n_outputs
-            dl = _dlogits_tile(DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, scale, rows, outs,
-                               row_mask, out_mask, n_outputs, FROM_CE)
-            w = tl.load(W_ptr + outs[:, None] * n_features + cols[None, :],
-                        mask=out_mask[:, None] & col_mask[None, :], other=0.0)
-            if USE_DOT:
-                da += tl.dot(dl, w, input_precision=DOT_PRECISION, out_dtype=dt)  # blocked sum
-            else:
-                da += tl.sum(dl[:, :, None] * w[None, :, :], axis=1)
-
-    h, g = _load_gate(H_ptr, Z_ptr, rows, cols, row_mask, col_mask, n_features)
-    dh = da * g
-    offs = rows[:, None] * n_features + cols[None, :]
-    tl.store(DH_ptr + offs, dh, mask=mask)
-    tl.store(DZ_ptr + offs, dh * h * (1.0 - g), mask=mask)
+    scale = _dloss_scale(GradLoss_ptr, n_rows, dt, GRAD_LOSS_IS_ONE)
+    for o0 in range(0, n_outputs, BLOCK_O):
+        outs = o0 + tl.arange(0, BLOCK_O)
+        out_mask = outs < n_outputs
+        dl = _dlogits_tile(DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, scale, rows, outs,
+                           row_mask, out_mask, n_outputs, FROM_CE)
+        w = tl.load(W_ptr + outs[:, None] * n_features + cols[None, :],
+                    mask=out_mask[:, None] & col_mask[None, :], other=0.0)
+        if USE_DOT:
+            da += tl.dot(dl, w, input_precision=DOT_PRECISION, out_dtype=dt)  # blocked sum
+        else:
+            da += tl.sum(dl[:, :, None] * w[None, :, :], axis=1)
+    _store_input_grads(da, H_ptr, Z_ptr, DH_ptr, DZ_ptr, rows, cols, row_mask, col_mask, n_features)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,11 +383,7 @@ def _weight_config(n_rows: int, dot: bool) -> dict:
     return dict(BLOCK_B=32, BLOCK_O=64, BLOCK_F=64, num_warps=4, num_stages=2)
 
 
-def _input_config(n_rows: int, dot: bool, from_partial: bool) -> dict:
-    if from_partial:
-        # Adding 16 partials of B x 2304: tiny; 256-wide feature blocks, a row block covers B.
-        return dict(BLOCK_B=triton.next_power_of_2(n_rows), BLOCK_O=16, BLOCK_F=256,
-                    num_warps=4, num_stages=1)
+def _input_config(n_rows: int, dot: bool) -> dict:
     if n_rows == 1:
         # da = dl @ W for one row: 64-wide feature strips give 36 programs reading 256-byte
         # segments of each W row; only used when W needs no grad (else the partials are cheaper).
@@ -390,28 +417,29 @@ def _check_inputs(h, gate_logits, weight, bias, target=None):
         raise ValueError(f"gated head: all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-def _launch_fwd(h, z, weight, bias, logits, part_max, part_sum, with_lse):
+def _launch_fwd(h, z, weight, bias, logits, ce=None):
+    """The logits; with `ce` = (target, loss, lse) also the loss and lse, finished in the same
+    launch by its last program."""
     n_rows, n_features = h.shape
     n_outputs = weight.shape[0]
     dot = _use_dot(h)
     cfg = _fwd_config(n_rows, dot)
     grid = (triton.cdiv(n_outputs, cfg["BLOCK_O"]), triton.cdiv(n_rows, cfg["BLOCK_B"]))
+    if ce is None:
+        # pointer arguments this specialisation never reads
+        target = loss = lse = part_max = part_sum = count = logits
+        loss_cfg = dict(BLOCK_LOSS_B=1, BLOCK_P=1)
+    else:
+        target, loss, lse = ce
+        part_max = h.new_empty((n_rows, grid[0]))
+        part_sum = h.new_empty((n_rows, grid[0]))
+        count = counters(h, 1)
+        loss_cfg = dict(BLOCK_LOSS_B=min(32, triton.next_power_of_2(n_rows)),
+                        BLOCK_P=triton.next_power_of_2(grid[0]))
     wrap_triton(_gated_head_fwd_kernel)[grid](
-        h, z, weight, bias, logits, part_max, part_sum, n_rows, n_features, n_outputs,
-        WITH_LSE=with_lse, USE_DOT=dot, DOT_PRECISION=DOT_PRECISION, **cfg)
-
-
-def _launch_ce_fwd(h, z, weight, bias, target, loss, logits, lse):
-    n_rows = h.shape[0]
-    n_outputs = weight.shape[0]
-    n_blocks = triton.cdiv(n_outputs, _fwd_config(n_rows, _use_dot(h))["BLOCK_O"])
-    part_max = torch.empty((n_rows, n_blocks), device=h.device, dtype=h.dtype)
-    part_sum = torch.empty((n_rows, n_blocks), device=h.device, dtype=h.dtype)
-    _launch_fwd(h, z, weight, bias, logits, part_max, part_sum, True)
-    wrap_triton(_gated_head_ce_loss_kernel)[(1,)](
-        logits, target, part_max, part_sum, lse, loss, n_rows, n_outputs, n_blocks,
-        BLOCK_B=min(32, triton.next_power_of_2(n_rows)), BLOCK_P=triton.next_power_of_2(n_blocks),
-        num_warps=4)
+        h, z, weight, bias, logits, part_max, part_sum, target, lse, loss, count,
+        n_rows, n_features, n_outputs,
+        WITH_LSE=ce is not None, USE_DOT=dot, DOT_PRECISION=DOT_PRECISION, **cfg, **loss_cfg)
 
 
 def _launch_bwd(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh, dz, dweight, dbias,
@@ -443,29 +471,22 @@ def _launch_bwd(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh,
 
     if input_grad and not fuse:
         # Before the weight kernel: with sgd, that one overwrites W, and da needs the old W.
-        icfg = _input_config(n_rows, use_dot, from_partial=False)
+        icfg = _input_config(n_rows, use_dot)
         grid = (triton.cdiv(n_features, icfg["BLOCK_F"]), triton.cdiv(n_rows, icfg["BLOCK_B"]))
         wrap_triton(_gated_head_bwd_input_kernel)[grid](
-            h, z, weight, dlogits, logits, lse, target, grad_loss, placeholder, dh, dz,
-            n_rows, n_features, n_outputs, 0,
-            FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss_is_one, FROM_PARTIAL=False,
+            h, z, weight, dlogits, logits, lse, target, grad_loss, dh, dz,
+            n_rows, n_features, n_outputs,
+            FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss_is_one,
             USE_DOT=use_dot, DOT_PRECISION=INPUT_GRAD_DOT_PRECISION, **icfg)
     if weight_grad or sgd:
         lr_hi, lr_lo = split_double(lr)
         grid = (n_parts, triton.cdiv(n_features, wcfg["BLOCK_F"]))
+        count = counters(h, grid[1]) if fuse else placeholder
         wrap_triton(_gated_head_bwd_weight_kernel)[grid](
             h, z, weight, bias, dlogits, logits, lse, target, grad_loss,
-            dweight, dbias, da_part, lr_hi, lr_lo, n_rows, n_features, n_outputs,
+            dweight, dbias, da_part, dh, dz, count, lr_hi, lr_lo, n_rows, n_features, n_outputs,
             FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss_is_one, SGD=sgd, WITH_DA_PARTIAL=fuse,
             USE_DOT=use_dot, DOT_PRECISION=DOT_PRECISION, **wcfg)
-    if fuse:
-        icfg = _input_config(n_rows, use_dot, from_partial=True)
-        grid = (triton.cdiv(n_features, icfg["BLOCK_F"]), triton.cdiv(n_rows, icfg["BLOCK_B"]))
-        wrap_triton(_gated_head_bwd_input_kernel)[grid](
-            h, z, weight, dlogits, logits, lse, target, grad_loss, da_part, dh, dz,
-            n_rows, n_features, n_outputs, n_parts,
-            FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss_is_one, FROM_PARTIAL=True,
-            USE_DOT=False, DOT_PRECISION=DOT_PRECISION, **icfg)
 
 
 def _grad_buffers(h, weight, input_grad, weight_grad):
@@ -488,7 +509,7 @@ def gated_head_fwd(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.Ten
     h, gate_logits, weight, bias = (t.contiguous() for t in (h, gate_logits, weight, bias))
     logits = h.new_empty((h.shape[0], weight.shape[0]))
     if h.shape[0] > 0:
-        _launch_fwd(h, gate_logits, weight, bias, logits, logits, logits, False)
+        _launch_fwd(h, gate_logits, weight, bias, logits)
     return logits
 
 
@@ -517,7 +538,7 @@ def gated_head_ce_fwd(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.
     loss = h.new_empty(())
     logits = h.new_empty((h.shape[0], weight.shape[0]))
     lse = h.new_empty((h.shape[0],))
-    _launch_ce_fwd(h, gate_logits, weight, bias, target, loss, logits, lse)
+    _launch_fwd(h, gate_logits, weight, bias, logits, ce=(target, loss, lse))
     return loss, logits, lse
 
 
@@ -548,7 +569,7 @@ def gated_head_ce_sgd_(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch
     logits = h.new_empty((h.shape[0], weight.shape[0]))
     lse = h.new_empty((h.shape[0],))
     dh, dz = torch.empty_like(h), torch.empty_like(h)
-    _launch_ce_fwd(h, gate_logits, weight, bias, target, loss, logits, lse)
+    _launch_fwd(h, gate_logits, weight, bias, logits, ce=(target, loss, lse))
     _launch_bwd(h, gate_logits, weight, bias, None, logits, lse, target, None, dh, dz, h, h,
                 from_ce=True, sgd=True, lr=lr, input_grad=True, weight_grad=True)
     return loss, dh, dz

@@ -5,6 +5,7 @@ On a GPU the kernels run compiled on CUDA; without one, in Triton's interpreter 
 """
 import importlib
 import os
+import sys
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ if not callable(ops.conv_valid):  # see test_ops_gated_head.py: a submodule impo
 
 pytest.importorskip("triton")
 kernels = cv._kernels()
+arrivals = sys.modules[kernels.counters.__module__]  # the split launches' counters (kernels/_counters.py)
 CUDA = torch.cuda.is_available()
 if not CUDA and not cv._CHECK.interpreted():
     raise RuntimeError("the conv kernels were defined for a GPU, but there is none: set TRITON_INTERPRET=1 "
@@ -225,7 +227,7 @@ def test_split_counters_are_left_at_zero():
     for shape in (ODD[3], (1, 3, 12, 12, 5, 3, 3)):
         x, w, gy = make(shape)
         cv.conv_valid(x, w), cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1)
-        assert int(kernels._counters(x, 1).abs().sum()) == 0
+        assert int(arrivals.counters(x, 1).abs().sum()) == 0
 
 
 def test_captured_launches_take_counters_of_their_own(monkeypatch):
@@ -234,13 +236,13 @@ def test_captured_launches_take_counters_of_their_own(monkeypatch):
     zero again after the launch; the results are those of the eager launches."""
     x, w, gy = make(ODD[3])
     want = (cv.conv_valid(x, w), cv.conv_valid_backward(gy, x, w, True, False)[0])  # makes the reserve
-    reserve = kernels._RESERVE[x.device]
+    reserve = arrivals._RESERVE[x.device]
     before = reserve[1]
-    monkeypatch.setattr(kernels, "_capturing", lambda device: True)
+    monkeypatch.setattr(arrivals, "capturing", lambda device: True)
     got = (cv.conv_valid(x, w), cv.conv_valid_backward(gy, x, w, True, False)[0])
     assert reserve[1] > before  # two launches, two fresh ranges
-    first = kernels._counters(x, 4)
-    assert first.data_ptr() != kernels._counters(x, 4).data_ptr()
+    first = arrivals.counters(x, 4)
+    assert first.data_ptr() != arrivals.counters(x, 4).data_ptr()
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert int(reserve[0][:reserve[1]].abs().sum()) == 0

@@ -9,6 +9,7 @@ where nothing imported the ops before it, and stops with a clear error if it cam
 import importlib
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -245,6 +246,29 @@ def test_sgd_trajectory_matches_twin():
         gh.gated_head_ce_sgd_reference_(*args, w_t, b_t, y[i:i + 1], 0.1)
     assert_close(w_f, w_t, *TOL[torch.float32], "weight after 20 steps")
     assert_close(b_f, b_t, *TOL[torch.float32], "bias after 20 steps")
+
+
+def test_arrival_counters_are_left_at_zero():
+    """The loss and the fused input grads are finished by each launch's last program, counted in
+    on counters that every launch must leave at zero for the next one on its stream."""
+    arrivals = sys.modules[kernels.counters.__module__]  # kernels/_counters.py, however it was imported
+    for shape in ((1, 50, 37), (3, 70, 37)):
+        h, z, w, b, y = make_inputs(*shape)
+        gh.gated_head_ce_sgd_(h, z, w, b, y, 0.1)
+        grads_of(gh.gated_head_cross_entropy, (h, z, w, b), y)
+        assert int(arrivals.counters(h, 1).abs().sum()) == 0
+
+
+@gpu
+def test_last_program_finishes_give_the_same_bits_every_run():
+    """On the GPU any program may be the last to arrive; the sums they finish run in a fixed
+    order, so the loss, dh and dz are the same bits on every run."""
+    h, z, w, b, y = make_inputs(*PROTOCOL_B1)
+    first = [t.clone() for t in gh.gated_head_ce_sgd_(h, z, w.clone(), b.clone(), y, 0.1)]
+    for _ in range(50):
+        again = gh.gated_head_ce_sgd_(h, z, w.clone(), b.clone(), y, 0.1)
+        for name, a, c in zip(("loss", "dh", "dz"), again, first):
+            assert torch.equal(a, c), name
 
 
 # ------------------------------------------------------------------ autograd, registration
