@@ -45,10 +45,13 @@ def test_progress_counts_every_update(synthetic_data):
 
 
 @pytest.mark.gpu
-def test_equals_one_by_one_on_the_gpu_in_float64(synthetic_data):
+@pytest.mark.parametrize("channels", [(16, 32), None], ids=["small", "full-size"])
+def test_equals_one_by_one_on_the_gpu_in_float64(synthetic_data, channels):
+    """The batched trajectories (batched Triton Adam on CUDA) against the one-by-one twins; at
+    full size (ANML's 112/256 channels) too."""
     from anml_fast.models import ModelConfig
 
-    net = build(ModelConfig(nm_channels=16, pln_channels=32))
+    net = build(ModelConfig() if channels is None else ModelConfig(nm_channels=channels[0], pln_channels=channels[1]))
     params = net.init_params(torch.Generator("cuda").manual_seed(5), "cuda", torch.float64)
     test_set = MetaTestSet(synthetic_data, "cuda", dtype=torch.float64)
     g = torch.Generator("cuda").manual_seed(3)
