@@ -15,18 +15,38 @@ Where the zeroed counters come from:
   captured on torch's one default capture stream), so none may be shared, and a memset node per
   launch would cost what the fusion saves. A used-up reserve falls back to zeros made in the graph;
 - traced (torch.compile, fake tensors): fresh zeros, which the compiled graph allocates.
+
+In a kernel: `if last_to_arrive(Count_ptr + i, n): ...finish...; reset(Count_ptr + i)`.
 """
 from __future__ import annotations
 
 import threading
 
 import torch
+import triton
+import triton.language as tl
 
 MAX_TILES = 1024  # counters of an eager launch; more than this get fresh zeros of their own
 RESERVE_COUNTERS = 1 << 20  # 4 MiB a device: about a thousand captured launches
 _EAGER: dict = {}
 _RESERVE: dict = {}  # device -> [zeroed int32 tensor, first unused index]
 _LOCK = threading.Lock()
+
+
+@triton.jit
+def last_to_arrive(Count_ptr, arrivals):
+    """Counts this program in on the counter; whether it is the last of `arrivals` programs. Call
+    it after the program's partial results are stored: the barrier issues every thread's stores
+    before the count (a release at GPU scope) says they are there, and the last program's acquire
+    makes all of them visible to it (read them with cache_modifier=".cg", past L1)."""
+    tl.debug_barrier()
+    return tl.atomic_add(Count_ptr, 1, sem="acq_rel", scope="gpu") == arrivals - 1
+
+
+@triton.jit
+def reset(Count_ptr):
+    """The last program leaves the counter at zero for the next launch on its stream."""
+    tl.atomic_xchg(Count_ptr, 0, sem="relaxed", scope="gpu")
 
 
 def capturing(device: torch.device) -> bool:

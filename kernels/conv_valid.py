@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._counters import MAX_TILES, counters
+from ._counters import MAX_TILES, counters, last_to_arrive, reset
 from ._scalars import join_double, split_double
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -68,15 +68,13 @@ def _finish(acc, offs, mask, Out_ptr, Part_ptr, Count_ptr, W_ptr, numel, lr_hi, 
     no faster on an H200."""
     if SPLIT:
         tl.store(Part_ptr + tl.program_id(2) * numel + offs, acc, mask=mask)
-        # every thread's partial is issued before the count (a release at GPU scope) says it is there
-        tl.debug_barrier()
         tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         splits = tl.num_programs(2)
-        if tl.atomic_add(Count_ptr + tile, 1, sem="acq_rel", scope="gpu") == splits - 1:
+        if last_to_arrive(Count_ptr + tile, splits):
             total = tl.load(Part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
             for s in range(1, splits):
                 total += tl.load(Part_ptr + s * numel + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(Count_ptr + tile, 0, sem="relaxed", scope="gpu")
+            reset(Count_ptr + tile)
             if SGD:
                 total = tl.load(W_ptr + offs, mask=mask, other=0.0) - join_double(lr_hi, lr_lo, total.dtype) * total
             tl.store(Out_ptr + offs, total, mask=mask)

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._counters import counters
+from ._counters import counters, last_to_arrive, reset
 from ._scalars import join_double, split_double
 
 # tl.dot on float32 defaults to TF32 on NVIDIA tensor cores (10-bit mantissa: measured 5e-4 error
@@ -160,13 +160,10 @@ def _gated_head_fwd_kernel(
         n_out_blocks = tl.num_programs(0)
         tl.store(PartMax_ptr + rows * n_out_blocks + pid_o, row_max, mask=row_mask)
         tl.store(PartSum_ptr + rows * n_out_blocks + pid_o, row_sum, mask=row_mask)
-        # every thread's stores are issued before the count (a release at GPU scope) says they are there
-        tl.debug_barrier()
-        n_programs = n_out_blocks * tl.num_programs(1)
-        if tl.atomic_add(Count_ptr, 1, sem="acq_rel", scope="gpu") == n_programs - 1:
+        if last_to_arrive(Count_ptr, n_out_blocks * tl.num_programs(1)):
             _ce_loss(Logits_ptr, Target_ptr, PartMax_ptr, PartSum_ptr, Lse_ptr, Loss_ptr,
                      n_rows, n_outputs, n_out_blocks, dt, BLOCK_LOSS_B, BLOCK_P)
-            tl.atomic_xchg(Count_ptr, 0, sem="relaxed", scope="gpu")
+            reset(Count_ptr)
 
 
 @triton.jit
@@ -283,9 +280,8 @@ def _gated_head_bwd_weight_kernel(
             tl.store(DB_ptr + outs, db, mask=out_mask)
 
     if WITH_DA_PARTIAL:
-        tl.debug_barrier()  # the partials' stores are issued before the count says they are there
         n_parts = tl.num_programs(0)
-        if tl.atomic_add(Count_ptr + pid_f, 1, sem="acq_rel", scope="gpu") == n_parts - 1:
+        if last_to_arrive(Count_ptr + pid_f, n_parts):
             for b0 in range(0, n_rows, BLOCK_B):
                 rows = b0 + tl.arange(0, BLOCK_B)
                 row_mask = rows < n_rows
@@ -296,7 +292,7 @@ def _gated_head_bwd_weight_kernel(
                                   mask=mask, other=0.0, cache_modifier=".cg")
                 _store_input_grads(da, H_ptr, Z_ptr, DH_ptr, DZ_ptr, rows, cols, row_mask, col_mask,
                                    n_features)
-            tl.atomic_xchg(Count_ptr + pid_f, 0, sem="relaxed", scope="gpu")
+            reset(Count_ptr + pid_f)
 
 
 @triton.jit
