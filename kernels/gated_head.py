@@ -27,6 +27,15 @@ Kernels, shared by the ops:
                                 which each feature block's last program adds up into dh and dz
   _gated_head_bwd_input_kernel  da = dl W, then dh and dz (where the weight kernel does not)
 A loss step at B = 1 (the inner loop's gated_head_ce_sgd_) is two launches: forward, backward.
+
+From GEMM_MIN_ROWS rows up (the meta-loss's 84) the three products go to cuBLAS (torch.addmm and
+torch.mm inside the ops) and these kernels do the rest:
+  _gate_kernel            a = h * sigmoid(z), the forward product's operand
+  _ce_from_logits_kernel  lse and the mean loss from cuBLAS's logits (the forward kernel's epilogue)
+  _dlogits_kernel         dl, and db or the bias's SGD step, one program per block of outputs
+  _input_grads_kernel     dh and dz from cuBLAS's da, and the gated features for dW
+The cross-entropy forward is then 3 launches and its backward 4 (the twin's: 5 and about 10);
+the weight's SGD step is addmm_ with alpha = -lr, so dW is not written on this path either.
 """
 from __future__ import annotations
 
@@ -56,6 +65,15 @@ INPUT_GRAD_DOT_PRECISION = "tf32x3"
 # twice. The partials cost n_out_blocks * B * F floats: 16 * 1 * 2304 at B = 1 (1.6% of W), but
 # 134% of W at B = 84, where a separate dl @ W kernel is cheaper.
 FUSE_INPUT_GRAD_MAX_ROWS = 16
+
+# From this many rows up (the meta-loss's 84), the three products run on cuBLAS (torch.mm inside
+# the ops) and the Triton kernels do everything around them: the gate, the loss and its gradient
+# in one pass over the logits, db (or the bias's SGD step), and dh, dz. There each product is a
+# real GEMM (84 x 1000 x 2304), where cuBLAS's float32 kernels beat tl.dot's; at fewer rows the
+# products are GEMVs or thin GEMMs, bound by reading W, where the fused kernels above win by
+# reading it once. The weight's SGD step is cuBLAS's addmm_ with alpha = -lr: dW is never written
+# there either.
+GEMM_MIN_ROWS = 17
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -333,6 +351,94 @@ def _gated_head_bwd_input_kernel(
     _store_input_grads(da, H_ptr, Z_ptr, DH_ptr, DZ_ptr, rows, cols, row_mask, col_mask, n_features)
 
 
+@triton.jit
+def _gate_kernel(H_ptr, Z_ptr, A_ptr, n_rows, n_features, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr):
+    """a = h * sigmoid(z), the GEMMs' operand (grid: feature x row blocks)."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    row_mask = rows < n_rows
+    col_mask = cols < n_features
+    h, g = _load_gate(H_ptr, Z_ptr, rows, cols, row_mask, col_mask, n_features)
+    tl.store(A_ptr + rows[:, None] * n_features + cols[None, :], h * g,
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _ce_from_logits_kernel(Logits_ptr, PartMax_ptr, PartSum_ptr, Target_ptr, Lse_ptr, Loss_ptr,
+                           Count_ptr, n_rows, n_outputs,
+                           BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
+                           BLOCK_LOSS_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    """lse and the mean loss from cuBLAS's logits: the forward kernel's epilogue on its own
+    (grid: out x row blocks; the last program to finish runs `_ce_loss`)."""
+    dt = Logits_ptr.dtype.element_ty
+    pid_o = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    row_mask = rows < n_rows
+    out_mask = outs < n_outputs
+    logits = tl.load(Logits_ptr + rows[:, None] * n_outputs + outs[None, :],
+                     mask=row_mask[:, None] & out_mask[None, :], other=float("-inf"))
+    row_max = tl.max(logits, axis=1)
+    row_max = tl.where(row_mask, row_max, 0.0)  # padding rows: all -inf
+    row_sum = tl.sum(tl.exp(logits - row_max[:, None]), axis=1)
+    n_out_blocks = tl.num_programs(0)
+    tl.store(PartMax_ptr + rows * n_out_blocks + pid_o, row_max, mask=row_mask)
+    tl.store(PartSum_ptr + rows * n_out_blocks + pid_o, row_sum, mask=row_mask)
+    if last_to_arrive(Count_ptr, n_out_blocks * tl.num_programs(1)):
+        _ce_loss(Logits_ptr, Target_ptr, PartMax_ptr, PartSum_ptr, Lse_ptr, Loss_ptr,
+                 n_rows, n_outputs, n_out_blocks, dt, BLOCK_LOSS_B, BLOCK_P)
+        reset(Count_ptr)
+
+
+@triton.jit
+def _dlogits_kernel(DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, GradLoss_ptr, DL_ptr, DB_ptr,
+                    Bias_ptr, lr_hi, lr_lo, n_rows, n_outputs,
+                    FROM_CE: tl.constexpr, GRAD_LOSS_IS_ONE: tl.constexpr, STORE_DL: tl.constexpr,
+                    STORE_DB: tl.constexpr, SGD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr):
+    """dl for cuBLAS's products (from the loss: rebuilt from logits and lse, as in the fused
+    kernels) and db = sum over rows, or b -= lr * db (grid: out blocks, each over all rows, so db
+    needs no second pass and no atomics)."""
+    dt = Logits_ptr.dtype.element_ty
+    outs = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    out_mask = outs < n_outputs
+    scale = _dloss_scale(GradLoss_ptr, n_rows, dt, GRAD_LOSS_IS_ONE)
+    db = tl.zeros((BLOCK_O,), dtype=dt)
+    for b0 in range(0, n_rows, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < n_rows
+        dl = _dlogits_tile(DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, scale, rows, outs,
+                           row_mask, out_mask, n_outputs, FROM_CE)
+        if STORE_DL:
+            tl.store(DL_ptr + rows[:, None] * n_outputs + outs[None, :], dl,
+                     mask=row_mask[:, None] & out_mask[None, :])
+        db += tl.sum(dl, axis=0)
+    if SGD:
+        bias = tl.load(Bias_ptr + outs, mask=out_mask, other=0.0)
+        tl.store(Bias_ptr + outs, bias - join_double(lr_hi, lr_lo, dt) * db, mask=out_mask)
+    if STORE_DB:
+        tl.store(DB_ptr + outs, db, mask=out_mask)
+
+
+@triton.jit
+def _input_grads_kernel(DA_ptr, H_ptr, Z_ptr, DH_ptr, DZ_ptr, A_ptr, n_rows, n_features,
+                        STORE_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr):
+    """dh and dz from cuBLAS's da = dl @ W (grid: feature x row blocks); with STORE_A also
+    a = h * sigmoid(z) for the weight's product, from the same loads (a launch saved)."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    row_mask = rows < n_rows
+    col_mask = cols < n_features
+    offs = rows[:, None] * n_features + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    da = tl.load(DA_ptr + offs, mask=mask, other=0.0)
+    h, g = _load_gate(H_ptr, Z_ptr, rows, cols, row_mask, col_mask, n_features)
+    dh = da * g
+    tl.store(DH_ptr + offs, dh, mask=mask)
+    tl.store(DZ_ptr + offs, dh * h * (1.0 - g), mask=mask)
+    if STORE_A:
+        tl.store(A_ptr + offs, h * g, mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch configurations for the real shapes (O = 1000, F = 2304; B = 1 and 84) on Hopper
 # ----------------------------------------------------------------------------------------------
@@ -340,11 +446,11 @@ def _gated_head_bwd_input_kernel(
 # B = 1: every kernel is a GEMV or an outer product over W (9.2 MB in float32): bound by memory
 # bandwidth, so the grids aim at >= 1 program per SM (132 on H100) with wide, contiguous loads.
 # tl.dot needs >= 16 rows, so these use broadcast multiply-and-sum instead (dot = False).
-# B > 1, float32: tl.dot (IEEE FMA; 3xTF32 tensor cores for da) on row blocks of 16 (B = 84:
-# 6 blocks, 12% padding). num_stages = 2-3 lets Triton prefetch the next tiles while the FMAs run; at most
+# 1 < B < GEMM_MIN_ROWS, float32: tl.dot (IEEE FMA; 3xTF32 tensor cores for da) on row blocks of
+# 16. num_stages = 2-3 lets Triton prefetch the next tiles while the FMAs run; at most
 # 3 x (16 x 64 + 64 x 64) x 4 bytes = 60 KB of shared memory, of Hopper's 228 KB.
-# The numbers below won a small sweep on an H100 (CUDA-graph replays at ANML's shapes); their
-# neighbours were within 10-20%, so they are not fragile.
+# The numbers below won a small sweep on an H100 (CUDA-graph replays at B = 84, when these kernels
+# still ran the meta-loss; cuBLAS does since); their neighbours were within 10-20%.
 # B > 1, float64 (gradcheck, references): broadcast multiply-and-sum on small tiles, whose
 # [rows, outs, features] product must fit in registers. Correct, not fast.
 
@@ -413,9 +519,46 @@ def _check_inputs(h, gate_logits, weight, bias, target=None):
         raise ValueError(f"gated head: all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
+def _use_gemm(h: torch.Tensor) -> bool:
+    return h.shape[0] >= GEMM_MIN_ROWS
+
+
+def _rows_grid(n_rows, n_features, cfg):
+    return (triton.cdiv(n_features, cfg["BLOCK_F"]), triton.cdiv(n_rows, cfg["BLOCK_B"]))
+
+
+# The GEMM path's elementwise kernels over [B, F]: 8 x 256 tiles (B = 84: 9 x 11 = 99 programs).
+_ROWS_CFG = dict(BLOCK_B=8, BLOCK_F=256, num_warps=4)
+
+
+def _gated(h, z):
+    """a = h * sigmoid(z), one launch."""
+    a = torch.empty_like(h)
+    wrap_triton(_gate_kernel)[_rows_grid(*h.shape, _ROWS_CFG)](h, z, a, *h.shape, **_ROWS_CFG)
+    return a
+
+
+def _ce_from_logits(logits, target, loss, lse):
+    n_rows, n_outputs = logits.shape
+    block_o = min(1024, triton.next_power_of_2(n_outputs))
+    cfg = dict(BLOCK_B=max(1, 4096 // block_o), BLOCK_O=block_o)
+    grid = (triton.cdiv(n_outputs, block_o), triton.cdiv(n_rows, cfg["BLOCK_B"]))
+    part_max = logits.new_empty((n_rows, grid[0]))
+    part_sum = logits.new_empty((n_rows, grid[0]))
+    wrap_triton(_ce_from_logits_kernel)[grid](
+        logits, part_max, part_sum, target, lse, loss, counters(logits, 1), n_rows, n_outputs,
+        BLOCK_LOSS_B=min(32, triton.next_power_of_2(n_rows)),
+        BLOCK_P=triton.next_power_of_2(grid[0]), **cfg, num_warps=4)
+
+
 def _launch_fwd(h, z, weight, bias, logits, ce=None):
     """The logits; with `ce` = (target, loss, lse) also the loss and lse, finished in the same
-    launch by its last program."""
+    launch by its last program (or, on the GEMM path, by a kernel over cuBLAS's logits)."""
+    if _use_gemm(h):
+        torch.addmm(bias, _gated(h, z), weight.t(), out=logits)
+        if ce is not None:
+            _ce_from_logits(logits, *ce)
+        return
     n_rows, n_features = h.shape
     n_outputs = weight.shape[0]
     dot = _use_dot(h)
@@ -446,6 +589,11 @@ def _launch_bwd(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh,
     sgd: apply W -= lr dW, b -= lr db in place instead of writing dweight, dbias.
     fuse_input_grad: None picks by B (FUSE_INPUT_GRAD_MAX_ROWS); tests force either path.
     """
+    if _use_gemm(h):
+        _launch_bwd_gemm(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh, dz,
+                         dweight, dbias, from_ce=from_ce, sgd=sgd, lr=lr, input_grad=input_grad,
+                         weight_grad=weight_grad)
+        return
     n_rows, n_features = h.shape
     n_outputs = weight.shape[0]
     use_dot = _use_dot(h)
@@ -483,6 +631,41 @@ def _launch_bwd(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh,
             dweight, dbias, da_part, dh, dz, count, lr_hi, lr_lo, n_rows, n_features, n_outputs,
             FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss_is_one, SGD=sgd, WITH_DA_PARTIAL=fuse,
             USE_DOT=use_dot, DOT_PRECISION=DOT_PRECISION, **wcfg)
+
+
+def _launch_bwd_gemm(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh, dz, dweight,
+                     dbias, *, from_ce, sgd, lr, input_grad, weight_grad):
+    """_launch_bwd from GEMM_MIN_ROWS rows up: dl (and db, or the bias's step) in one launch, the
+    products on cuBLAS, dh and dz (and the gated features for dW) in one more."""
+    n_rows, n_outputs = h.shape[0], weight.shape[0]
+    placeholder = h  # pointer arguments a specialisation never reads
+    store_dl = from_ce and (input_grad or weight_grad or sgd)
+    store_db = weight_grad and not sgd
+    dl = torch.empty((n_rows, n_outputs), device=h.device, dtype=h.dtype) if store_dl else dlogits
+    if store_dl or store_db or sgd:
+        lr_hi, lr_lo = split_double(lr)
+        cfg = dict(BLOCK_B=16, BLOCK_O=32)
+        wrap_triton(_dlogits_kernel)[(triton.cdiv(n_outputs, cfg["BLOCK_O"]),)](
+            placeholder if dlogits is None else dlogits, placeholder if logits is None else logits,
+            placeholder if lse is None else lse, placeholder if target is None else target,
+            placeholder if grad_loss is None else grad_loss, dl if store_dl else placeholder,
+            dbias if store_db else placeholder, bias, lr_hi, lr_lo, n_rows, n_outputs,
+            FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss is None, STORE_DL=store_dl,
+            STORE_DB=store_db, SGD=sgd, **cfg, num_warps=4)
+    a = None
+    if input_grad:
+        # before the weight's step, which overwrites W
+        da = torch.mm(dl, weight)
+        store_a = weight_grad or sgd
+        a = torch.empty_like(h) if store_a else placeholder
+        wrap_triton(_input_grads_kernel)[_rows_grid(*h.shape, _ROWS_CFG)](
+            da, h, z, dh, dz, a, *h.shape, STORE_A=store_a, **_ROWS_CFG)
+    if weight_grad or sgd:
+        a = _gated(h, z) if a is None else a
+        if sgd:
+            weight.addmm_(dl.t(), a, alpha=-lr)
+        else:
+            torch.mm(dl.t(), a, out=dweight)
 
 
 def _grad_buffers(h, weight, input_grad, weight_grad):

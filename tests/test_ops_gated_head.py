@@ -76,12 +76,23 @@ def grads_of(fn, args, target=None, grad_out=None):
 
 NAMES = ("h", "gate_logits", "weight", "bias")
 
+# From GEMM_MIN_ROWS rows up the ops run their products on cuBLAS (torch.mm) around the Triton
+# kernels; below, the fused Triton kernels do it all. Tests that take `path` run every shape both
+# ways, whatever its row count.
+PATHS = {"triton": 10 ** 6, "cublas": 2}
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch):
+    monkeypatch.setattr(kernels, "GEMM_MIN_ROWS", PATHS[request.param])
+    return request.param
+
 
 # ------------------------------------------------------------------ equality with the twins
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ODD + [META_CONFIG])
-def test_gated_head_matches_twin(shape, dtype):
+def test_gated_head_matches_twin(shape, dtype, path):
     h, z, w, b, _ = make_inputs(*shape, dtype=dtype)
     grad_out = torch.randn(shape[0], shape[2], dtype=dtype, device=DEVICE)
     out, grads = grads_of(gh.gated_head, (h, z, w, b), grad_out=grad_out)
@@ -92,12 +103,14 @@ def test_gated_head_matches_twin(shape, dtype):
         assert_close(g, r, atol, rtol, f"d{n}")
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["da-partials", "da-kernel"])
+@pytest.mark.parametrize("way", ["da-partials", "da-kernel", "cublas"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ODD + [META_CONFIG])
-def test_cross_entropy_matches_twin(shape, dtype, fuse, monkeypatch):
-    # Both ways of getting da (fused into the weight kernel, or its own kernel) at every shape.
-    monkeypatch.setattr(kernels, "FUSE_INPUT_GRAD_MAX_ROWS", 10 ** 6 if fuse else 0)
+def test_cross_entropy_matches_twin(shape, dtype, way, monkeypatch):
+    # The three ways of getting da (fused into the weight kernel, its own kernel, cuBLAS) at every
+    # shape.
+    monkeypatch.setattr(kernels, "FUSE_INPUT_GRAD_MAX_ROWS", 10 ** 6 if way == "da-partials" else 0)
+    monkeypatch.setattr(kernels, "GEMM_MIN_ROWS", PATHS["cublas" if way == "cublas" else "triton"])
     h, z, w, b, y = make_inputs(*shape, dtype=dtype)
     grad_out = torch.tensor(1.7, dtype=dtype, device=DEVICE)  # a non-unit upstream grad
     loss, grads = grads_of(gh.gated_head_cross_entropy, (h, z, w, b), y, grad_out)
@@ -153,7 +166,7 @@ def test_float32_error_within_2x_of_pytorch(shape, op):
         assert ours_err <= 2 * torch_err + floor, f"{op} {n}: error {ours_err:.3g} vs PyTorch's {torch_err:.3g}"
 
 
-def test_only_the_needed_grads():
+def test_only_the_needed_grads(path):
     """The meta-test trains only the head (no dh, dz) and a frozen head passes grads through
     (no dW, db): each path skips the other's kernels and must still be right."""
     h, z, w, b, y = make_inputs(3, 50, 37)
@@ -204,9 +217,9 @@ def test_input_errors():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ODD + [META_CONFIG, PROTOCOL_B1], ids=lambda s: "x".join(map(str, s)))
-def test_sgd_step_matches_twin_plus_update(shape, dtype):
-    if shape == PROTOCOL_B1 and dtype == torch.float64:
-        pytest.skip("one protocol-shape run (float32) is enough")
+def test_sgd_step_matches_twin_plus_update(shape, dtype, path):
+    if shape == PROTOCOL_B1 and (dtype == torch.float64 or path == "cublas"):
+        pytest.skip("one protocol-shape run (float32, the fused kernels') is enough")
     h, z, w, b, y = make_inputs(*shape, dtype=dtype)
     lr = 0.1
     w_fused, b_fused = w.clone(), b.clone()
@@ -248,7 +261,7 @@ def test_sgd_trajectory_matches_twin():
     assert_close(b_f, b_t, *TOL[torch.float32], "bias after 20 steps")
 
 
-def test_arrival_counters_are_left_at_zero():
+def test_arrival_counters_are_left_at_zero(path):
     """The loss and the fused input grads are finished by each launch's last program, counted in
     on counters that every launch must leave at zero for the next one on its stream."""
     arrivals = sys.modules[kernels.counters.__module__]  # kernels/_counters.py, however it was imported
@@ -275,7 +288,7 @@ def test_last_program_finishes_give_the_same_bits_every_run():
 
 @pytest.mark.parametrize("op", ["gated_head", "cross_entropy"])
 @pytest.mark.parametrize("shape", [(1, 5, 4), (3, 6, 5), (6, 5, 4)], ids=["B1", "B3", "B6"])
-def test_gradcheck_float64(shape, op):
+def test_gradcheck_float64(shape, op, path):
     # The interpreter computes in numpy, float64 included. float64 takes the kernels' broadcast
     # multiply-and-sum path (B = 1: one row; 3, 6: one and two row blocks of 4); float32's tl.dot path is
     # checked against the twins above.
@@ -306,9 +319,9 @@ OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
                  "test_aot_dispatch_dynamic") if CUDA else ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
-def _opcheck_cases():
+def _opcheck_cases(sgd_rows=1):
     h, z, w, b, y = make_inputs(3, 50, 37, requires_grad=True)
-    h1, z1, w1, b1, y1 = make_inputs(1, 50, 37)
+    h1, z1, w1, b1, y1 = make_inputs(sgd_rows, 50, 37)
     gl = torch.randn(3, 37, device=DEVICE)
     with torch.no_grad():
         loss, logits, lse = kernels.gated_head_ce_fwd(h, z, w, b, y)
@@ -325,8 +338,8 @@ def _opcheck_cases():
 
 @pytest.mark.parametrize("case", ["gated_head_fwd", "gated_head_bwd", "gated_head_bwd_weight_only",
                                   "gated_head_ce_fwd", "gated_head_ce_bwd", "gated_head_ce_sgd_"])
-def test_opcheck(case):
-    op, args = _opcheck_cases()[case]
+def test_opcheck(case, path):
+    op, args = _opcheck_cases(sgd_rows=1 if path == "triton" else 3)[case]
     torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
 
 
@@ -341,7 +354,7 @@ def _loss(h, z, w, b, y):
     return gh.gated_head_cross_entropy(h, z, w, b, y) + gh.gated_head(h, z, w, b).square().mean()
 
 
-def test_compile_fullgraph():
+def test_compile_fullgraph(path):
     # CPU: Dynamo must capture the ops without a graph break (fullgraph) and the graph runs them
     # eagerly (backend "eager"; see OPCHECK_UTILS for why not AOTAutograd). GPU: Inductor, which
     # decomposes the triton_ops into their kernels.

@@ -9,7 +9,8 @@ signature (the twin is the fallback and the tests' reference):
   conv_valid, conv_valid_backward        Triton: the batch-1 inner loop's convolution and its grads as
                                          implicit GEMMs (cuDNN's kernels are slow at batch 1)
   conv_valid_sgd                         Triton: the conv weight's SGD step, dW never written
-  gated_head, gated_head_cross_entropy   Triton: gate, linear layer and cross-entropy fused
+  gated_head, gated_head_cross_entropy   Triton: gate, linear layer and cross-entropy fused (from 17
+                                         rows up the three products on cuBLAS, the rest in Triton)
   gated_head_ce_sgd_                     Triton: the head's batch-1 SGD step, dW never written
   sgd_update, adam_update_               C++/CUDA extension: one launch over all tensors
   output_layer_adam_step_                Triton: T meta-test output layers' Adam step, gW never written,
@@ -20,9 +21,8 @@ signature (the twin is the fallback and the tests' reference):
 
 Which one runs, per call (`backend=`), for a block (`with use_backend(...)`), or for the process
 (`set_backend`):
-  "auto"      the compiled op for CUDA tensors when it works here, else the twin. The Triton head
-              only up to 16 rows: at the meta-loss's 84 rows cuBLAS's GEMM beats Triton's fp32 dot.
-              On the CPU the twins run: the C++ CPU kernels exist to test the ops' arithmetic;
+  "auto"      the compiled op for CUDA tensors when it works here, else the twin. On the CPU the
+              twins run: the C++ CPU kernels exist to test the ops' arithmetic;
   "compiled"  the compiled op on any device where it works; an error where it does not;
   "torch"     the twin.
 `available()` reports what is built and works: it runs each op once (the answer is remembered).
@@ -47,7 +47,6 @@ from . import output_layer as _output_layer_triton
 
 BACKENDS = ("auto", "compiled", "torch")
 _setting = "auto"
-_TRITON_HEAD_MAX_ROWS = 16
 
 _COMPILED = {
     "conv_block": _conv_block_ext,
@@ -107,8 +106,8 @@ def _compiled_works(op: str, device: torch.device, backend: str) -> bool:
     return _works[key]
 
 
-def choose(op: str, device: torch.device, backend: str | None = None, rows: int = 1) -> Callable:
-    """The implementation of `op` that runs for tensors on `device` (`rows`: the batch size)."""
+def choose(op: str, device: torch.device, backend: str | None = None) -> Callable:
+    """The implementation of `op` that runs for tensors on `device`."""
     backend = backend or _setting
     _check(backend)
     module = _COMPILED[op]
@@ -119,7 +118,7 @@ def choose(op: str, device: torch.device, backend: str | None = None, rows: int 
             raise RuntimeError(f"compiled {op} does not work on {device.type} here: "
                                f"{module.unavailable_reason(device)} (use backend='torch')")
         return getattr(module, op)
-    if device.type != "cuda" or (module is _gated_head_triton and rows > _TRITON_HEAD_MAX_ROWS):
+    if device.type != "cuda":
         return getattr(reference, op)
     return getattr(module, op) if _compiled_works(op, device, backend) else getattr(reference, op)
 
@@ -145,16 +144,16 @@ def conv_valid_sgd(grad_y, x, weight, lr: float, *, backend: str | None = None):
 
 
 def gated_head(h, gate_logits, weight, bias, *, backend: str | None = None):
-    return choose("gated_head", h.device, backend, h.shape[0])(h, gate_logits, weight, bias)
+    return choose("gated_head", h.device, backend)(h, gate_logits, weight, bias)
 
 
 def gated_head_cross_entropy(h, gate_logits, weight, bias, target, *, backend: str | None = None):
-    fn = choose("gated_head_cross_entropy", h.device, backend, h.shape[0])
+    fn = choose("gated_head_cross_entropy", h.device, backend)
     return fn(h, gate_logits, weight, bias, target)
 
 
 def gated_head_ce_sgd_(h, gate_logits, weight, bias, target, lr: float, *, backend: str | None = None):
-    fn = choose("gated_head_ce_sgd_", h.device, backend, h.shape[0])
+    fn = choose("gated_head_ce_sgd_", h.device, backend)
     return fn(h, gate_logits, weight, bias, target, lr)
 
 
