@@ -89,7 +89,7 @@ def timings(path: str, module_file: str, key, per_call: str | None = None) -> di
     return rows
 
 
-def test_kind(bench: dict) -> str:
+def kind_of(bench: dict) -> str:
     """forward, backward, ... from a benchmark named test_<kind>[params]."""
     return bench["name"].split("[")[0].removeprefix("test_")
 

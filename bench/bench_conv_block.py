@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from _measure import record_kernel_time, record_peak, test_kind, time_backward, timings  # bench/_measure.py
+from _measure import kind_of, record_kernel_time, record_peak, time_backward, timings  # bench/_measure.py
 
 from anml_fast import ops
 from anml_fast.ops import reference
@@ -96,7 +96,7 @@ def test_forward_backward(benchmark, impl, layer, B):
 
 def table(path: str) -> str:
     """Median (IQR) wall time and GPU kernel time in microseconds, compiled next to twin."""
-    rows = timings(path, __file__, lambda b: (test_kind(b), b["params"]["layer"], b["params"]["B"]))
+    rows = timings(path, __file__, lambda b: (kind_of(b), b["params"]["layer"], b["params"]["B"]))
     lines = ["| pass | block | B | wall us, compiled (IQR) | wall us, twin (IQR) | wall speed-up | "
              "GPU us, compiled / twin | GPU speed-up | peak MB, compiled / twin |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

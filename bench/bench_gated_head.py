@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from _measure import graphed, record_peak, test_kind, time_backward, timings  # bench/_measure.py
+from _measure import graphed, kind_of, record_peak, time_backward, timings  # bench/_measure.py
 
 gh = importlib.import_module("anml_fast.ops.gated_head")
 
@@ -106,7 +106,7 @@ def test_sgd_step(benchmark, impl, B, mode):
 
 def table(path: str) -> str:
     """Median and interquartile range in microseconds, fused next to twin, from a benchmark JSON."""
-    rows = timings(path, __file__, lambda b: (test_kind(b), b["params"].get("op", "sgd"), b["params"]["B"],
+    rows = timings(path, __file__, lambda b: (kind_of(b), b["params"].get("op", "sgd"), b["params"]["B"],
                                               b["params"].get("mode", "eager")))
     lines = ["| pass | op | B | mode | fused median (IQR) us | twin median (IQR) us | speed-up | peak MB fused / twin |",
              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from _measure import record_kernel_time, record_peak, test_kind, timings  # bench/_measure.py
+from _measure import kind_of, record_kernel_time, record_peak, timings  # bench/_measure.py
 
 from anml_fast.models import ModelConfig, build, select
 from anml_fast.ops import reference
@@ -121,7 +121,7 @@ def test_adam_update_batched(benchmark, impl, part):
 
 def table(path: str) -> str:
     """Median (IQR) wall time and GPU kernel time in microseconds per implementation."""
-    rows = timings(path, __file__, lambda b: (test_kind(b), b["params"]["part"]))
+    rows = timings(path, __file__, lambda b: (kind_of(b), b["params"]["part"]))
     lines = ["| op | tensors | impl | wall us (IQR) | wall vs twin | GPU us | GPU vs twin | peak MB |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     num = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
