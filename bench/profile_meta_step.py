@@ -94,8 +94,11 @@ def _inner_step_runs(impl: str):
     """(eager step, graph-replayed step) of the batch-1 PLN inner step (bench_inner_step.py's)."""
     from bench_inner_step import _step
 
-    step = _step(impl)
-    return step, graphed(step)
+    step, pln = _step(impl)
+
+    def once():
+        step(pln)
+    return once, graphed(once)
 
 
 def _profile(eager, replayed, steps: int):
