@@ -24,14 +24,11 @@ accuracy (kernels/gated_head.py measured it), at tensor-core speed. float64 uses
 Ops (namespace `anml_fast`, each a `torch.library.triton_op` with an explicit fake):
   conv_valid(x, weight) -> y
   conv_valid_backward(grad_y, x, weight, input_grad, weight_grad) -> (grad_x, grad_weight)
-      (grad_x of CUDNN_DGRAD_MIN_COLUMNS positions or more, conv2's, comes from cuDNN, where it wins)
   conv_valid_sgd(grad_y, x, weight, lr) -> weight - lr * grad_weight   (a new tensor)
 Shapes: x [N, C_in, H, W], weight [C_out, C_in, kh, kw], y [N, C_out, H - kh + 1, W - kw + 1];
 float32 or float64, contiguous (the wrappers make them so).
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import triton
@@ -337,44 +334,15 @@ def _weight_grad(grad_y, x, weight, out, lr: float | None):
             (c_in, h, w, c_out, oh, ow, n * oh * ow, k), lr=lr, KH=kh, KW=kw)
 
 
-# From this many output columns (n * h * w, the input grad's GEMM N) up, the input grad runs on
-# cuDNN through ATen instead. Measured, graph-replayed, at the inner loop's batch of one
-# (bench/tune_conv_valid.py): conv2's (169 columns, K = 2304) takes 23.5 us here against cuDNN's
-# FFMA engine's 16.2 on an H100 (23.8 / 15.7 on an H200); conv3's (25 columns) 12.0 against 18.6.
-# The weight grads and forwards stay Triton at every ANML shape.
-CUDNN_DGRAD_MIN_COLUMNS = 100
-
-
-@contextlib.contextmanager
-def _cudnn_float32_deterministic():
-    # Hold cuDNN to what the Triton kernels promise: float32 accuracy (no TF32) and the same bits
-    # on every run (deterministic algorithms only). These are process-wide settings, restored at once.
-    cudnn = torch.backends.cudnn
-    old = cudnn.conv.fp32_precision, cudnn.deterministic
-    cudnn.conv.fp32_precision, cudnn.deterministic = "ieee", True
-    try:
-        yield
-    finally:
-        cudnn.conv.fp32_precision, cudnn.deterministic = old
-
-
-def _cudnn_input_grad(grad_y, x, weight):
-    with _cudnn_float32_deterministic():
-        return torch.ops.aten.convolution_backward(grad_y, x, weight, None, [1, 1], [0, 0], [1, 1], False,
-                                                   [0, 0], 1, [True, False, False])[0]
-
-
 @triton_op("anml_fast::conv_valid_backward", mutates_args=())
 def conv_valid_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool,
                         weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check(x, weight, "conv_valid_backward", grad_y)
     grad_y, x, weight = grad_y.contiguous(), x.contiguous(), weight.contiguous()
     n, c_in, h, w, c_out, kh, kw, oh, ow = _dims(x, weight)
-    on_cudnn = bool(input_grad and x.numel() and c_out * oh * ow and n * h * w >= CUDNN_DGRAD_MIN_COLUMNS)
-    grad_x = (_cudnn_input_grad(grad_y, x, weight) if on_cudnn else
-              torch.empty_like(x) if input_grad else x.new_empty((0,)))
+    grad_x = torch.empty_like(x) if input_grad else x.new_empty((0,))
     grad_w = torch.empty_like(weight) if weight_grad else weight.new_empty((0,))
-    if input_grad and grad_x.numel() and not on_cudnn:
+    if input_grad and grad_x.numel():
         if c_out * oh * ow == 0:
             grad_x.zero_()
         else:

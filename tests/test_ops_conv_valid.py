@@ -41,13 +41,6 @@ PROTOCOL = [(1, 3, 28, 28, 256, 3, 3), (1, 256, 13, 13, 256, 3, 3), (1, 256, 5, 
 TOL = {torch.float64: (1e-11, 1e-10), torch.float32: (1e-4, 1e-4)}
 
 
-@pytest.fixture(autouse=True)
-def triton_input_grads(monkeypatch):
-    """The tests below check the Triton kernels at every shape; from CUDNN_DGRAD_MIN_COLUMNS
-    positions up the op takes its input grad from cuDNN instead (tested on its own below)."""
-    monkeypatch.setattr(kernels, "CUDNN_DGRAD_MIN_COLUMNS", 1 << 62)
-
-
 def make(shape, dtype=torch.float32, seed=0):
     n, c_in, h, w, c_out, kh, kw = shape
     g = torch.Generator().manual_seed(seed)
@@ -306,52 +299,3 @@ def test_those_shapes_do_split(shape, kernel):
     tiles = -(-m // cfg["BLOCK_M"]) * -(-cols // cfg["BLOCK_N"])
     iters = -(-(red // (kh * kw)) // cfg["BLOCK_K"]) if cfg.get("TAPS_INNER") else -(-red // cfg["BLOCK_K"])
     assert min(iters, cfg.get("PROGRAMS", kernels.PROGRAMS) // tiles) > 1
-
-
-# ------------------------------------------------------------------ the input grad on cuDNN
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", ODD + [PROTOCOL[0], PROTOCOL[2], pytest.param(PROTOCOL[1], marks=gpu)])
-def test_input_grad_on_cudnn_matches_twin(shape, dtype, monkeypatch):
-    monkeypatch.setattr(kernels, "CUDNN_DGRAD_MIN_COLUMNS", 1)
-    x, w, gy = make(shape, dtype)
-    gx, gw = cv.conv_valid_backward(gy, x, w, True, True)
-    x64, w64, gy64 = (t.double() for t in (x, w, gy))
-    want_x, want_w = reference.conv_valid_backward(gy64, x64, w64, True, True)
-    atol, rtol = TOL[dtype]
-    assert gx.dtype == dtype and gx.is_contiguous()
-    assert_close(gx.double(), want_x, _scaled(atol, want_x), rtol, f"grad_x {shape}")
-    assert_close(gw.double(), want_w, _scaled(atol, want_w), rtol, f"grad_weight {shape}")
-
-
-def test_which_input_grads_run_on_cudnn(monkeypatch):
-    """At the shipped threshold: conv2's input grad (13 x 13) on cuDNN, conv3's (5 x 5) on Triton,
-    and cuDNN under float32 precision (no TF32) and deterministic algorithms, restored after."""
-    monkeypatch.undo()  # the shipped CUDNN_DGRAD_MIN_COLUMNS
-    seen = []
-    real = kernels._cudnn_input_grad
-
-    def spy(grad_y, x, weight):
-        seen.append((tuple(x.shape), torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.deterministic))
-        return real(grad_y, x, weight)
-    monkeypatch.setattr(kernels, "_cudnn_input_grad", spy)
-    before = torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.deterministic
-    for shape in (PROTOCOL[2], (1, 8, 13, 13, 8, 3, 3)):  # conv3's shape, conv2's plane (fewer channels)
-        x, w, gy = make(shape)
-        cv.conv_valid_backward(gy, x, w, True, False)
-    assert [s[0] for s in seen] == [(1, 8, 13, 13)]
-    assert 25 < kernels.CUDNN_DGRAD_MIN_COLUMNS <= 169
-    with kernels._cudnn_float32_deterministic():
-        inside = torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.deterministic
-    assert inside == ("ieee", True)
-    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.deterministic) == before
-
-
-@gpu
-@pytest.mark.skipif(not CUDA, reason="cuDNN's algorithms run only on a GPU")
-def test_cudnn_input_grad_is_deterministic(monkeypatch):
-    monkeypatch.undo()
-    x, w, gy = make(PROTOCOL[1])
-    first = cv.conv_valid_backward(gy, x, w, True, False)[0]
-    for _ in range(50):
-        assert torch.equal(cv.conv_valid_backward(gy, x, w, True, False)[0], first)
