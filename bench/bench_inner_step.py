@@ -1,16 +1,17 @@
 """The whole batch-1 PLN inner step (forward, backward, SGD update) at the protocol's sizes.
 
 twin:  the model's forward on the plain-PyTorch ops, autograd, torch._foreach SGD (what the
-       meta-trainer runs with backend="torch"), with PyTorch's default settings: cuDNN may run
-       its float32 convolutions in TF32 (10-bit mantissa), and does for the forward;
-twin_fp32: the same with cuDNN's convolutions in IEEE float32 (torch.backends.cudnn.conv.
-       fp32_precision = "ieee"): the accuracy the fused path keeps (its dots are 3xTF32, float32
-       accuracy), so the like-for-like baseline;
+       meta-trainer runs with backend="torch");
 fused: `pln_sgd_step_fused`, no autograd: the batch-1 Triton convolutions and the norm kernels,
        the Triton head's fused cross-entropy SGD step, the norms' fused backward, the Triton input
        grads and weight grads with the SGD step fused, one multi-tensor SGD launch for the norms;
 fused_donate: the same with the head's weights updated in place (`donate=True`), as the
        meta-trainer's inner loop runs 19 of its 20 steps (no copy of the 9 MB head).
+Each at two float32 convolution precisions, set alike for the twin and the fused path (both
+follow `torch.backends.cudnn.allow_tf32`, see kernels/conv_valid.py): tf32, PyTorch's default
+(cuDNN may run float32 convolutions in TF32, 10-bit mantissa; the Triton dots run one TF32
+product), and fp32 (cuDNN in IEEE float32; the Triton dots run 3xTF32, float32 accuracy).
+Speed-ups are against the twin at the same precision.
 Three modes: eager; graph, one step replayed from a CUDA graph (launch overhead gone on both
 sides, but each replay still pays the graph launch and the synchronize); graph20, 20 chained steps
 (each on the previous one's weights) replayed from one graph and reported per step: the inner loop
@@ -51,26 +52,22 @@ def _setup():
 
 
 @contextlib.contextmanager
-def cudnn_conv_precision(precision: str | None):
-    """cuDNN convolutions' float32 precision ("ieee", "tf32") inside the block; None: as set."""
-    conv = torch.backends.cudnn.conv
-    before = conv.fp32_precision
-    if precision is not None:
-        conv.fp32_precision = precision
+def conv_precision(precision: str):
+    """Inside the block, float32 convolutions (cuDNN's and the Triton kernels') in "tf32" or "fp32"."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
     try:
         yield
     finally:
-        conv.fp32_precision = before
+        torch.backends.cudnn.allow_tf32 = before
 
 
 def _step(impl):
     """A callable taking PLN weights and donate, doing one step of `impl`, returning the new weights."""
     net, params, x, y, gate = _setup()
-    if impl.startswith("twin"):
-        precision = "ieee" if impl == "twin_fp32" else None
-
+    if impl == "twin":
         def step(pln, donate=False):
-            with ops.use_backend("torch"), cudnn_conv_precision(precision):
+            with ops.use_backend("torch"):
                 return pln_sgd_step_autograd(net, params, pln, x, y, gate, 0.1)[1]
     else:
         def step(pln, donate=False):
@@ -79,8 +76,15 @@ def _step(impl):
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph", f"graph{CHAIN}"])
-@pytest.mark.parametrize("impl", ["fused", "fused_donate", "twin", "twin_fp32"])
-def test_pln_inner_step(benchmark, impl, mode):
+@pytest.mark.parametrize("precision", ["tf32", "fp32"])
+@pytest.mark.parametrize("impl", ["fused", "fused_donate", "twin"])
+def test_pln_inner_step(benchmark, impl, precision, mode):
+    with conv_precision(precision):  # the Triton launches read it when called, and graphs capture them
+        _time(benchmark, impl, mode)
+    benchmark.extra_info["precision"] = precision
+
+
+def _time(benchmark, impl, mode):
     step, pln = _step(impl)
     if mode == f"graph{CHAIN}":
         # the inner loop as the meta-step graph holds it: CHAIN steps, each on the last one's
@@ -107,16 +111,16 @@ def test_pln_inner_step(benchmark, impl, mode):
 
 
 def table(path: str) -> str:
-    """Median (IQR) microseconds per step, and the speed-ups over both twins in the same mode."""
-    rows = timings(path, __file__, lambda b: b["params"]["mode"], per_call="steps_per_call")
-    lines = ["| PLN inner step, batch 1 | impl | wall us (IQR) | vs twin (defaults: TF32 convs) | vs twin_fp32 | "
-             "GPU us | peak MB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    ratio = lambda base, m: "" if base is None else f"{base / m:.2f}x"
-    for mode, r in sorted(rows.items()):
-        twin, twin32 = r.get("twin", (None,))[0], r.get("twin_fp32", (None,))[0]
+    """Median (IQR) microseconds per step, and the speed-up over the twin of the same mode and precision."""
+    rows = timings(path, __file__, lambda b: (b["params"]["mode"], b["params"]["precision"]),
+                   per_call="steps_per_call")
+    lines = ["| PLN inner step, batch 1 | float32 convs | impl | wall us (IQR) | vs twin | GPU us | peak MB |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for (mode, precision), r in sorted(rows.items()):
+        twin = r.get("twin", (None,))[0]
         for impl, (m, iqr, gpu, peak) in sorted(r.items()):
-            lines.append(f"| {mode} | {impl} | {m:.1f} ({iqr:.1f}) | {ratio(twin, m)} | {ratio(twin32, m)} | "
+            lines.append(f"| {mode} | {precision} | {impl} | {m:.1f} ({iqr:.1f}) | "
+                         f"{'' if twin is None else f'{twin / m:.2f}x'} | "
                          f"{gpu if gpu is None else f'{gpu:.1f}'} | {peak if peak is None else f'{peak:.1f}'} |")
     return "\n".join(lines)
 

@@ -18,8 +18,12 @@ in split order and applies the SGD step: one launch, and the same bits on every 
 sizes are compile-time constants (divisions by constants in the address arithmetic; one compile
 per layer shape, three in ANML): that alone took the weight grads from 16-38 us to 5-13 us.
 
-float32 dots use "tf32x3" (three TF32 tensor-core products, float32 accumulation): float32
-accuracy (kernels/gated_head.py measured it), at tensor-core speed. float64 uses IEEE FMAs.
+float32 dots follow the flag PyTorch's own float32 convolutions follow: while
+`torch.backends.cudnn.allow_tf32` is on (PyTorch's default) they are single TF32 products (10-bit
+mantissa inputs, float32 accumulation), except for short filters (the image's layer, see
+TF32_MIN_FILTER); else "tf32x3" (three TF32 products: float32 accuracy, kernels/gated_head.py
+measured it, at tensor-core speed). The flag is read when the op runs (under torch.compile, when
+it is traced). float64 uses IEEE FMAs.
 
 Ops (namespace `anml_fast`, each a `torch.library.triton_op` with an explicit fake):
   conv_valid(x, weight) -> y
@@ -236,6 +240,27 @@ def config(kernel: str, k: int, n: int) -> dict:
     raise ValueError(f"conv_valid: no {kernel} config for K={k}, N={n}")
 
 
+# Shortest filter (C_in * kh * kw) whose float32 products may run in single TF32. Shorter ones, the
+# image's layer (3 x 3 x 3), keep float32 accuracy even where TF32 is allowed: they cost a few us
+# either way, and ANML's images vary by about 5e-3 around a constant (README, "A float32 caveat"),
+# which TF32's input rounding (2^-11 relative) would blur by about a tenth before the norm divides
+# the constant out. cuDNN, under the same flag, runs that layer in FFMA float32 too.
+TF32_MIN_FILTER = 256
+
+
+def dot_precision(dtype: torch.dtype, filter_size: int) -> str:
+    """tl.dot's input precision for `dtype` and a filter of C_in * kh * kw taps: float64 IEEE;
+    float32 single TF32 where PyTorch would let a float32 convolution run in TF32
+    (torch.backends.cudnn.allow_tf32, on by default) and the filter is long enough, else tf32x3
+    (float32 accuracy). One TF32 product instead of three: the batch-1 dots are latency-bound
+    chains of MMAs."""
+    if dtype == torch.float64:
+        return "ieee"
+    if torch.backends.cudnn.allow_tf32 and filter_size >= TF32_MIN_FILTER:
+        return "tf32"
+    return "tf32x3"
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, op: str, grad_y: torch.Tensor | None = None):
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"{op}: x must be [N, C_in, H, W] and weight [C_out, C_in, kh, kw] with the "
@@ -300,7 +325,7 @@ def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, *
     if kernel is _conv_wgrad_kernel:  # the only GEMM that takes the learning rate
         lr_hi, lr_lo = (0.0, 0.0) if lr is None else split_double(float(lr))
         constexprs.update(SGD=lr is not None, lr_hi=lr_hi, lr_lo=lr_lo)
-    precision = "ieee" if out.dtype == torch.float64 else "tf32x3"
+    precision = dot_precision(out.dtype, dims[0] * constexprs["KH"] * constexprs["KW"])  # dims[0]: C_in
     wrap_triton(kernel)[(m_tiles, n_tiles, splits)](*head, out, part, tile_counters, *dims, chunk, numel,
                                                     **constexprs, SPLIT=splits > 1, PRECISION=precision, **cfg)
 

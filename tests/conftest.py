@@ -33,6 +33,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _ieee_float32_convolutions():
+    """float32 convolutions in IEEE float32 unless a test asks for TF32: PyTorch's default lets
+    cuDNN use TF32 (a 10-bit mantissa), and the Triton convolutions follow the same flag, so the
+    two sides of a fused-against-twin comparison would each carry a TF32 error of their own."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str = ""):
     """torch.testing.assert_close, plus where the largest difference is."""
     diff = (actual.double() - expected.double()).abs()

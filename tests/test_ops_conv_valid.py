@@ -92,6 +92,44 @@ def test_float32_error_within_2x_of_pytorch():
         assert err <= 2 * ref_err + 1e-7, f"{name}: {err:.2e} against PyTorch's {ref_err:.2e}"
 
 
+@pytest.mark.parametrize("allow_tf32, want", [(True, "tf32"), (False, "tf32x3")])
+def test_float32_dots_follow_pytorchs_convolution_precision(allow_tf32, want):
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=allow_tf32):
+        assert kernels.dot_precision(torch.float32, 256 * 9) == want
+        assert kernels.dot_precision(torch.float32, 3 * 9) == "tf32x3"  # the image's layer: always float32
+        assert kernels.dot_precision(torch.float64, 256 * 9) == "ieee"
+
+
+@gpu
+def test_tf32_mode_at_the_protocol_shape():
+    """With TF32 allowed (PyTorch's default), conv2's products are single TF32 products: within
+    TF32's error of the float64 twin (relative ~1e-3 per product), yet above 1e-5, where the
+    3xTF32 products land (else the flag did not reach the kernel)."""
+    x, w, gy = make(PROTOCOL[1])
+    x64, w64, gy64 = (t.double() for t in (x, w, gy))
+    exact = (reference.conv_valid(x64, w64), *reference.conv_valid_backward(gy64, x64, w64, True, True))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        ours = (cv.conv_valid(x, w), *cv.conv_valid_backward(gy, x, w, True, True))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        fp32 = cv.conv_valid(x, w)
+    for name, a, e in zip(("y", "grad_x", "grad_weight"), ours, exact):
+        err = ((a.double() - e).norm() / e.norm()).item()
+        assert 1e-5 < err < 5e-3, f"{name}: relative error {err:.2e} is not TF32's"
+    assert ((fp32.double() - exact[0]).norm() / exact[0].norm()).item() < 1e-5
+
+
+@gpu
+def test_first_layer_keeps_float32_accuracy_under_tf32():
+    """conv1 (3 input channels) stays 3xTF32 with TF32 allowed: within 1e-5 of float64."""
+    x, w, gy = make(PROTOCOL[0])
+    x64, w64, gy64 = (t.double() for t in (x, w, gy))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        got = (cv.conv_valid(x, w), cv.conv_valid_backward(gy, x, w, False, True)[1])
+    exact = (reference.conv_valid(x64, w64), reference.conv_valid_backward(gy64, x64, w64, False, True)[1])
+    for name, a, e in zip(("y", "grad_weight"), got, exact):
+        assert ((a.double() - e).norm() / e.norm()).item() < 1e-5, name
+
+
 def test_only_the_needed_grads():
     x, w, gy = make(ODD[1])
     gx, gw = cv.conv_valid_backward(gy, x, w, True, False)

@@ -1,7 +1,8 @@
 """How the ops' self-tests compare a compiled result with its plain-PyTorch twin."""
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+from typing import Iterable, Iterator
 
 import torch
 
@@ -14,3 +15,16 @@ def first_mismatch(pairs: Iterable[tuple[str, torch.Tensor, torch.Tensor]], devi
             return (f"{name} differs from the plain-PyTorch twin on {device} "
                     f"(max |diff| {(got - want).abs().max().item():.3g})")
     return None
+
+
+@contextlib.contextmanager
+def ieee_convolutions() -> Iterator[None]:
+    """float32 convolutions in IEEE float32 inside the block (cuDNN's, and the Triton ones, which
+    follow the same flag): a self-test checks the kernels, not TF32's rounding, which is on by
+    default and would differ between the two sides."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before

@@ -8,7 +8,9 @@ Each is one implicit-GEMM launch (a split reduction is finished by the last prog
 written for the inner loop's batch of one, where cuDNN's kernels
 took two thirds of the fused PLN step (kernels/conv_valid.py says how). Each has a plain-PyTorch twin
 of the same signature in `anml_fast.ops.reference`. float32 or float64, on CUDA (or on CPU when the
-kernels were defined under TRITON_INTERPRET=1). conv_valid has registered autograd; under
+kernels were defined under TRITON_INTERPRET=1). float32 runs at the precision PyTorch gives its own
+convolutions: TF32 products while `torch.backends.cudnn.allow_tf32` is on (its default), float32
+accuracy (3xTF32) when it is off. conv_valid has registered autograd; under
 create_graph its backward differentiates the twin, so double backward is exact.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import _triton, reference
-from ._compare import first_mismatch
+from ._compare import first_mismatch, ieee_convolutions
 
 __all__ = ["conv_valid", "conv_valid_backward", "conv_valid_sgd", "available", "unavailable_reason"]
 
@@ -49,9 +51,10 @@ def _self_test(device: torch.device) -> str | None:
     x = torch.randn(2, 5, 9, 7, generator=g).to(device)  # odd sizes: every mask is exercised
     w = (torch.randn(6, 5, 3, 3, generator=g) * 0.2).to(device)
     gy = torch.randn(2, 6, 7, 5, generator=g).to(device)
-    got = (conv_valid(x, w), *conv_valid_backward(gy, x, w, True, True), conv_valid_sgd(gy, x, w, 0.1))
-    want = (reference.conv_valid(x, w), *reference.conv_valid_backward(gy, x, w, True, True),
-            reference.conv_valid_sgd(gy, x, w, 0.1))
+    with ieee_convolutions():
+        got = (conv_valid(x, w), *conv_valid_backward(gy, x, w, True, True), conv_valid_sgd(gy, x, w, 0.1))
+        want = (reference.conv_valid(x, w), *reference.conv_valid_backward(gy, x, w, True, True),
+                reference.conv_valid_sgd(gy, x, w, 0.1))
     return first_mismatch(zip(("y", "grad x", "grad weight", "sgd weight"), got, want), device,
                           atol=1e-4, rtol=1e-4)
 
