@@ -214,7 +214,10 @@ def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, Part_ptr, Count_ptr, c_in, h: tl.c
 #             conv2 (P 121, N 2304) 11.0 us  (18.8)
 #             conv3 (P 9, N 2304)    5.2 us  (10.8)
 #   dgrad     conv2 (K 2304, N 169) 23.8 us  (cuDNN 15.7: still slower; TAPS_INNER, was 25.2 flat)
-#             conv3 (K 2304, N 25)  12.0 us  (cuDNN 18.6)
+#             conv3 (K 2304, N 25)  12.0 us  (cuDNN 18.6; flat order, before TAPS_INNER existed)
+# In TF32 (2026-11-28, H200) the sweep's only clear win was conv3's input grad in TAPS_INNER order,
+# 6.4 us against the flat tile's 9.8; timed side by side on an H200 (2026-11-29) it won in float32
+# too (8.6 us against 11.5), so it runs at both precisions.
 # (the weight grads and conv1's forward from the sweep before the split was finished in-kernel;
 # an H100 sweep of the weight grads after it found these tiles within 0.2 us of its best.)
 # Small tiles everywhere: at batch 1 only small tiles and a split reduction give enough programs.
@@ -224,8 +227,8 @@ CONFIGS = {
             (1 << 62, 1 << 62, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3, PROGRAMS=264))],
     "wgrad": [(1 << 62, 64, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, PROGRAMS=132)),
               (1 << 62, 1 << 62, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2, PROGRAMS=132))],
-    "dgrad": [(1 << 62, 32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, PROGRAMS=132,
-                                 TAPS_INNER=False)),
+    "dgrad": [(1 << 62, 32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2, PROGRAMS=132,
+                                 TAPS_INNER=True)),
               (1 << 62, 1 << 62, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=2, num_stages=2, PROGRAMS=528,
                                       TAPS_INNER=True))],
 }

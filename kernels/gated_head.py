@@ -461,10 +461,11 @@ def _use_dot(h: torch.Tensor) -> bool:
 
 def _fwd_config(n_rows: int, dot: bool) -> dict:
     if n_rows == 1:
-        # 4 outputs per program: 250 programs (~2 per SM), each streaming a 4 x 2304 strip of W
-        # in 1024-wide chunks (16 KB per step in flight, 32 floats per thread at 4 warps).
-        # 6.4 us on an H100 (9.2 MB: ~1.4 TB/s; launch-latency bound at this size).
-        return dict(BLOCK_B=1, BLOCK_O=4, BLOCK_F=1024, num_warps=4, num_stages=1)
+        # 4 outputs per program: 250 programs (~2 per SM), each loading its whole 4 x 2304 strip
+        # of W at once (a 4096-wide block, 44% masked: one round trip to memory instead of three).
+        # The winner of bench/tune_gated_head.py on an H200 (2026-11-29): the head step 18.6 us
+        # against 19.9 with 1024-wide chunks at 4 warps; most tiles were within 0.7 us of it.
+        return dict(BLOCK_B=1, BLOCK_O=4, BLOCK_F=4096, num_warps=8, num_stages=1)
     if not dot:
         return dict(BLOCK_B=4, BLOCK_O=16, BLOCK_F=32, num_warps=4, num_stages=1)
     # 16 x 64 tiles: 16 out blocks x 6 row blocks = 96 programs at B = 84; the row blocks re-read
@@ -473,11 +474,12 @@ def _fwd_config(n_rows: int, dot: bool) -> dict:
 
 
 def _weight_config(n_rows: int, dot: bool) -> dict:
-    # dW is 1000 x 2304 whatever B is: 64 x 128 tiles give 16 x 18 = 288 programs (>2 per SM),
-    # each writing (or, for SGD, reading and writing) a 32 KB tile; 8 warps keep the accumulator
-    # and the W tile at 32 + 32 registers per thread.
+    # dW is 1000 x 2304 whatever B is. At B = 1, 128 x 32 tiles: 8 x 72 = 576 programs (>4 per
+    # SM), each reading and writing a 16 KB tile, and only 8 da partials per feature for the last
+    # program of each feature block to add up. The winner of bench/tune_gated_head.py on an H200
+    # (2026-11-29): the head step 16.1 us against 19.9 with the 64 x 128 tiles it replaced.
     if n_rows == 1:
-        return dict(BLOCK_B=1, BLOCK_O=64, BLOCK_F=128, num_warps=8, num_stages=1)
+        return dict(BLOCK_B=1, BLOCK_O=128, BLOCK_F=32, num_warps=4, num_stages=1)
     if not dot:
         return dict(BLOCK_B=4, BLOCK_O=32, BLOCK_F=32, num_warps=8, num_stages=1)
     # B > 1: 64 x 64 tiles (16 x 36 = 576 programs), the K loop over rows in blocks of 32
