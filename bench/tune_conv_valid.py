@@ -45,7 +45,7 @@ def _time_us(fn, reps: int = 30) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def candidates(kernel: str, quick: bool):
+def candidates(kernel: str, quick: bool, taps_only: bool = False):
     flat = [(16, 16, 64), (16, 32, 64), (32, 16, 64), (32, 32, 32), (32, 32, 64), (32, 64, 32),
             (64, 32, 32), (16, 16, 128)]
     # the input grad's other reduction order (kernels/conv_valid.py, TAPS_INNER): an iteration is
@@ -57,11 +57,18 @@ def candidates(kernel: str, quick: bool):
         tiles = [(t, dict(TAPS_INNER=False)) for t in flat] + [(t, dict(TAPS_INNER=True)) for t in unrolled]
     if quick:
         tiles = tiles[:3] + tiles[-3:]
+    if taps_only:
+        tiles = []
     for ((m, n, k), order), warps, stages, programs in itertools.product(
             tiles, (2, 4), (2, 3), (1, 132, 264, 528, 1056)):
         if warps == 2 and m * n > 512:
             continue
         yield dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages, PROGRAMS=programs, **order)
+    if kernel in ("fwd", "dgrad"):
+        # _conv_taps_kernel: a C_in- (or C_out-) long GEMM, then the shifted sum over taps
+        rows = [(32, 32), (64, 32), (64, 64), (128, 32)] if not quick else [(64, 32)]
+        for (r, k), warps, stages, programs in itertools.product(rows, (4, 8), (2, 3), (1, 132, 264)):
+            yield dict(TAPS_GEMM=True, BLOCK_R=r, BLOCK_K=k, num_warps=warps, num_stages=stages, PROGRAMS=programs)
 
 
 def main() -> int:
@@ -70,6 +77,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a few candidates only (a smoke run)")
     ap.add_argument("--only", default="", metavar="LAYER:KERNEL,...",
                     help="sweep only these products, e.g. conv2:dgrad,conv3:fwd (default: all eight)")
+    ap.add_argument("--taps-only", action="store_true",
+                    help="sweep only _conv_taps_kernel's candidates (forward and input grad)")
     ap.add_argument("--precision", choices=("fp32", "tf32"), default="fp32",
                     help="float32 convolutions in IEEE/3xTF32 (fp32, default) or in TF32 (PyTorch's default)")
     args = ap.parse_args()
@@ -127,7 +136,7 @@ def main() -> int:
                         "wgrad": lambda: reference.conv_valid_sgd(gy64, x64, w64, 0.1),
                         "dgrad": lambda: reference.conv_valid_backward(gy64, x64, w64, True, False)[0]}[kernel]()
             rows = []
-            for cfg in candidates(kernel, args.quick):
+            for cfg in candidates(kernel, args.quick, args.taps_only):
                 kernels.CONFIGS[kernel] = [(1 << 62, 1 << 62, cfg)]
                 try:
                     got = ours()

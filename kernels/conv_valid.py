@@ -10,6 +10,11 @@ GEMM whose operand tiles are gathered straight from the NCHW tensors (no im2col 
   wgrad     dW[co, k]    = sum_np gy[n, co, p] x[n, ci(k), p + d(k)]            M = C_out, N = C_in*kh*kw, K = n*p
   dgrad     dx[n, ci, q] = sum_(co,d) W[co, ci, d] gy[n, co, q - d] (in range)  M = C_in, N = n*q, K = C_out*kh*kw
 
+The input grad, where the maps are small enough (ANML's 256-channel layers), runs instead as a
+GEMM whose reduction is only C_out long, Z[(ci, tap), p] = sum_co W[co, ci, tap] gy[n, co, p],
+followed by the sum over taps of Z's shifted columns in the same program (_conv_taps_kernel): at
+batch 1 the 2304-long chains of small dots were the cost, not the arithmetic.
+
 The wgrad kernel can apply the SGD step itself (W_new = W - lr dW): the inner loop's weight gradient
 is then never written. Where the output tiles are too few to fill the card (a long reduction over a
 small output: the 2304-long ones, conv1's weight grad), the reduction is split over programs that
@@ -197,6 +202,99 @@ def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, Part_ptr, Count_ptr, c_in, h: tl.c
             SPLIT, False)
 
 
+@triton.jit
+def _taps_sum_store(Z_ptr, Out_ptr, n, c0, c_rows, bh: tl.constexpr, bw: tl.constexpr, dh: tl.constexpr,
+                    dw: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DGRAD: tl.constexpr, CH: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[c0 + j, d] = sum over taps of Z[(j, tap), source(d, tap)] for the program's CH channels and
+    every output position d, the taps summed in one fixed order. Z is the program's finished tile in
+    global memory (row j * taps + tap, BLOCK_S columns), stored before a barrier."""
+    j = tl.arange(0, BLOCK_C)
+    d = tl.arange(0, BLOCK_D)
+    d_h, d_w = d // dw, d % dw
+    ok = ((j < CH) & (c0 + j < c_rows))[:, None] & (d < dh * dw)[None, :]
+    out = tl.zeros((BLOCK_C, BLOCK_D), dtype=Out_ptr.dtype.element_ty)
+    for tap in tl.static_range(KH * KW):
+        if DGRAD:  # dx[q] gathers gy's positions q - d(tap) that exist
+            s_h, s_w = d_h - tap // KW, d_w - tap % KW
+            s_ok = (s_h >= 0) & (s_h < bh) & (s_w >= 0) & (s_w < bw)
+        else:  # y[p] gathers x's positions p + d(tap), all inside for a valid p
+            s_h, s_w = d_h + tap // KW, d_w + tap % KW
+            s_ok = d < dh * dw
+        z = tl.load(Z_ptr + (j * (KH * KW) + tap)[:, None] * BLOCK_S + (s_h * bw + s_w)[None, :],
+                    mask=ok & s_ok[None, :], other=0.0, cache_modifier=".cg")
+        out += z
+    tl.store(Out_ptr + n * (c_rows * dh * dw) + (c0 + j)[:, None] * (dh * dw) + d[None, :], out, mask=ok)
+
+
+@triton.jit
+def _conv_taps_kernel(B_ptr, W_ptr, Out_ptr, Part_ptr, Count_ptr, c_rows, c_red, c_in,
+                      bh: tl.constexpr, bw: tl.constexpr, dh: tl.constexpr, dw: tl.constexpr, chunk,
+                      KH: tl.constexpr, KW: tl.constexpr, DGRAD: tl.constexpr, SPLIT: tl.constexpr,
+                      PRECISION: tl.constexpr, CH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The forward (DGRAD=False) or the input grad (DGRAD=True) as a GEMM over channels only, then a
+    sum over taps of shifted columns:
+
+      Z[(c, tap), s] = sum_k  A[(c, tap), k] B[n, k, s]      s: all of B's positions
+      out[n, c, d]   = sum_tap Z[(c, tap), s(d, tap)]
+
+    forward: A = W[c, k, tap], B = x, s(p, tap) = p + d(tap);  input grad: A = W[k, c, tap],
+    B = grad_y, s(q, tap) = q - d(tap). The reduction is C_in (or C_out) long, not 9 times that:
+    the other kernels' 2304-long chains of dots were what made the 256-channel layers slow at batch
+    1. Each program takes CH channels with all their taps (BLOCK_R >= CH * taps rows; for the input
+    grad those rows are contiguous in W) and every position of one sample, so the shifted sum stays
+    in the program: its Z tile goes to scratch, a barrier, then the gathers. Split over the
+    reduction as _finish does: the last program of a tile sums the partials in split order."""
+    dt = Out_ptr.dtype.element_ty
+    TAPS: tl.constexpr = KH * KW
+    BS: tl.constexpr = bh * bw
+    c0 = tl.program_id(0) * CH
+    n = tl.program_id(1)
+    r = tl.arange(0, BLOCK_R)
+    j, t = r // TAPS, r % TAPS
+    r_ok = (j < CH) & (c0 + j < c_rows)
+    if DGRAD:
+        a_row = c0 * TAPS + r
+        a_k = c_in * TAPS
+    else:
+        a_row = (c0 + j) * (c_in * TAPS) + t
+        a_k = TAPS
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < BS
+    b_base = B_ptr + n * (c_red * BS)
+    acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=dt)
+    k_lo = tl.program_id(2) * chunk * BLOCK_K
+    k_hi = tl.minimum(k_lo + chunk * BLOCK_K, c_red)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_hi
+        a = tl.load(W_ptr + a_row[:, None] + (k * a_k)[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_base + (k * BS)[:, None] + s[None, :], mask=k_ok[:, None] & s_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=dt)
+    tiles = tl.num_programs(0) * tl.num_programs(1)
+    tile = tl.program_id(0) * tl.num_programs(1) + n
+    numel: tl.constexpr = BLOCK_R * BLOCK_S
+    z_offs = r[:, None] * BLOCK_S + s[None, :]
+    mine = Part_ptr + tile * numel  # split 0's slot: the finished tile goes there
+    if SPLIT:
+        splits = tl.num_programs(2)
+        tl.store(Part_ptr + (tl.program_id(2) * tiles + tile) * numel + z_offs, acc)
+        if last_to_arrive(Count_ptr + tile, splits):
+            total = tl.load(mine + z_offs, cache_modifier=".cg")
+            for sp in range(1, splits):
+                total += tl.load(Part_ptr + (sp * tiles + tile) * numel + z_offs, cache_modifier=".cg")
+            reset(Count_ptr + tile)
+            tl.store(mine + z_offs, total)  # each thread rewrites only what it read
+            tl.debug_barrier()
+            _taps_sum_store(mine, Out_ptr, n, c0, c_rows, bh, bw, dh, dw, KH, KW, DGRAD, CH, BLOCK_S, BLOCK_C,
+                            BLOCK_D)
+    else:
+        tl.store(mine + z_offs, acc)
+        tl.debug_barrier()
+        _taps_sum_store(mine, Out_ptr, n, c0, c_rows, bh, bw, dh, dw, KH, KW, DGRAD, CH, BLOCK_S, BLOCK_C, BLOCK_D)
+
+
 # ----------------------------------------------------------------------------------------------
 # Configs and launchers
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +316,14 @@ def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, Part_ptr, Count_ptr, c_in, h: tl.c
 # In TF32 (2026-11-28, H200) the sweep's only clear win was conv3's input grad in TAPS_INNER order,
 # 6.4 us against the flat tile's 9.8; timed side by side on an H200 (2026-11-29) it won in float32
 # too (8.6 us against 11.5), so it runs at both precisions.
+# The input grads now run as _conv_taps_kernel (a 256-long GEMM over output channels, then the
+# shifted sum over taps), wherever the shape fits it (_taps_fit). Its sweep on an H200 (2026-11-29,
+# bench/tune_conv_valid.py --taps-only; bench/results/tune-conv-valid-taps-*.json), against the
+# tiles above in the same run: conv2 10.5 us against 16.4 in TF32 and 12.7 against 24.5 in float32;
+# conv3 4.1 against 6.6 in TF32. 32 rows (3 channels, all taps) a program, 86 programs, unsplit.
+# As the forward it lost (conv2 16.3 against 12.4 us; conv3 even): its A tile's reduction runs
+# across W's taps (stride 9), and it computes Z at every input position, so the forward keeps the
+# tiles above.
 # (the weight grads and conv1's forward from the sweep before the split was finished in-kernel;
 # an H100 sweep of the weight grads after it found these tiles within 0.2 us of its best.)
 # Small tiles everywhere: at batch 1 only small tiles and a split reduction give enough programs.
@@ -227,20 +333,66 @@ CONFIGS = {
             (1 << 62, 1 << 62, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3, PROGRAMS=264))],
     "wgrad": [(1 << 62, 64, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, PROGRAMS=132)),
               (1 << 62, 1 << 62, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2, PROGRAMS=132))],
-    "dgrad": [(1 << 62, 32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2, PROGRAMS=132,
+    "dgrad": [(1 << 62, 1 << 62, dict(TAPS_GEMM=True, BLOCK_R=32, BLOCK_K=32, num_warps=4, num_stages=3,
+                                      PROGRAMS=132)),
+              (1 << 62, 32, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2, PROGRAMS=132,
                                  TAPS_INNER=True)),
               (1 << 62, 1 << 62, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=2, num_stages=2, PROGRAMS=528,
                                       TAPS_INNER=True))],
 }
 
 
-def config(kernel: str, k: int, n: int) -> dict:
+def config(kernel: str, k: int, n: int, taps_fit: bool = False) -> dict:
     """The tiles `kernel` ("fwd", "wgrad" or "dgrad") runs with for a reduction of length k and n
-    output columns."""
+    output columns. A row with TAPS_GEMM (the forward and input grad by _conv_taps_kernel) applies
+    only where `taps_fit` says that kernel can take the shape."""
     for max_k, max_n, cfg in CONFIGS[kernel]:
-        if k <= max_k and n <= max_n:
+        if k <= max_k and n <= max_n and (taps_fit or not cfg.get("TAPS_GEMM")):
             return cfg
     raise ValueError(f"conv_valid: no {kernel} config for K={k}, N={n}")
+
+
+# _conv_taps_kernel holds all of one sample's positions of its channels: B's (x's or grad_y's) in
+# the GEMM tile, the output's in the gather. Past these it is not the faster kernel anyway.
+TAPS_MAX_SOURCE = 256
+TAPS_MAX_OUTPUT = 1024
+TAPS_MAX_TAPS = 16
+
+
+def _taps_fit(x, weight, dgrad: bool) -> bool:
+    n, c_in, h, w, c_out, kh, kw, oh, ow = _dims(x, weight)
+    source, dest = (oh * ow, h * w) if dgrad else (h * w, oh * ow)
+    return kh * kw <= TAPS_MAX_TAPS and source <= TAPS_MAX_SOURCE and dest <= TAPS_MAX_OUTPUT and n <= 65535
+
+
+def _launch_taps(out, source, weight, dgrad: bool, cfg: dict) -> None:
+    """One _conv_taps_kernel launch: `source` is x (forward) or grad_y (input grad)."""
+    x_shape = out.shape if dgrad else source.shape
+    n, c_in, h, w = x_shape
+    c_out, _, kh, kw = weight.shape
+    oh, ow = h - kh + 1, w - kw + 1
+    c_rows, c_red, (bh, bw), (dh, dw) = ((c_in, c_out, (oh, ow), (h, w)) if dgrad
+                                         else (c_out, c_in, (h, w), (oh, ow)))
+    cfg = dict(cfg)
+    cfg.pop("TAPS_GEMM")
+    target = cfg.pop("PROGRAMS", PROGRAMS)
+    taps = kh * kw
+    block_r = max(cfg.pop("BLOCK_R"), triton.next_power_of_2(taps))
+    ch = block_r // taps
+    row_tiles = triton.cdiv(c_rows, ch)
+    tiles = row_tiles * n
+    block_s = max(16, triton.next_power_of_2(bh * bw))
+    iters = triton.cdiv(c_red, cfg["BLOCK_K"])
+    splits = max(1, min(iters, target // tiles)) if tiles <= MAX_SPLIT_TILES else 1
+    chunk = triton.cdiv(iters, splits)
+    splits = triton.cdiv(iters, chunk)
+    scratch = out.new_empty((splits * tiles * block_r * block_s,))
+    tile_counters = counters(out, tiles) if splits > 1 else scratch
+    precision = dot_precision(out.dtype, c_in * taps)
+    wrap_triton(_conv_taps_kernel)[(row_tiles, n, splits)](
+        source, weight, out, scratch, tile_counters, c_rows, c_red, c_in, bh, bw, dh, dw, chunk, KH=kh, KW=kw,
+        DGRAD=dgrad, SPLIT=splits > 1, PRECISION=precision, CH=ch, BLOCK_R=block_r, BLOCK_S=block_s,
+        BLOCK_C=max(2, triton.next_power_of_2(ch)), BLOCK_D=max(16, triton.next_power_of_2(dh * dw)), **cfg)
 
 
 # Shortest filter (C_in * kh * kw) whose float32 products may run in single TF32. Shorter ones, the
@@ -340,8 +492,12 @@ def conv_valid(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n, c_in, h, w, c_out, kh, kw, oh, ow = _dims(x, weight)
     y = x.new_empty((n, c_out, oh, ow))
     if y.numel() and c_in:
-        _launch(_conv_fwd_kernel, "fwd", y, c_out, n * oh * ow, c_in * kh * kw, (x, weight),
-                (c_in, h, w, c_out, oh, ow, n * oh * ow, c_in * kh * kw), KH=kh, KW=kw)
+        cfg = config("fwd", c_in * kh * kw, n * oh * ow, _taps_fit(x, weight, False))
+        if cfg.get("TAPS_GEMM"):
+            _launch_taps(y, x, weight, False, cfg)
+        else:
+            _launch(_conv_fwd_kernel, "fwd", y, c_out, n * oh * ow, c_in * kh * kw, (x, weight),
+                    (c_in, h, w, c_out, oh, ow, n * oh * ow, c_in * kh * kw), KH=kh, KW=kw)
     elif y.numel():
         y.zero_()
     return y
@@ -374,8 +530,12 @@ def conv_valid_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Ten
         if c_out * oh * ow == 0:
             grad_x.zero_()
         else:
-            _launch(_conv_dgrad_kernel, "dgrad", grad_x, c_in, n * h * w, c_out * kh * kw, (grad_y, weight),
-                    (c_in, h, w, c_out, oh, ow, n * h * w, c_out * kh * kw), taps=kh * kw, KH=kh, KW=kw)
+            cfg = config("dgrad", c_out * kh * kw, n * h * w, _taps_fit(x, weight, True))
+            if cfg.get("TAPS_GEMM"):
+                _launch_taps(grad_x, grad_y, weight, True, cfg)
+            else:
+                _launch(_conv_dgrad_kernel, "dgrad", grad_x, c_in, n * h * w, c_out * kh * kw, (grad_y, weight),
+                        (c_in, h, w, c_out, oh, ow, n * h * w, c_out * kh * kw), taps=kh * kw, KH=kh, KW=kw)
     if weight_grad:
         _weight_grad(grad_y, x, weight, grad_w, None)
     return grad_x, grad_w

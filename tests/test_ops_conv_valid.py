@@ -259,6 +259,43 @@ def test_input_grad_reduction_orders(taps_inner, programs, monkeypatch):
         assert_close(cv.conv_valid_backward(gy, x, w, True, False)[0], want, 1e-11, 1e-10, f"{shape}")
 
 
+@pytest.mark.parametrize("dgrad", [False, True])
+@pytest.mark.parametrize("rows, programs", [(16, 1), (32, 1000), (64, 3)])
+def test_taps_gemm_kernel(dgrad, rows, programs, monkeypatch):
+    """_conv_taps_kernel (the input grad's shipped kernel; offered for the forward too) as either
+    product, whole and split over the reduction (the (.., 40, ..) shape: 3 iterations of 16
+    channels), with rows for 1, 3 and 7 channels a program; equal to the float64 twin, and the
+    same bits on a second run."""
+    cfg = dict(TAPS_GEMM=True, BLOCK_R=rows, BLOCK_K=16, num_warps=4, num_stages=2, PROGRAMS=programs)
+    name = "dgrad" if dgrad else "fwd"
+    monkeypatch.setitem(kernels.CONFIGS, name, [(1 << 62, 1 << 62, cfg)] + kernels.CONFIGS[name])
+    for shape in ODD + [(1, 17, 5, 5, 40, 3, 3), (2, 6, 5, 6, 4, 2, 2)]:
+        x, w, gy = make(shape, torch.float64)
+        if dgrad:
+            got = cv.conv_valid_backward(gy, x, w, True, False)[0]
+            want = reference.conv_valid_backward(gy, x, w, True, False)[0]
+            again = cv.conv_valid_backward(gy, x, w, True, False)[0]
+        else:
+            got, want, again = cv.conv_valid(x, w), reference.conv_valid(x, w), cv.conv_valid(x, w)
+        assert_close(got, want, 1e-11, 1e-10, f"{name} {shape}")
+        assert torch.equal(got, again), f"{name} {shape}"
+
+
+def test_taps_gemm_only_where_it_fits(monkeypatch):
+    """Input grads _conv_taps_kernel cannot hold (a 5 x 5 filter's 25 taps; an 18 x 18 grad_y,
+    324 source positions, past TAPS_MAX_SOURCE) skip its config row for the next one, and are right."""
+    assert not kernels._taps_fit(*make((1, 2, 9, 9, 3, 5, 5))[:2], True)
+    assert not kernels._taps_fit(*make((1, 2, 20, 20, 3, 3, 3))[:2], False)
+    assert kernels._taps_fit(*make(PROTOCOL[1])[:2], True)
+    launched = []
+    monkeypatch.setattr(kernels, "_launch_taps", lambda *a: launched.append(a))
+    for shape in ((1, 2, 9, 9, 3, 5, 5), (1, 2, 20, 20, 3, 3, 3)):
+        x, w, gy = make(shape, torch.float64)
+        assert_close(cv.conv_valid_backward(gy, x, w, True, False)[0],
+                     reference.conv_valid_backward(gy, x, w, True, False)[0], 1e-11, 1e-10, f"{shape}")
+    assert launched == []
+
+
 def test_split_counters_are_left_at_zero():
     """A split launch's last program per tile resets the tile's counter: the next launch (another
     shape, another split) starts from zero."""
