@@ -3,8 +3,9 @@
 twin:  the model's forward on the plain-PyTorch ops, autograd, torch._foreach SGD (what the
        meta-trainer runs with backend="torch");
 fused: `pln_sgd_step_fused`, no autograd: the batch-1 Triton convolutions and the norm kernels,
-       the Triton head's fused cross-entropy SGD step, the norms' fused backward, the Triton input
-       grads and weight grads with the SGD step fused, one multi-tensor SGD launch for the norms;
+       the Triton head's fused cross-entropy SGD step, norm3's fused backward, the Triton input
+       grads with the previous norm's backward in the same launch, the weight grads with the SGD
+       step fused, one multi-tensor SGD launch for the norms (15 launches);
 fused_donate: the same with the head's weights updated in place (`donate=True`), as the
        meta-trainer's inner loop runs 19 of its 20 steps (no copy of the 9 MB head).
 Each at two float32 convolution precisions, set alike for the twin and the fused path (both

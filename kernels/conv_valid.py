@@ -34,6 +34,10 @@ Ops (namespace `anml_fast`, each a `torch.library.triton_op` with an explicit fa
   conv_valid(x, weight) -> y
   conv_valid_backward(grad_y, x, weight, input_grad, weight_grad) -> (grad_x, grad_weight)
   conv_valid_sgd(grad_y, x, weight, lr) -> weight - lr * grad_weight   (a new tensor)
+  conv_valid_input_grad_norm_backward(grad_y, weight, y, mean, rstd, norm_weight, norm_bias, pool)
+      -> (grad_y_prev, grad_norm_weight, grad_norm_bias): the input grad, then the backward of the
+      plane norm (anml_fast::plane_norm) that made the input from the previous conv's output y,
+      in one launch (_conv_taps_kernel's NORM_BWD epilogue); the input grad is never returned
 Shapes: x [N, C_in, H, W], weight [C_out, C_in, kh, kw], y [N, C_out, H - kh + 1, W - kw + 1];
 float32 or float64, contiguous (the wrappers make them so).
 """
@@ -228,11 +232,84 @@ def _taps_sum_store(Z_ptr, Out_ptr, n, c0, c_rows, bh: tl.constexpr, bw: tl.cons
 
 
 @triton.jit
+def _plane_norm_bwd_tile(G_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr, DGamma_ptr, DBeta_ptr,
+                         n, c0, channels, H: tl.constexpr, W: tl.constexpr, POOL: tl.constexpr, CH: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr):
+    """The plane norm's backward (csrc/conv_block_plane.h, plane_backward) for CH channels of sample n:
+    G holds dL/d(out) (out = the 2x2 max-pool of relu(z) when POOL, else relu(z)), Y the conv output
+    y [H, W]; writes dy, and dgamma, dbeta per (sample, channel). The window's argmax is re-derived
+    with the forward kernel's arithmetic (xhat = (y - mean) * rstd, z = fma(gamma, xhat, beta)) and
+    its rule (row-major scan, a strictly larger value or a NaN), so the gradient goes where the
+    CUDA kernels send it."""
+    dt = DY_ptr.dtype.element_ty
+    j = tl.arange(0, BLOCK_C)
+    u = tl.arange(0, BLOCK_U)
+    c = c0 + j
+    c_ok = (j < CH) & (c < channels)
+    u_ok = u < H * W
+    ok = c_ok[:, None] & u_ok[None, :]
+    plane = n * channels + c
+    mean = tl.load(Mean_ptr + plane, mask=c_ok, other=0.0).to(dt)[:, None]
+    rstd = tl.load(Rstd_ptr + plane, mask=c_ok, other=0.0).to(dt)[:, None]
+    gamma = tl.load(Gamma_ptr + c, mask=c_ok, other=0.0)[:, None]
+    beta = tl.load(Beta_ptr + c, mask=c_ok, other=0.0)[:, None]
+    y_base = Y_ptr + (plane * (H * W))[:, None]
+    xhat = (tl.load(y_base + u[None, :], mask=ok, other=0.0) - mean) * rstd
+    z = tl.fma(gamma, xhat, beta)
+    if POOL:
+        OH: tl.constexpr = H // 2
+        OW: tl.constexpr = W // 2
+        u_h, u_w = u // W, u % W
+        covered = (u_h < 2 * OH) & (u_w < 2 * OW)
+        corner = (u_h // 2 * 2) * W + u_w // 2 * 2
+        mine = (u_h % 2) * 2 + u_w % 2
+        wok = ok & covered[None, :]
+        best = tl.zeros((BLOCK_C, BLOCK_U), dtype=dt)
+        arg = tl.zeros((BLOCK_C, BLOCK_U), dtype=tl.int32)
+        for k in tl.static_range(4):
+            v = tl.load(y_base + (corner + (k // 2) * W + k % 2)[None, :], mask=wok, other=0.0)
+            zk = tl.fma(gamma, (v - mean) * rstd, beta)
+            ak = tl.where(zk < 0, 0.0, zk)
+            if k == 0:
+                best = ak
+            else:
+                take = (ak > best) | (ak != ak)
+                best = tl.where(take, ak, best)
+                arg = tl.where(take, k, arg)
+        g = tl.load(G_ptr + (plane * (OH * OW))[:, None] + ((u_h // 2) * OW + u_w // 2)[None, :], mask=wok,
+                    other=0.0, cache_modifier=".cg")
+        gz = tl.where(wok & (arg == mine[None, :]) & (z > 0), g, 0.0)
+    else:
+        g = tl.load(G_ptr + (plane * (H * W))[:, None] + u[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+        gz = tl.where(ok & (z > 0), g, 0.0)
+    xhat = tl.where(ok, xhat, 0.0)
+    dbeta = tl.sum(gz, axis=1)
+    dgamma = tl.sum(gz * xhat, axis=1)
+    tl.store(DBeta_ptr + plane, dbeta, mask=c_ok)
+    tl.store(DGamma_ptr + plane, dgamma, mask=c_ok)
+    dy = (gamma * rstd) * (gz - (dbeta / (H * W))[:, None] - xhat * (dgamma / (H * W))[:, None])
+    tl.store(DY_ptr + (plane * (H * W))[:, None] + u[None, :], dy, mask=ok)
+
+
+@triton.jit
+def _plane_norm_bwd_kernel(G_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr, DGamma_ptr, DBeta_ptr,
+                           channels, H: tl.constexpr, W: tl.constexpr, POOL: tl.constexpr, CH: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr):
+    """_plane_norm_bwd_tile on its own: the fused op's second launch where the input grad could not
+    run as _conv_taps_kernel."""
+    _plane_norm_bwd_tile(G_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr, DGamma_ptr, DBeta_ptr,
+                         tl.program_id(1), tl.program_id(0) * CH, channels, H, W, POOL, CH, BLOCK_C, BLOCK_U)
+
+
+@triton.jit
 def _conv_taps_kernel(B_ptr, W_ptr, Out_ptr, Part_ptr, Count_ptr, c_rows, c_red, c_in,
                       bh: tl.constexpr, bw: tl.constexpr, dh: tl.constexpr, dw: tl.constexpr, chunk,
+                      Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr, DGamma_ptr, DBeta_ptr,
                       KH: tl.constexpr, KW: tl.constexpr, DGRAD: tl.constexpr, SPLIT: tl.constexpr,
                       PRECISION: tl.constexpr, CH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NORM_BWD: tl.constexpr, NH: tl.constexpr, NW: tl.constexpr, POOL: tl.constexpr,
+                      BLOCK_U: tl.constexpr):
     """The forward (DGRAD=False) or the input grad (DGRAD=True) as a GEMM over channels only, then a
     sum over taps of shifted columns:
 
@@ -245,7 +322,10 @@ def _conv_taps_kernel(B_ptr, W_ptr, Out_ptr, Part_ptr, Count_ptr, c_rows, c_red,
     1. Each program takes CH channels with all their taps (BLOCK_R >= CH * taps rows; for the input
     grad those rows are contiguous in W) and every position of one sample, so the shifted sum stays
     in the program: its Z tile goes to scratch, a barrier, then the gathers. Split over the
-    reduction as _finish does: the last program of a tile sums the partials in split order."""
+    reduction as _finish does: the last program of a tile sums the partials in split order.
+    NORM_BWD (input grad only): the grad is that of the previous block's plane norm output, whose
+    backward then runs on the program's channels in the same launch (_plane_norm_bwd_tile: conv
+    output Y [NH, NW], stats, affine; writes DY and the affine's grads); Out is then scratch."""
     dt = Out_ptr.dtype.element_ty
     TAPS: tl.constexpr = KH * KW
     BS: tl.constexpr = bh * bw
@@ -289,10 +369,18 @@ def _conv_taps_kernel(B_ptr, W_ptr, Out_ptr, Part_ptr, Count_ptr, c_rows, c_red,
             tl.debug_barrier()
             _taps_sum_store(mine, Out_ptr, n, c0, c_rows, bh, bw, dh, dw, KH, KW, DGRAD, CH, BLOCK_S, BLOCK_C,
                             BLOCK_D)
+            if NORM_BWD:
+                tl.debug_barrier()
+                _plane_norm_bwd_tile(Out_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr, DGamma_ptr,
+                                     DBeta_ptr, n, c0, c_rows, NH, NW, POOL, CH, BLOCK_C, BLOCK_U)
     else:
         tl.store(mine + z_offs, acc)
         tl.debug_barrier()
         _taps_sum_store(mine, Out_ptr, n, c0, c_rows, bh, bw, dh, dw, KH, KW, DGRAD, CH, BLOCK_S, BLOCK_C, BLOCK_D)
+        if NORM_BWD:
+            tl.debug_barrier()
+            _plane_norm_bwd_tile(Out_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr, DGamma_ptr,
+                                 DBeta_ptr, n, c0, c_rows, NH, NW, POOL, CH, BLOCK_C, BLOCK_U)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,8 +453,10 @@ def _taps_fit(x, weight, dgrad: bool) -> bool:
     return kh * kw <= TAPS_MAX_TAPS and source <= TAPS_MAX_SOURCE and dest <= TAPS_MAX_OUTPUT and n <= 65535
 
 
-def _launch_taps(out, source, weight, dgrad: bool, cfg: dict) -> None:
-    """One _conv_taps_kernel launch: `source` is x (forward) or grad_y (input grad)."""
+def _launch_taps(out, source, weight, dgrad: bool, cfg: dict, norm: tuple | None = None) -> None:
+    """One _conv_taps_kernel launch: `source` is x (forward) or grad_y (input grad). `norm`, for
+    the input grad: (y, mean, rstd, gamma, beta, pool, dy, dgamma, dbeta), the previous block's plane
+    norm whose backward runs in the same launch (`out` is then the input grad's scratch)."""
     x_shape = out.shape if dgrad else source.shape
     n, c_in, h, w = x_shape
     c_out, _, kh, kw = weight.shape
@@ -389,10 +479,20 @@ def _launch_taps(out, source, weight, dgrad: bool, cfg: dict) -> None:
     scratch = out.new_empty((splits * tiles * block_r * block_s,))
     tile_counters = counters(out, tiles) if splits > 1 else scratch
     precision = dot_precision(out.dtype, c_in * taps)
+    if norm is None:
+        # every argument explicit, defaults included: wrap_triton's tracing (torch.compile,
+        # AOTAutograd) rejects a launch that leaves any out
+        norm_args, norm_cfg = (out,) * 8, dict(NORM_BWD=False, NH=1, NW=1, POOL=False, BLOCK_U=16)
+    else:
+        y, mean, rstd, gamma, beta, pool, dy, dgamma, dbeta = norm
+        norm_args = (y, mean, rstd, gamma, beta, dy, dgamma, dbeta)
+        norm_cfg = dict(NORM_BWD=True, NH=y.shape[2], NW=y.shape[3], POOL=bool(pool),
+                        BLOCK_U=max(16, triton.next_power_of_2(y.shape[2] * y.shape[3])))
     wrap_triton(_conv_taps_kernel)[(row_tiles, n, splits)](
-        source, weight, out, scratch, tile_counters, c_rows, c_red, c_in, bh, bw, dh, dw, chunk, KH=kh, KW=kw,
-        DGRAD=dgrad, SPLIT=splits > 1, PRECISION=precision, CH=ch, BLOCK_R=block_r, BLOCK_S=block_s,
-        BLOCK_C=max(2, triton.next_power_of_2(ch)), BLOCK_D=max(16, triton.next_power_of_2(dh * dw)), **cfg)
+        source, weight, out, scratch, tile_counters, c_rows, c_red, c_in, bh, bw, dh, dw, chunk, *norm_args,
+        KH=kh, KW=kw, DGRAD=dgrad, SPLIT=splits > 1, PRECISION=precision, CH=ch, BLOCK_R=block_r, BLOCK_S=block_s,
+        BLOCK_C=max(2, triton.next_power_of_2(ch)), BLOCK_D=max(16, triton.next_power_of_2(dh * dw)), **norm_cfg,
+        **cfg)
 
 
 # Shortest filter (C_in * kh * kw) whose float32 products may run in single TF32. Shorter ones, the
@@ -548,6 +648,79 @@ def conv_valid_sgd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     new = torch.empty_like(weight)
     _weight_grad(grad_y, x, weight, new, lr)
     return new
+
+
+# The largest conv-output plane the fused norm backward takes (one program holds whole planes).
+NORM_MAX_PLANE = 4096
+
+
+def _check_norm_backward(grad_y, weight, y, mean, rstd, norm_weight, norm_bias, pool, op):
+    if y.dim() != 4:
+        raise ValueError(f"{op}: y (the previous block's conv output) must be [N, C, H, W], got {tuple(y.shape)}")
+    n, c, h, w = y.shape
+    if h * w > NORM_MAX_PLANE:
+        raise ValueError(f"{op}: planes of {h} x {w} exceed the {NORM_MAX_PLANE} positions one program holds; "
+                         "run conv_valid_backward and plane_norm_backward separately")
+    x_shape = (n, c, h // 2, w // 2) if pool else (n, c, h, w)
+    _check(y.new_empty((1,)).expand(x_shape), weight, op, grad_y)
+    stats = torch.float64 if y.dtype == torch.float64 else torch.float32
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if t.numel() != n * c or t.dtype != stats or t.device != y.device:
+            raise ValueError(f"{op}: {name} must be {stats} with N * C = {n * c} values on {y.device}, got "
+                             f"{t.dtype} {list(t.shape)} on {t.device}")
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t.shape != (c,) or t.dtype != y.dtype or t.device != y.device:
+            raise ValueError(f"{op}: {name} must be {y.dtype} [{c}] on {y.device}, got {t.dtype} "
+                             f"{list(t.shape)} on {t.device}")
+    return x_shape, stats
+
+
+@triton_op("anml_fast::conv_valid_input_grad_norm_backward", mutates_args=())
+def conv_valid_input_grad_norm_backward(grad_y: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
+                                        mean: torch.Tensor, rstd: torch.Tensor, norm_weight: torch.Tensor,
+                                        norm_bias: torch.Tensor, pool: bool
+                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "conv_valid_input_grad_norm_backward"
+    x_shape, stats = _check_norm_backward(grad_y, weight, y, mean, rstd, norm_weight, norm_bias, pool, op)
+    grad_y, weight, y = grad_y.contiguous(), weight.contiguous(), y.contiguous()
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    n, c_in, h, w = x_shape
+    c_out, _, kh, kw = weight.shape
+    oh, ow = h - kh + 1, w - kw + 1
+    grad_x = y.new_empty(x_shape)  # the conv's input grad: scratch, read back by the norm's backward
+    dy = torch.empty_like(y)
+    dgamma, dbeta = y.new_empty((n, c_in), dtype=stats), y.new_empty((n, c_in), dtype=stats)
+    if dy.numel():
+        x_like = y.new_empty((1,)).expand(x_shape)
+        cfg = config("dgrad", c_out * kh * kw, n * h * w, _taps_fit(x_like, weight, True))
+        norm = (y, mean, rstd, norm_weight, norm_bias, pool, dy, dgamma, dbeta)
+        if cfg.get("TAPS_GEMM") and grad_x.numel() and c_out * oh * ow:
+            _launch_taps(grad_x, grad_y, weight, True, cfg, norm)
+        else:
+            if grad_x.numel() and c_out * oh * ow:
+                _launch(_conv_dgrad_kernel, "dgrad", grad_x, c_in, n * h * w, c_out * kh * kw, (grad_y, weight),
+                        (c_in, h, w, c_out, oh, ow, n * h * w, c_out * kh * kw), taps=kh * kw, KH=kh, KW=kw)
+            else:
+                grad_x.zero_()
+            block_u = max(16, triton.next_power_of_2(y.shape[2] * y.shape[3]))
+            ch = max(1, min(16, 4096 // block_u))
+            wrap_triton(_plane_norm_bwd_kernel)[(triton.cdiv(c_in, ch), n)](
+                grad_x, y, mean, rstd, norm_weight, norm_bias, dy, dgamma, dbeta, c_in, H=y.shape[2],
+                W=y.shape[3], POOL=bool(pool), CH=ch, BLOCK_C=max(2, triton.next_power_of_2(ch)), BLOCK_U=block_u)
+    else:
+        dgamma.zero_()
+        dbeta.zero_()
+    if n == 1:  # no reduction launch at the inner loop's batch of one
+        return dy, dgamma[0].to(norm_weight.dtype), dbeta[0].to(norm_bias.dtype)
+    return dy, dgamma.sum(0).to(norm_weight.dtype), dbeta.sum(0).to(norm_bias.dtype)
+
+
+@conv_valid_input_grad_norm_backward.register_fake
+def _(grad_y, weight, y, mean, rstd, norm_weight, norm_bias, pool):
+    _check_norm_backward(grad_y, weight, y, mean, rstd, norm_weight, norm_bias, pool,
+                         "conv_valid_input_grad_norm_backward")
+    return (torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(norm_weight),
+            torch.empty_like(norm_bias))
 
 
 # Explicit fakes: triton_op would trace the implementation, which needs wrap_triton's graph capture,

@@ -78,11 +78,16 @@ def test_meta_training_on_compiled_ops_starts_like_twins_in_float32(synthetic_da
     per-plane variance is ~1e-8 and its mean subtraction cancels ~4 of float32's 7 digits. The
     plain-PyTorch twin itself is 1e-4..1e-2 (relative) off float64 in its meta-gradients, and
     Adam's first steps (update ~ lr * sign(g)) turn such differences into diverging weights. So:
-    the first step's loss to float32 tolerance, later ones close (exact agreement: float64 above)."""
+    the first step's loss to 1e-3, later ones close (exact agreement: float64 above). 1e-3, not
+    1e-4: the first meta-loss already follows 4 inner steps whose conv1 weight grads are mostly
+    that cancellation's rounding noise, so any change of summation order moves it by a few 1e-4
+    (6.0259 against the twin's 6.0290 after the norm backward moved into the input-grad kernel,
+    whose errors against float64 equal the C++ kernel's: 1.1e-1 in dy, 2.9e-3 in dgamma, and
+    3.8e-8 against 3.0e-7 in dbeta, on near-constant 26 x 26 planes)."""
     fast = _train(synthetic_data, tmp_path / "c", "compiled")
     twin = _train(synthetic_data, tmp_path / "t", "torch")
     assert [r["step"] for r in fast] == [r["step"] for r in twin]
-    assert fast[0]["meta_loss"] == pytest.approx(twin[0]["meta_loss"], rel=1e-4)
+    assert fast[0]["meta_loss"] == pytest.approx(twin[0]["meta_loss"], rel=1e-3)
     for a, b in zip(fast, twin):
         if "meta_loss" in a:
             assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=5e-2), a["step"]

@@ -185,10 +185,12 @@ OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 @pytest.mark.parametrize("case", ["conv_valid", "conv_valid_backward", "conv_valid_backward_weight",
-                                  "conv_valid_sgd"])
+                                  "conv_valid_sgd", "conv_valid_input_grad_norm_backward"])
 def test_opcheck(case):
     x, w, gy = make(ODD[1])
-    args = {"conv_valid": (kernels.conv_valid, (x.requires_grad_(), w.requires_grad_())),
+    args = {"conv_valid_input_grad_norm_backward": (kernels.conv_valid_input_grad_norm_backward,
+                                                    make_norm_backward(ODD[1], True)),
+            "conv_valid": (kernels.conv_valid, (x.requires_grad_(), w.requires_grad_())),
             "conv_valid_backward": (kernels.conv_valid_backward, (gy, x.detach(), w.detach(), True, True)),
             "conv_valid_backward_weight": (kernels.conv_valid_backward, (gy, x.detach(), w.detach(), False, True)),
             "conv_valid_sgd": (kernels.conv_valid_sgd, (gy, x.detach(), w.detach(), 0.1))}[case]
@@ -294,6 +296,97 @@ def test_taps_gemm_only_where_it_fits(monkeypatch):
         assert_close(cv.conv_valid_backward(gy, x, w, True, False)[0],
                      reference.conv_valid_backward(gy, x, w, True, False)[0], 1e-11, 1e-10, f"{shape}")
     assert launched == []
+
+
+def make_norm_backward(shape, pool, dtype=torch.float32, seed=0):
+    """Arguments of conv_valid_input_grad_norm_backward: the conv (N, C_in, H, W, C_out, kh, kw)
+    whose input is the plane norm, pooled or not, of a conv output y."""
+    n, c_in, h, w, c_out, kh, kw = shape
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, c_in, 2 * h + 1 if pool else h, 2 * w + 1 if pool else w, generator=g, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, kh, kw, generator=g, dtype=torch.float64) / (c_in * kh * kw) ** 0.5
+    gy = torch.randn(n, c_out, h - kh + 1, w - kw + 1, generator=g, dtype=torch.float64)
+    gamma = 0.5 + torch.rand(c_in, generator=g, dtype=torch.float64)
+    beta = torch.randn(c_in, generator=g, dtype=torch.float64)
+    gamma[0] = -gamma[0]  # a negative scale flips which position of a window is the max
+    gy, weight, y, gamma, beta = (t.to(DEVICE, dtype) for t in (gy, weight, y, gamma, beta))
+    return (gy, weight, y, *cv.plane_stats(y), gamma, beta, pool)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pool", [True, False])
+@pytest.mark.parametrize("taps", [True, False])
+def test_input_grad_norm_backward_matches_twin(dtype, pool, taps, monkeypatch):
+    """The input grad carried on through the previous block's plane norm, in one launch
+    (_conv_taps_kernel's epilogue) or, where that kernel cannot take the shape, two (the other
+    input-grad kernel, then _plane_norm_bwd_kernel): equal to the twin (autograd through
+    reference.plane_norm and the input grad). Pooled planes of odd height and width leave a row
+    and a column no window covers; batch 2 sums the affine's grads over samples."""
+    if not taps:
+        monkeypatch.setitem(kernels.CONFIGS, "dgrad",
+                            [r for r in kernels.CONFIGS["dgrad"] if not r[2].get("TAPS_GEMM")])
+    for shape in (ODD[0], ODD[1], ODD[2], ODD[4], (1, 17, 5, 5, 40, 3, 3)):
+        args = make_norm_backward(shape, pool, dtype)
+        got = cv.conv_valid_input_grad_norm_backward(*args)
+        x64 = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+        want = reference.conv_valid_input_grad_norm_backward(*x64)
+        atol, rtol = TOL[dtype]
+        for name, a, b in zip(("grad y", "grad norm_weight", "grad norm_bias"), got, want):
+            assert a.dtype == dtype and a.shape == b.shape, name
+            assert_close(a.double(), b, _scaled(atol, b), rtol, f"{name} {shape} pool={pool}")
+
+
+def test_input_grad_norm_backward_protocol_shape():
+    """conv3's input grad into norm2's backward, as the fused inner step runs it (11 x 11 planes
+    pooled to 5 x 5), against the twin in float64."""
+    args = make_norm_backward(PROTOCOL[2], True)
+    assert args[2].shape == (1, 256, 11, 11)
+    got = cv.conv_valid_input_grad_norm_backward(*args)
+    want = reference.conv_valid_input_grad_norm_backward(*[a.double() if isinstance(a, torch.Tensor) else a
+                                                           for a in args])
+    for name, a, b in zip(("grad y", "grad norm_weight", "grad norm_bias"), got, want):
+        assert_close(a.double(), b, _scaled(1e-4, b), 1e-4, name)
+
+
+def test_input_grad_norm_backward_errors():
+    gy, weight, y, mean, rstd, gamma, beta, pool = make_norm_backward(ODD[1], True)
+    with pytest.raises(ValueError, match="mean must be torch.float32"):
+        cv.conv_valid_input_grad_norm_backward(gy, weight, y, mean.double(), rstd, gamma, beta, pool)
+    with pytest.raises(ValueError, match="grad_y must be"):
+        cv.conv_valid_input_grad_norm_backward(gy, weight, y, mean, rstd, gamma, beta, False)
+    with pytest.raises(ValueError, match="norm_bias must be"):
+        cv.conv_valid_input_grad_norm_backward(gy, weight, y, mean, rstd, gamma, beta[:-1], pool)
+    big = torch.zeros(1, 2, 70, 70, device=DEVICE)
+    with pytest.raises(ValueError, match="exceed the 4096 positions"):
+        cv.conv_valid_input_grad_norm_backward(torch.zeros(1, 3, 33, 33, device=DEVICE),
+                                               torch.zeros(3, 2, 3, 3, device=DEVICE), big, *cv.plane_stats(big),
+                                               torch.ones(2, device=DEVICE), torch.zeros(2, device=DEVICE), True)
+
+
+def test_launches_pass_every_kernel_argument(monkeypatch):
+    """wrap_triton's tracing (torch.compile, opcheck's AOT test) rejects a launch that leaves a
+    kernel argument to its default, which eager launches accept: every launch of these ops names
+    them all."""
+    real, launched = kernels.wrap_triton, set()
+
+    def checking(kernel):
+        def at(grid):
+            def launch(*args, **kw):
+                missing = set(kernel.arg_names) - set(kernel.arg_names[:len(args)]) - set(kw)
+                assert not missing, f"{kernel.arg_names} launched without {sorted(missing)}"
+                launched.add(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
+                return real(kernel)[grid](*args, **kw)
+            return launch
+        return type("Launcher", (), {"__getitem__": lambda self, grid: at(grid)})()
+    monkeypatch.setattr(kernels, "wrap_triton", checking)
+    x, w, gy = make(ODD[3])
+    cv.conv_valid(x, w), cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1)
+    cv.conv_valid_input_grad_norm_backward(*make_norm_backward(ODD[3], True))
+    monkeypatch.setitem(kernels.CONFIGS, "dgrad", [r for r in kernels.CONFIGS["dgrad"] if not r[2].get("TAPS_GEMM")])
+    cv.conv_valid_backward(gy, x, w, True, False)
+    cv.conv_valid_input_grad_norm_backward(*make_norm_backward(ODD[3], True))
+    assert {"_conv_taps_kernel", "_conv_dgrad_kernel", "_plane_norm_bwd_kernel", "_conv_fwd_kernel",
+            "_conv_wgrad_kernel"} <= launched
 
 
 def test_split_counters_are_left_at_zero():

@@ -3,6 +3,9 @@
   conv_valid(x, weight) -> y                           stride 1, no padding, no bias (conv_block's conv)
   conv_valid_backward(grad_y, x, weight, input_grad, weight_grad) -> (grad_x, grad_weight)
   conv_valid_sgd(grad_y, x, weight, lr) -> weight - lr * grad_weight   (a new tensor; dW never written)
+  conv_valid_input_grad_norm_backward(grad_y, weight, y, mean, rstd, norm_weight, norm_bias, pool)
+      -> (grad_y_prev, grad_norm_weight, grad_norm_bias)   the input grad carried on through the
+      previous block's plane norm in the same launch (the input grad itself never written out)
 
 Each is one implicit-GEMM launch (a split reduction is finished by the last program of each tile),
 written for the inner loop's batch of one, where cuDNN's kernels
@@ -20,7 +23,8 @@ import torch
 from . import _triton, reference
 from ._compare import first_mismatch, ieee_convolutions
 
-__all__ = ["conv_valid", "conv_valid_backward", "conv_valid_sgd", "available", "unavailable_reason"]
+__all__ = ["conv_valid", "conv_valid_backward", "conv_valid_sgd", "conv_valid_input_grad_norm_backward",
+           "plane_stats", "available", "unavailable_reason"]
 
 # At import, not on first use (torch.compile cannot trace an import inside the ops).
 _KERNELS, _IMPORT_ERROR = _triton.import_kernels("conv_valid")
@@ -40,6 +44,17 @@ def conv_valid_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Ten
         return _kernels().conv_valid_backward(grad_y, x, weight, bool(input_grad), bool(weight_grad))
 
 
+def conv_valid_input_grad_norm_backward(grad_y: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
+                                        mean: torch.Tensor, rstd: torch.Tensor, norm_weight: torch.Tensor,
+                                        norm_bias: torch.Tensor, pool: bool
+                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The input grad, then the previous block's plane-norm backward, in one launch (mean and rstd
+    as anml_fast::plane_norm returned them)."""
+    with torch.no_grad():
+        return _kernels().conv_valid_input_grad_norm_backward(grad_y, weight, y, mean, rstd, norm_weight,
+                                                              norm_bias, bool(pool))
+
+
 def conv_valid_sgd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lr: float) -> torch.Tensor:
     """Like an optimizer step, outside autograd."""
     with torch.no_grad():
@@ -51,12 +66,24 @@ def _self_test(device: torch.device) -> str | None:
     x = torch.randn(2, 5, 9, 7, generator=g).to(device)  # odd sizes: every mask is exercised
     w = (torch.randn(6, 5, 3, 3, generator=g) * 0.2).to(device)
     gy = torch.randn(2, 6, 7, 5, generator=g).to(device)
+    # the fused op's previous block: a conv output y whose pooled plane norm is x's shape
+    y = torch.randn(2, 5, 18, 15, generator=g).to(device)
+    norm = (y, *plane_stats(y), (1 + torch.rand(5, generator=g)).to(device), torch.randn(5, generator=g).to(device),
+            True)
     with ieee_convolutions():
-        got = (conv_valid(x, w), *conv_valid_backward(gy, x, w, True, True), conv_valid_sgd(gy, x, w, 0.1))
+        got = (conv_valid(x, w), *conv_valid_backward(gy, x, w, True, True), conv_valid_sgd(gy, x, w, 0.1),
+               *conv_valid_input_grad_norm_backward(gy, w, *norm))
         want = (reference.conv_valid(x, w), *reference.conv_valid_backward(gy, x, w, True, True),
-                reference.conv_valid_sgd(gy, x, w, 0.1))
-    return first_mismatch(zip(("y", "grad x", "grad weight", "sgd weight"), got, want), device,
-                          atol=1e-4, rtol=1e-4)
+                reference.conv_valid_sgd(gy, x, w, 0.1), *reference.conv_valid_input_grad_norm_backward(gy, w, *norm))
+    names = ("y", "grad x", "grad weight", "sgd weight", "norm backward grad y", "norm backward grad norm_weight",
+             "norm backward grad norm_bias")
+    return first_mismatch(zip(names, got, want), device, atol=1e-4, rtol=1e-4)
+
+
+def plane_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) of each [N, C] plane of y, as anml_fast::plane_norm returns them."""
+    var, mean = torch.var_mean(y, dim=(2, 3), unbiased=False)
+    return mean, (var + reference.NORM_EPS).rsqrt()
 
 
 _CHECK = _triton.TritonSelfTest(_KERNELS, _IMPORT_ERROR, _self_test)

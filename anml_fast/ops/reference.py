@@ -40,6 +40,21 @@ def conv_valid_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     return gx, gw
 
 
+def conv_valid_input_grad_norm_backward(grad_y: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
+                                        mean: torch.Tensor, rstd: torch.Tensor, norm_weight: torch.Tensor,
+                                        norm_bias: torch.Tensor, pool: bool
+                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_y_prev, grad_norm_weight, grad_norm_bias): conv_valid's input grad for the input
+    x = plane_norm(y, norm_weight, norm_bias, pool), carried back through that plane norm to y
+    (the previous conv's output). mean and rstd, the compiled op's saved statistics, are
+    recomputed here from y."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (y, norm_weight, norm_bias)]
+        x = plane_norm(*leaves, pool)
+        grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_y)
+        return torch.autograd.grad(x, leaves, grad_x)
+
+
 def conv_valid_sgd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lr: float) -> torch.Tensor:
     """weight - lr * grad_weight of conv_valid, as a new tensor: the inner loop's conv SGD step."""
     return weight - lr * torch.nn.grad.conv2d_weight(x, weight.shape, grad_y)

@@ -6,9 +6,11 @@ Two implementations with one signature:
 - `pln_sgd_step_fused`: no autograd at all. Per conv block, the batch-1 Triton convolution
   (kernels/conv_valid.py) and the fused norm/ReLU/pool kernel, keeping only what the backward
   reads (input, conv output, mean, rstd); the head's fused cross-entropy SGD step (its dW applied
-  where it is computed, never written); per block the norm's fused backward, the Triton input
-  grad and the Triton weight grad with the SGD step applied in the same kernel (dW never written);
-  one multi-tensor SGD launch for the norms' affine weights.
+  where it is computed, never written); the last norm's fused backward; per block the Triton
+  weight grad with the SGD step applied in the same kernel (dW never written) and, for conv3 and
+  conv2, the Triton input grad with the previous block's norm backward in the same launch
+  (`conv_valid_input_grad_norm_backward`: the input grad is never written out); one multi-tensor
+  SGD launch for the norms' affine weights. 15 launches.
 Both return the step's loss (a 0-d tensor, never read back here) and the updated PLN weights; the
 weights passed in are left as they were (unless the fused step is told it may update the head's in
 place: `donate`).
@@ -36,7 +38,7 @@ def fused_available(net, inner_names, device: torch.device) -> bool:
     if not isinstance(net, ANML) or tuple(inner_names) != PLN_NAMES:
         return False
     return all(ops.choose(op, device) is not getattr(ops.reference, op)
-               for op in ("conv_valid", "conv_valid_backward", "conv_valid_sgd", "plane_norm",
+               for op in ("conv_valid", "conv_valid_input_grad_norm_backward", "conv_valid_sgd", "plane_norm",
                           "gated_head_ce_sgd_", "sgd_update"))
 
 
@@ -67,16 +69,21 @@ def pln_sgd_step_fused(net: ANML, fixed: Params, pln: Params, x: torch.Tensor, y
     if not donate:
         fc_w, fc_b = fc_w.clone(), fc_b.clone()
     loss, dh, _ = ops.gated_head_ce_sgd_(a.flatten(1), gate, fc_w, fc_b, y, lr, backend="compiled")
-    grad, new, norm_grads = dh.view_as(a), {}, []
+    new, norm_grads = {}, []
+    _, conv_out, mean, rstd = saved[2]
+    gy, gnw, gnb = torch.ops.anml_fast.plane_norm_backward(
+        dh.view_as(a), conv_out, mean, rstd, pln["pln.norm3.weight"], pln["pln.norm3.bias"], False)
     for i in (3, 2, 1):
-        inp, conv_out, mean, rstd = saved[i - 1]
+        inp = saved[i - 1][0]
         w = pln[f"pln.conv{i}.weight"]
-        gy, gnw, gnb = torch.ops.anml_fast.plane_norm_backward(
-            grad, conv_out, mean, rstd, pln[f"pln.norm{i}.weight"], pln[f"pln.norm{i}.bias"], i < 3)
         norm_grads = [gnw, gnb] + norm_grads
-        if i > 1:
-            grad = torch.ops.anml_fast.conv_valid_backward(gy, inp, w, True, False)[0]
+        if i > 1:  # conv i's input grad carried on through norm i-1 in the same launch
+            _, conv_out, mean, rstd = saved[i - 2]
+            gy_prev, gnw, gnb = torch.ops.anml_fast.conv_valid_input_grad_norm_backward(
+                gy, w, conv_out, mean, rstd, pln[f"pln.norm{i - 1}.weight"], pln[f"pln.norm{i - 1}.bias"], True)
         new[f"pln.conv{i}.weight"] = torch.ops.anml_fast.conv_valid_sgd(gy, inp, w, lr)
+        if i > 1:
+            gy = gy_prev
         # The conv bias's gradient is exactly zero (the norm subtracts each plane's mean, bias and
         # all), so its SGD step leaves it as it is.
         new[f"pln.conv{i}.bias"] = pln[f"pln.conv{i}.bias"]
