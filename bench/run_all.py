@@ -16,7 +16,7 @@ from pathlib import Path
 from _measure import card_slug  # bench/ is on the path of a script run from it
 
 HERE = Path(__file__).resolve().parent
-FILES = ["bench_conv_block", "bench_gated_head", "bench_multi_tensor", "bench_inner_step"]
+FILES = ["bench_conv_block", "bench_conv_valid", "bench_gated_head", "bench_multi_tensor", "bench_inner_step"]
 
 
 def main() -> int:
