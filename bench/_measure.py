@@ -21,6 +21,21 @@ def graphed(fn, calls: int = 1):
     return graph.replay
 
 
+def replayed_us(fn, calls: int = 20, reps: int = 30) -> float:
+    """Median microseconds a call of fn, `calls` calls replayed from one CUDA graph (launch
+    overhead out, as in the meta-step's graph), over `reps` replays."""
+    replay = graphed(fn, calls)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
 def card_slug(card: str) -> str:
     """A card's name as the results files are named: "NVIDIA H200" -> "nvidia-h200"."""
     return re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()

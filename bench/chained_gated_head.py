@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import graphed  # noqa: E402
+from _measure import replayed_us  # noqa: E402
 
 import bench_gated_head as b  # noqa: E402
 
@@ -22,16 +22,7 @@ CALLS = 20
 
 
 def us_a_call(fn) -> float:
-    replay = graphed(fn, CALLS)
-    times = []
-    for _ in range(40):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end) / CALLS)
-    return sorted(times)[len(times) // 2]
+    return replayed_us(fn, CALLS, reps=40)
 
 
 def main() -> int:

@@ -24,25 +24,16 @@ from pathlib import Path
 
 import torch
 
-from _measure import card_slug, graphed
+from _measure import card_slug, replayed_us
 
 HERE = Path(__file__).resolve().parent
 LAYERS = {"conv1": (3, 28), "conv2": (256, 13), "conv3": (256, 5)}  # (C_in, H = W), C_out 256
 REPLAY = 20
 
 
-def _time_us(fn, reps: int = 30) -> float:
+def _time_us(fn) -> float:
     """Median microseconds per call of fn, replayed REPLAY times per graph."""
-    replay = graphed(fn, REPLAY)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end) / REPLAY)
-    return sorted(times)[len(times) // 2]
+    return replayed_us(fn, REPLAY)
 
 
 def candidates(kernel: str, quick: bool, taps_only: bool = False):

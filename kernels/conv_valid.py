@@ -302,6 +302,24 @@ def _plane_norm_bwd_kernel(G_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr
 
 
 @triton.jit
+def _taps_finish(Z_ptr, z_offs, z, Out_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr, DGamma_ptr,
+                 DBeta_ptr, n, c0, c_rows, bh: tl.constexpr, bw: tl.constexpr, dh: tl.constexpr, dw: tl.constexpr,
+                 KH: tl.constexpr, KW: tl.constexpr, DGRAD: tl.constexpr, CH: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, NORM_BWD: tl.constexpr, NH: tl.constexpr,
+                 NW: tl.constexpr, POOL: tl.constexpr, BLOCK_U: tl.constexpr):
+    """_conv_taps_kernel's finished tile z: to the program's scratch slot (each thread writes what
+    it holds), a barrier, the shifted sum over taps into Out, and with NORM_BWD, after another
+    barrier, the previous norm's backward on the program's channels."""
+    tl.store(Z_ptr + z_offs, z)
+    tl.debug_barrier()
+    _taps_sum_store(Z_ptr, Out_ptr, n, c0, c_rows, bh, bw, dh, dw, KH, KW, DGRAD, CH, BLOCK_S, BLOCK_C, BLOCK_D)
+    if NORM_BWD:
+        tl.debug_barrier()
+        _plane_norm_bwd_tile(Out_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr, DGamma_ptr, DBeta_ptr,
+                             n, c0, c_rows, NH, NW, POOL, CH, BLOCK_C, BLOCK_U)
+
+
+@triton.jit
 def _conv_taps_kernel(B_ptr, W_ptr, Out_ptr, Part_ptr, Count_ptr, c_rows, c_red, c_in,
                       bh: tl.constexpr, bw: tl.constexpr, dh: tl.constexpr, dw: tl.constexpr, chunk,
                       Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr, DGamma_ptr, DBeta_ptr,
@@ -365,22 +383,13 @@ def _conv_taps_kernel(B_ptr, W_ptr, Out_ptr, Part_ptr, Count_ptr, c_rows, c_red,
             for sp in range(1, splits):
                 total += tl.load(Part_ptr + (sp * tiles + tile) * numel + z_offs, cache_modifier=".cg")
             reset(Count_ptr + tile)
-            tl.store(mine + z_offs, total)  # each thread rewrites only what it read
-            tl.debug_barrier()
-            _taps_sum_store(mine, Out_ptr, n, c0, c_rows, bh, bw, dh, dw, KH, KW, DGRAD, CH, BLOCK_S, BLOCK_C,
-                            BLOCK_D)
-            if NORM_BWD:
-                tl.debug_barrier()
-                _plane_norm_bwd_tile(Out_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr, DGamma_ptr,
-                                     DBeta_ptr, n, c0, c_rows, NH, NW, POOL, CH, BLOCK_C, BLOCK_U)
+            _taps_finish(mine, z_offs, total, Out_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr,
+                         DGamma_ptr, DBeta_ptr, n, c0, c_rows, bh, bw, dh, dw, KH, KW, DGRAD, CH, BLOCK_S, BLOCK_C,
+                         BLOCK_D, NORM_BWD, NH, NW, POOL, BLOCK_U)
     else:
-        tl.store(mine + z_offs, acc)
-        tl.debug_barrier()
-        _taps_sum_store(mine, Out_ptr, n, c0, c_rows, bh, bw, dh, dw, KH, KW, DGRAD, CH, BLOCK_S, BLOCK_C, BLOCK_D)
-        if NORM_BWD:
-            tl.debug_barrier()
-            _plane_norm_bwd_tile(Out_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr, DGamma_ptr,
-                                 DBeta_ptr, n, c0, c_rows, NH, NW, POOL, CH, BLOCK_C, BLOCK_U)
+        _taps_finish(mine, z_offs, acc, Out_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr,
+                     DGamma_ptr, DBeta_ptr, n, c0, c_rows, bh, bw, dh, dw, KH, KW, DGRAD, CH, BLOCK_S, BLOCK_C,
+                     BLOCK_D, NORM_BWD, NH, NW, POOL, BLOCK_U)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -74,16 +74,13 @@ def pln_sgd_step_fused(net: ANML, fixed: Params, pln: Params, x: torch.Tensor, y
     gy, gnw, gnb = torch.ops.anml_fast.plane_norm_backward(
         dh.view_as(a), conv_out, mean, rstd, pln["pln.norm3.weight"], pln["pln.norm3.bias"], False)
     for i in (3, 2, 1):
-        inp = saved[i - 1][0]
-        w = pln[f"pln.conv{i}.weight"]
+        w, gy_i = pln[f"pln.conv{i}.weight"], gy
         norm_grads = [gnw, gnb] + norm_grads
         if i > 1:  # conv i's input grad carried on through norm i-1 in the same launch
             _, conv_out, mean, rstd = saved[i - 2]
-            gy_prev, gnw, gnb = torch.ops.anml_fast.conv_valid_input_grad_norm_backward(
-                gy, w, conv_out, mean, rstd, pln[f"pln.norm{i - 1}.weight"], pln[f"pln.norm{i - 1}.bias"], True)
-        new[f"pln.conv{i}.weight"] = torch.ops.anml_fast.conv_valid_sgd(gy, inp, w, lr)
-        if i > 1:
-            gy = gy_prev
+            gy, gnw, gnb = torch.ops.anml_fast.conv_valid_input_grad_norm_backward(
+                gy_i, w, conv_out, mean, rstd, pln[f"pln.norm{i - 1}.weight"], pln[f"pln.norm{i - 1}.bias"], True)
+        new[f"pln.conv{i}.weight"] = torch.ops.anml_fast.conv_valid_sgd(gy_i, saved[i - 1][0], w, lr)
         # The conv bias's gradient is exactly zero (the norm subtracts each plane's mean, bias and
         # all), so its SGD step leaves it as it is.
         new[f"pln.conv{i}.bias"] = pln[f"pln.conv{i}.bias"]
