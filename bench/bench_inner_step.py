@@ -7,7 +7,9 @@ fused: `pln_sgd_step_fused`, no autograd: the batch-1 Triton convolutions and th
        grads with the previous norm's backward in the same launch, the weight grads with the SGD
        step fused, one multi-tensor SGD launch for the norms (15 launches);
 fused_donate: the same with the head's weights updated in place (`donate=True`), as the
-       meta-trainer's inner loop runs 19 of its 20 steps (no copy of the 9 MB head).
+       meta-trainer's inner loop runs 19 of its 20 steps (no copy of the 9 MB head);
+fused_donate_no_pdl: fused_donate with programmatic dependent launch off (ANML_FAST_PDL=0,
+       kernels/_pdl.py): what PDL saves, measured in the same run.
 Each at two float32 convolution precisions, set alike for the twin and the fused path (both
 follow `torch.backends.cudnn.allow_tf32`, see kernels/conv_valid.py): tf32, PyTorch's default
 (cuDNN may run float32 convolutions in TF32, 10-bit mantissa; the Triton dots run one TF32
@@ -23,6 +25,7 @@ the trainer does). Timed calls end with torch.cuda.synchronize().
     python3 bench/bench_inner_step.py inner_step.json     # the markdown table
 """
 import contextlib
+import os
 import sys
 
 import pytest
@@ -78,11 +81,26 @@ def _step(impl):
 
 @pytest.mark.parametrize("mode", ["eager", "graph", f"graph{CHAIN}"])
 @pytest.mark.parametrize("precision", ["tf32", "fp32"])
-@pytest.mark.parametrize("impl", ["fused", "fused_donate", "twin"])
+@pytest.mark.parametrize("impl", ["fused", "fused_donate", "fused_donate_no_pdl", "twin"])
 def test_pln_inner_step(benchmark, impl, precision, mode):
-    with conv_precision(precision):  # the Triton launches read it when called, and graphs capture them
-        _time(benchmark, impl, mode)
+    # the launches read both settings when called, and graphs keep what they captured
+    with conv_precision(precision), pdl(not impl.endswith("_no_pdl")):
+        _time(benchmark, impl.removesuffix("_no_pdl"), mode)
     benchmark.extra_info["precision"] = precision
+
+
+@contextlib.contextmanager
+def pdl(on: bool):
+    """Inside the block, the package's launches use programmatic dependent launch or not."""
+    before = os.environ.get("ANML_FAST_PDL")
+    os.environ["ANML_FAST_PDL"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["ANML_FAST_PDL"]
+        else:
+            os.environ["ANML_FAST_PDL"] = before
 
 
 def _time(benchmark, impl, mode):

@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._pdl import launch_args as pdl_args
+from ._pdl import pdl_enter
 from .output_layer import _adam_scalars, _adam_update, adam_scalar_args
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -32,8 +34,10 @@ BLOCK = 1024
 @triton.jit(do_not_specialize=["step_arg"])
 def _adam_batched_kernel(P_ptr, G_ptr, M_ptr, V_ptr, LR_ptr, Step_ptr, step_arg, n, lr_stride,
                          omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo,
-                         lb1_hi, lb1_lo, lb2_hi, lb2_lo, STEP_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
+                         lb1_hi, lb1_lo, lb2_hi, lb2_lo, STEP_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
     """Adam on BLOCK elements of stacked tensor t = program_id(1) (n elements each)."""
+    pdl_enter(PDL)
     t = tl.program_id(1).to(tl.int64)  # T * n passes 2**31 at ~930 ANML-sized heads
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
@@ -84,7 +88,7 @@ def _run(p, g, m, v, step, lr, beta1, beta2, eps):
     scalars = adam_scalar_args(beta1, beta2, eps)
     wrap_triton(_adam_batched_kernel)[(triton.cdiv(n, BLOCK), T)](
         p, g.contiguous(), m, v, lr, step if in_memory else p, 0 if in_memory else step, n, lr.stride(0),
-        *scalars, STEP_IN_MEMORY=in_memory, BLOCK=BLOCK, num_warps=4)
+        *scalars, STEP_IN_MEMORY=in_memory, BLOCK=BLOCK, num_warps=4, **pdl_args(m))
 
 
 # Two registrations, as the schema cannot say "int or tensor": the wrapper picks by the step's type.

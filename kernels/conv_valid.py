@@ -49,6 +49,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._counters import MAX_TILES, counters, last_to_arrive, reset
+from ._pdl import launch_args as pdl_args
+from ._pdl import pdl_enter
 from ._scalars import join_double, split_double
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -101,7 +103,8 @@ def _finish(acc, offs, mask, Out_ptr, Part_ptr, Count_ptr, W_ptr, numel, lr_hi, 
 def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, Part_ptr, Count_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out,
                      oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, chunk, numel,
                      KH: tl.constexpr, KW: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     dt = Y_ptr.dtype.element_ty
     co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     p = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -128,8 +131,9 @@ def _conv_wgrad_kernel(GY_ptr, X_ptr, W_ptr, Out_ptr, Part_ptr, Count_ptr, c_in,
                        w: tl.constexpr, c_out, oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, chunk,
                        numel, lr_hi, lr_lo, SGD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                        SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """dW (SGD=False) or W - lr dW (SGD=True) for a BLOCK_M x BLOCK_N tile of [C_out, C_in*kh*kw]."""
+    pdl_enter(PDL)
     dt = Out_ptr.dtype.element_ty
     co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -156,12 +160,13 @@ def _conv_dgrad_kernel(GY_ptr, W_ptr, DX_ptr, Part_ptr, Count_ptr, c_in, h: tl.c
                        c_out, oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, chunk, numel,
                        KH: tl.constexpr, KW: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
                        TAPS_INNER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """dx for a BLOCK_M (input channels) x BLOCK_N (input positions) tile; K runs over (c_out, tap).
     TAPS_INNER: each iteration takes BLOCK_K output channels and all their taps (unrolled), so the
     bounds masks are per position (1-D) and the taps of one (c_out, c_in) pair, 36 contiguous bytes
     of W, are read back to back; else K runs flat over (c_out, tap), BLOCK_K at a time, with 2-D
     masks."""
+    pdl_enter(PDL)
     dt = DX_ptr.dtype.element_ty
     ci = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     p = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -294,9 +299,10 @@ def _plane_norm_bwd_tile(G_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, 
 @triton.jit
 def _plane_norm_bwd_kernel(G_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr, DGamma_ptr, DBeta_ptr,
                            channels, H: tl.constexpr, W: tl.constexpr, POOL: tl.constexpr, CH: tl.constexpr,
-                           BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr):
+                           BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr, PDL: tl.constexpr):
     """_plane_norm_bwd_tile on its own: the fused op's second launch where the input grad could not
     run as _conv_taps_kernel."""
+    pdl_enter(PDL)
     _plane_norm_bwd_tile(G_ptr, Y_ptr, Mean_ptr, Rstd_ptr, Gamma_ptr, Beta_ptr, DY_ptr, DGamma_ptr, DBeta_ptr,
                          tl.program_id(1), tl.program_id(0) * CH, channels, H, W, POOL, CH, BLOCK_C, BLOCK_U)
 
@@ -327,7 +333,7 @@ def _conv_taps_kernel(B_ptr, W_ptr, Out_ptr, Part_ptr, Count_ptr, c_rows, c_red,
                       PRECISION: tl.constexpr, CH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                       NORM_BWD: tl.constexpr, NH: tl.constexpr, NW: tl.constexpr, POOL: tl.constexpr,
-                      BLOCK_U: tl.constexpr):
+                      BLOCK_U: tl.constexpr, PDL: tl.constexpr):
     """The forward (DGRAD=False) or the input grad (DGRAD=True) as a GEMM over channels only, then a
     sum over taps of shifted columns:
 
@@ -344,6 +350,7 @@ def _conv_taps_kernel(B_ptr, W_ptr, Out_ptr, Part_ptr, Count_ptr, c_rows, c_red,
     NORM_BWD (input grad only): the grad is that of the previous block's plane norm output, whose
     backward then runs on the program's channels in the same launch (_plane_norm_bwd_tile: conv
     output Y [NH, NW], stats, affine; writes DY and the affine's grads); Out is then scratch."""
+    pdl_enter(PDL)
     dt = Out_ptr.dtype.element_ty
     TAPS: tl.constexpr = KH * KW
     BS: tl.constexpr = bh * bw
@@ -501,7 +508,7 @@ def _launch_taps(out, source, weight, dgrad: bool, cfg: dict, norm: tuple | None
         source, weight, out, scratch, tile_counters, c_rows, c_red, c_in, bh, bw, dh, dw, chunk, *norm_args,
         KH=kh, KW=kw, DGRAD=dgrad, SPLIT=splits > 1, PRECISION=precision, CH=ch, BLOCK_R=block_r, BLOCK_S=block_s,
         BLOCK_C=max(2, triton.next_power_of_2(ch)), BLOCK_D=max(16, triton.next_power_of_2(dh * dw)), **norm_cfg,
-        **cfg)
+        **cfg, **pdl_args(out))
 
 
 # Shortest filter (C_in * kh * kw) whose float32 products may run in single TF32. Shorter ones, the
@@ -591,7 +598,8 @@ def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, *
         constexprs.update(SGD=lr is not None, lr_hi=lr_hi, lr_lo=lr_lo)
     precision = dot_precision(out.dtype, dims[0] * constexprs["KH"] * constexprs["KW"])  # dims[0]: C_in
     wrap_triton(kernel)[(m_tiles, n_tiles, splits)](*head, out, part, tile_counters, *dims, chunk, numel,
-                                                    **constexprs, SPLIT=splits > 1, PRECISION=precision, **cfg)
+                                                    **constexprs, SPLIT=splits > 1, PRECISION=precision, **cfg,
+                                                    **pdl_args(out))
 
 
 @triton_op("anml_fast::conv_valid", mutates_args=())
@@ -715,7 +723,8 @@ def conv_valid_input_grad_norm_backward(grad_y: torch.Tensor, weight: torch.Tens
             ch = max(1, min(16, 4096 // block_u))
             wrap_triton(_plane_norm_bwd_kernel)[(triton.cdiv(c_in, ch), n)](
                 grad_x, y, mean, rstd, norm_weight, norm_bias, dy, dgamma, dbeta, c_in, H=y.shape[2],
-                W=y.shape[3], POOL=bool(pool), CH=ch, BLOCK_C=max(2, triton.next_power_of_2(ch)), BLOCK_U=block_u)
+                W=y.shape[3], POOL=bool(pool), CH=ch, BLOCK_C=max(2, triton.next_power_of_2(ch)), BLOCK_U=block_u,
+                **pdl_args(dy))
     else:
         dgamma.zero_()
         dbeta.zero_()

@@ -46,6 +46,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._counters import counters, last_to_arrive, reset
+from ._pdl import launch_args as pdl_args
+from ._pdl import pdl_enter
 from ._scalars import join_double, split_double
 
 # tl.dot on float32 defaults to TF32 on NVIDIA tensor cores (10-bit mantissa: measured 5e-4 error
@@ -132,6 +134,7 @@ def _gated_head_fwd_kernel(
     WITH_LSE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_LOSS_B: tl.constexpr, BLOCK_P: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One [BLOCK_B rows, BLOCK_O outputs] tile of logits, reducing over all features.
 
@@ -140,6 +143,7 @@ def _gated_head_fwd_kernel(
     counter, kernels/_counters.py) combines those into lse and the mean loss (`_ce_loss`): the
     logits are read back only at the target, and the loss costs no launch of its own.
     """
+    pdl_enter(PDL)
     pid_o = tl.program_id(0)
     pid_b = tl.program_id(1)
     dt = H_ptr.dtype.element_ty
@@ -235,6 +239,7 @@ def _gated_head_bwd_weight_kernel(
     FROM_CE: tl.constexpr, GRAD_LOSS_IS_ONE: tl.constexpr, SGD: tl.constexpr,
     WITH_DA_PARTIAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One [BLOCK_O, BLOCK_F] tile of dW = dl^T a, reducing over all rows (grid: out x feature blocks).
 
@@ -249,6 +254,7 @@ def _gated_head_bwd_weight_kernel(
     whichever program that is) into dh and dz: the input grads cost no launch of their own, and
     W is read once in the whole backward.
     """
+    pdl_enter(PDL)
     pid_o = tl.program_id(0)
     pid_f = tl.program_id(1)
     dt = H_ptr.dtype.element_ty
@@ -321,12 +327,14 @@ def _gated_head_bwd_input_kernel(
     FROM_CE: tl.constexpr, GRAD_LOSS_IS_ONE: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One [BLOCK_B, BLOCK_F] tile of dh = da * g and dz = da * h * g * (1 - g) (grid: feature x row blocks).
 
     da = dl @ W reduced over all outputs here (the weight kernel forms it itself where it fuses the
     input grads).
     """
+    pdl_enter(PDL)
     pid_f = tl.program_id(0)
     pid_b = tl.program_id(1)
     dt = H_ptr.dtype.element_ty
@@ -352,8 +360,10 @@ def _gated_head_bwd_input_kernel(
 
 
 @triton.jit
-def _gate_kernel(H_ptr, Z_ptr, A_ptr, n_rows, n_features, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr):
+def _gate_kernel(H_ptr, Z_ptr, A_ptr, n_rows, n_features, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+                 PDL: tl.constexpr):
     """a = h * sigmoid(z), the GEMMs' operand (grid: feature x row blocks)."""
+    pdl_enter(PDL)
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     row_mask = rows < n_rows
@@ -367,9 +377,10 @@ def _gate_kernel(H_ptr, Z_ptr, A_ptr, n_rows, n_features, BLOCK_B: tl.constexpr,
 def _ce_from_logits_kernel(Logits_ptr, PartMax_ptr, PartSum_ptr, Target_ptr, Lse_ptr, Loss_ptr,
                            Count_ptr, n_rows, n_outputs,
                            BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
-                           BLOCK_LOSS_B: tl.constexpr, BLOCK_P: tl.constexpr):
+                           BLOCK_LOSS_B: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     """lse and the mean loss from cuBLAS's logits: the forward kernel's epilogue on its own
     (grid: out x row blocks; the last program to finish runs `_ce_loss`)."""
+    pdl_enter(PDL)
     dt = Logits_ptr.dtype.element_ty
     pid_o = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -394,10 +405,12 @@ def _ce_from_logits_kernel(Logits_ptr, PartMax_ptr, PartSum_ptr, Target_ptr, Lse
 def _dlogits_kernel(DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, GradLoss_ptr, DL_ptr, DB_ptr,
                     Bias_ptr, lr_hi, lr_lo, n_rows, n_outputs,
                     FROM_CE: tl.constexpr, GRAD_LOSS_IS_ONE: tl.constexpr, STORE_DL: tl.constexpr,
-                    STORE_DB: tl.constexpr, SGD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr):
+                    STORE_DB: tl.constexpr, SGD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
+                    PDL: tl.constexpr):
     """dl for cuBLAS's products (from the loss: rebuilt from logits and lse, as in the fused
     kernels) and db = sum over rows, or b -= lr * db (grid: out blocks, each over all rows, so db
     needs no second pass and no atomics)."""
+    pdl_enter(PDL)
     dt = Logits_ptr.dtype.element_ty
     outs = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     out_mask = outs < n_outputs
@@ -421,9 +434,10 @@ def _dlogits_kernel(DLogits_ptr, Logits_ptr, Lse_ptr, Target_ptr, GradLoss_ptr, 
 
 @triton.jit
 def _input_grads_kernel(DA_ptr, H_ptr, Z_ptr, DH_ptr, DZ_ptr, A_ptr, n_rows, n_features,
-                        STORE_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr):
+                        STORE_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, PDL: tl.constexpr):
     """dh and dz from cuBLAS's da = dl @ W (grid: feature x row blocks); with STORE_A also
     a = h * sigmoid(z) for the weight's product, from the same loads (a launch saved)."""
+    pdl_enter(PDL)
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     row_mask = rows < n_rows
@@ -536,7 +550,7 @@ _ROWS_CFG = dict(BLOCK_B=8, BLOCK_F=256, num_warps=4)
 def _gated(h, z):
     """a = h * sigmoid(z), one launch."""
     a = torch.empty_like(h)
-    wrap_triton(_gate_kernel)[_rows_grid(*h.shape, _ROWS_CFG)](h, z, a, *h.shape, **_ROWS_CFG)
+    wrap_triton(_gate_kernel)[_rows_grid(*h.shape, _ROWS_CFG)](h, z, a, *h.shape, **_ROWS_CFG, **pdl_args(a))
     return a
 
 
@@ -550,7 +564,7 @@ def _ce_from_logits(logits, target, loss, lse):
     wrap_triton(_ce_from_logits_kernel)[grid](
         logits, part_max, part_sum, target, lse, loss, counters(logits, 1), n_rows, n_outputs,
         BLOCK_LOSS_B=min(32, triton.next_power_of_2(n_rows)),
-        BLOCK_P=triton.next_power_of_2(grid[0]), **cfg, num_warps=4)
+        BLOCK_P=triton.next_power_of_2(grid[0]), **cfg, num_warps=4, **pdl_args(logits))
 
 
 def _launch_fwd(h, z, weight, bias, logits, ce=None):
@@ -580,7 +594,7 @@ def _launch_fwd(h, z, weight, bias, logits, ce=None):
     wrap_triton(_gated_head_fwd_kernel)[grid](
         h, z, weight, bias, logits, part_max, part_sum, target, lse, loss, count,
         n_rows, n_features, n_outputs,
-        WITH_LSE=ce is not None, USE_DOT=dot, DOT_PRECISION=DOT_PRECISION, **cfg, **loss_cfg)
+        WITH_LSE=ce is not None, USE_DOT=dot, DOT_PRECISION=DOT_PRECISION, **cfg, **loss_cfg, **pdl_args(logits))
 
 
 def _launch_bwd(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh, dz, dweight, dbias,
@@ -623,7 +637,7 @@ def _launch_bwd(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh,
             h, z, weight, dlogits, logits, lse, target, grad_loss, dh, dz,
             n_rows, n_features, n_outputs,
             FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss_is_one,
-            USE_DOT=use_dot, DOT_PRECISION=INPUT_GRAD_DOT_PRECISION, **icfg)
+            USE_DOT=use_dot, DOT_PRECISION=INPUT_GRAD_DOT_PRECISION, **icfg, **pdl_args(dh))
     if weight_grad or sgd:
         lr_hi, lr_lo = split_double(lr)
         grid = (n_parts, triton.cdiv(n_features, wcfg["BLOCK_F"]))
@@ -632,7 +646,7 @@ def _launch_bwd(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh,
             h, z, weight, bias, dlogits, logits, lse, target, grad_loss,
             dweight, dbias, da_part, dh, dz, count, lr_hi, lr_lo, n_rows, n_features, n_outputs,
             FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss_is_one, SGD=sgd, WITH_DA_PARTIAL=fuse,
-            USE_DOT=use_dot, DOT_PRECISION=DOT_PRECISION, **wcfg)
+            USE_DOT=use_dot, DOT_PRECISION=DOT_PRECISION, **wcfg, **pdl_args(dh))
 
 
 def _launch_bwd_gemm(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh, dz, dweight,
@@ -653,7 +667,7 @@ def _launch_bwd_gemm(h, z, weight, bias, dlogits, logits, lse, target, grad_loss
             placeholder if grad_loss is None else grad_loss, dl if store_dl else placeholder,
             dbias if store_db else placeholder, bias, lr_hi, lr_lo, n_rows, n_outputs,
             FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss is None, STORE_DL=store_dl,
-            STORE_DB=store_db, SGD=sgd, **cfg, num_warps=4)
+            STORE_DB=store_db, SGD=sgd, **cfg, num_warps=4, **pdl_args(dl))
     a = None
     if input_grad:
         # before the weight's step, which overwrites W
@@ -661,7 +675,7 @@ def _launch_bwd_gemm(h, z, weight, bias, dlogits, logits, lse, target, grad_loss
         store_a = weight_grad or sgd
         a = torch.empty_like(h) if store_a else placeholder
         wrap_triton(_input_grads_kernel)[_rows_grid(*h.shape, _ROWS_CFG)](
-            da, h, z, dh, dz, a, *h.shape, STORE_A=store_a, **_ROWS_CFG)
+            da, h, z, dh, dz, a, *h.shape, STORE_A=store_a, **_ROWS_CFG, **pdl_args(da))
     if weight_grad or sgd:
         a = _gated(h, z) if a is None else a
         if sgd:

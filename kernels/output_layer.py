@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._pdl import launch_args as pdl_args
+from ._pdl import pdl_enter
 from ._scalars import join_double, split_double
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -112,12 +114,14 @@ def _output_layer_grad_kernel(
     omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, lb1_hi, lb1_lo,
     lb2_hi, lb2_lo,
     BLOCK_ALL_O: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """d[t] = softmax(logits[t]) - onehot(y[t]), and Adam on b[t]. Grid (T,).
 
     A launch of its own so that the softmax normaliser is formed once per trajectory rather than
     by every W tile, and so that the Adam kernel, which overwrites `logits`, reads only d.
     """
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     dt = Bias_ptr.dtype.element_ty
     step = tl.load(Step_ptr)
@@ -145,6 +149,7 @@ def _output_layer_adam_kernel(
     omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, lb1_hi, lb1_lo,
     lb2_hi, lb2_lo,
     BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Adam on BLOCK_O whole rows of W[t], and those rows' next logits. Grid (out blocks, T).
 
@@ -153,6 +158,7 @@ def _output_layer_adam_kernel(
     keep the next logits' sum over features inside one program: no atomics, and the same bits on
     every run.
     """
+    pdl_enter(PDL)
     pid_o = tl.program_id(0)
     # int64: T * O * F passes 2**31 at ~930 ANML-sized trajectories
     t = tl.program_id(1).to(tl.int64)
@@ -255,11 +261,11 @@ def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, 
     d = torch.empty_like(logits)
     wrap_triton(_output_layer_grad_kernel)[(T,)](
         logits, Y, step, d, b, mb, vb, lr, O, S, Y.stride(0), Y.stride(1), lr.stride(0), *scalars,
-        BLOCK_ALL_O=triton.next_power_of_2(O), num_warps=4)
+        BLOCK_ALL_O=triton.next_power_of_2(O), num_warps=4, **pdl_args(d))
     cfg = adam_config(T)
     wrap_triton(_output_layer_adam_kernel)[(triton.cdiv(O, cfg["BLOCK_O"]), T)](
         W, b, mW, vW, X, lr, step, d, logits, O, F_, S, X.stride(0), X.stride(1), lr.stride(0),
-        *scalars, **cfg)
+        *scalars, **cfg, **pdl_args(d))
 
 
 # Explicit fake: triton_op would trace the implementation, which needs wrap_triton's graph

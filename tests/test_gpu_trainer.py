@@ -6,6 +6,7 @@ about lr * sign(g), turn last-digit differences into different weights). Exactne
 it is well defined: one meta-step's gradients, graph against eager, on the same batch.
 """
 import json
+import sys
 
 import pytest
 import torch
@@ -59,6 +60,15 @@ def test_captured_inner_loop_matches_eager():
         return fast
 
     eager = loop()
+    graph, captured = _captured(loop)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        for n in PLN_NAMES:
+            assert torch.equal(captured[n], eager[n]), n
+
+
+def _captured(loop):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -67,11 +77,41 @@ def test_captured_inner_loop_matches_eager():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = loop()
-    for _ in range(2):
-        graph.replay()
-        torch.cuda.synchronize()
-        for n in PLN_NAMES:
-            assert torch.equal(captured[n], eager[n]), n
+    return graph, captured
+
+
+def test_programmatic_dependent_launch_changes_no_bits(monkeypatch):
+    """With PDL (kernels/_pdl.py, csrc/cuda/pdl.cuh) every kernel waits for the one before it as
+    its first act, so the fused inner loop, eager and captured, gives the bits it gives without."""
+    # kernels/_pdl.py, however the kernels were imported (anml_fast.kernels, or kernels from a checkout)
+    _pdl = sys.modules[sys.modules["anml_fast.ops.conv_valid"]._kernels().pdl_args.__module__]
+    net = build(ModelConfig())
+    g = torch.Generator(device="cuda").manual_seed(1)
+    params = net.init_params(g, "cuda")
+    xs = torch.randn(20, 1, 3, 28, 28, device="cuda", generator=g) * 0.01 - 0.0427
+    ys = torch.randint(0, 1000, (20, 1), device="cuda", generator=g)
+    gates = [net.gate(params, x) for x in xs]
+    start = {n: params[n].clone() for n in PLN_NAMES}
+
+    def loop():
+        fast = {n: t.clone() for n, t in start.items()}
+        for k in range(20):
+            _, fast = pln_sgd_step_fused(net, params, fast, xs[k], ys[k], gates[k], 0.1, donate=k > 0)
+        return fast
+
+    monkeypatch.setenv("ANML_FAST_PDL", "0")
+    assert _pdl.launch_args(xs) == {"PDL": False}
+    plain = loop()
+    monkeypatch.setenv("ANML_FAST_PDL", "1")
+    if torch.cuda.get_device_capability()[0] >= 9:  # else PDL does not exist and the launches are plain
+        assert _pdl.launch_args(xs)["PDL"]
+    eager = loop()
+    graph, captured = _captured(loop)
+    graph.replay()
+    torch.cuda.synchronize()
+    for n in PLN_NAMES:
+        assert torch.equal(eager[n], plain[n]), n
+        assert torch.equal(captured[n], plain[n]), n
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

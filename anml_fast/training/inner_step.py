@@ -10,7 +10,8 @@ Two implementations with one signature:
   weight grad with the SGD step applied in the same kernel (dW never written) and, for conv3 and
   conv2, the Triton input grad with the previous block's norm backward in the same launch
   (`conv_valid_input_grad_norm_backward`: the input grad is never written out); one multi-tensor
-  SGD launch for the norms' affine weights. 15 launches.
+  SGD launch for the norms' affine weights. 15 launches, each with programmatic dependent launch on
+  Hopper cards (kernels/_pdl.py): placed while the one before finishes.
 Both return the step's loss (a 0-d tensor, never read back here) and the updated PLN weights; the
 weights passed in are left as they were (unless the fused step is told it may update the head's in
 place: `donate`).

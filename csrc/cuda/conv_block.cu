@@ -21,6 +21,7 @@
 
 #include "../conv_block.h"
 #include "../conv_block_plane.h"
+#include "pdl.cuh"
 
 namespace anml_fast {
 namespace {
@@ -49,6 +50,7 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock) conv_block_norm_fwd_ke
     at::opmath_type<scalar_t>* __restrict__ mean_ptr,
     at::opmath_type<scalar_t>* __restrict__ rstd_ptr, int64_t planes, int64_t channels, int H,
     int W, int64_t out_plane_stride, bool pool) {
+  pdl_enter();
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t plane = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (plane >= planes) {
@@ -76,6 +78,7 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock) conv_block_norm_bwd_ke
     scalar_t* __restrict__ grad_y_ptr, at::opmath_type<scalar_t>* __restrict__ dgamma_part_ptr,
     at::opmath_type<scalar_t>* __restrict__ dbeta_part_ptr, int64_t planes, int64_t channels,
     int H, int W, int64_t out_plane_stride, bool pool) {
+  pdl_enter();
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t plane = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (plane >= planes) {
@@ -121,12 +124,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plane_norm_cuda(const at::Tensor&
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "plane_norm_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    conv_block_norm_fwd_kernel<scalar_t><<<blocks_for(planes), kWarp * kWarpsPerBlock, 0, stream>>>(
-        conv_out.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(),
-        beta.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-        mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), planes, C, H, W, out_hw,
-        pool);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(conv_block_norm_fwd_kernel<scalar_t>, blocks_for(planes), kWarp * kWarpsPerBlock, stream,
+                  conv_out.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(),
+                  beta.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                  mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), planes, C, H, W, out_hw,
+                  pool);
   });
   return {out, mean, rstd};
 }
@@ -160,13 +162,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plane_norm_backward_cuda(
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "plane_norm_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      conv_block_norm_bwd_kernel<scalar_t><<<blocks_for(planes), kWarp * kWarpsPerBlock, 0, stream>>>(
-          gout.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-          mean_c.const_data_ptr<acc_t>(), rstd_c.const_data_ptr<acc_t>(),
-          gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
-          grad_y.mutable_data_ptr<scalar_t>(), dgamma_part.mutable_data_ptr<acc_t>(),
-          dbeta_part.mutable_data_ptr<acc_t>(), planes, C, H, W, out_hw, pool);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(conv_block_norm_bwd_kernel<scalar_t>, blocks_for(planes), kWarp * kWarpsPerBlock, stream,
+                    gout.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                    mean_c.const_data_ptr<acc_t>(), rstd_c.const_data_ptr<acc_t>(),
+                    gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
+                    grad_y.mutable_data_ptr<scalar_t>(), dgamma_part.mutable_data_ptr<acc_t>(),
+                    dbeta_part.mutable_data_ptr<acc_t>(), planes, C, H, W, out_hw, pool);
     });
   }
   auto reduce = [&](const at::Tensor& part, const at::Tensor& like) {

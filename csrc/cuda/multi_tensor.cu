@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../multi_tensor.h"
+#include "pdl.cuh"
 
 namespace anml_fast {
 namespace {
@@ -73,6 +74,7 @@ __device__ __forceinline__ void apply_one(scalar_t* const (&ptr)[Step::kLists], 
 template <typename scalar_t, typename Step, bool kVectorised>
 __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(TensorTable<Step::kLists> table,
                                                                 Step step) {
+  pdl_enter();
   using acc_t = at::opmath_type<scalar_t>;
   using PackT = Pack<scalar_t>;
   constexpr int kLists = Step::kLists;
@@ -168,11 +170,10 @@ void launch_multi_tensor(const std::vector<std::array<void*, Step::kLists>>& dat
     table.chunk_begin[table.count] = static_cast<int32_t>(blocks);
     const dim3 grid(static_cast<unsigned int>(blocks));
     if (aligned) {
-      multi_tensor_kernel<scalar_t, Step, true><<<grid, kThreads, 0, stream>>>(table, step);
+      launch_kernel(multi_tensor_kernel<scalar_t, Step, true>, grid, kThreads, stream, table, step);
     } else {
-      multi_tensor_kernel<scalar_t, Step, false><<<grid, kThreads, 0, stream>>>(table, step);
+      launch_kernel(multi_tensor_kernel<scalar_t, Step, false>, grid, kThreads, stream, table, step);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
