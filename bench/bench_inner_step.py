@@ -9,7 +9,9 @@ fused: `pln_sgd_step_fused`, no autograd: the batch-1 Triton convolutions and th
 fused_donate: the same with the head's weights updated in place (`donate=True`), as the
        meta-trainer's inner loop runs 19 of its 20 steps (no copy of the 9 MB head);
 fused_donate_no_pdl: fused_donate with programmatic dependent launch off (ANML_FAST_PDL=0,
-       kernels/_pdl.py): what PDL saves, measured in the same run.
+       kernels/_pdl.py): what PDL saves, measured in the same run;
+fused_donate_norm_fwd: fused_donate with conv2's and conv3's norms in their convolution's launch
+       (conv_valid_plane_norm; 13 launches), against the default in the same run.
 Each at two float32 convolution precisions, set alike for the twin and the fused path (both
 follow `torch.backends.cudnn.allow_tf32`, see kernels/conv_valid.py): tf32, PyTorch's default
 (cuDNN may run float32 convolutions in TF32, 10-bit mantissa; the Triton dots run one TF32
@@ -66,7 +68,7 @@ def conv_precision(precision: str):
         torch.backends.cudnn.allow_tf32 = before
 
 
-def _step(impl):
+def _step(impl, fused_norm_blocks=None):
     """A callable taking PLN weights and donate, doing one step of `impl`, returning the new weights."""
     net, params, x, y, gate = _setup()
     if impl == "twin":
@@ -75,17 +77,19 @@ def _step(impl):
                 return pln_sgd_step_autograd(net, params, pln, x, y, gate, 0.1)[1]
     else:
         def step(pln, donate=False):
-            return pln_sgd_step_fused(net, params, pln, x, y, gate, 0.1, donate=donate)[1]
+            return pln_sgd_step_fused(net, params, pln, x, y, gate, 0.1, donate=donate,
+                                      fused_norm_blocks=fused_norm_blocks)[1]
     return step, {n: params[n] for n in PLN_NAMES}
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph", f"graph{CHAIN}"])
 @pytest.mark.parametrize("precision", ["tf32", "fp32"])
-@pytest.mark.parametrize("impl", ["fused", "fused_donate", "fused_donate_no_pdl", "twin"])
+@pytest.mark.parametrize("impl", ["fused", "fused_donate", "fused_donate_no_pdl", "fused_donate_norm_fwd", "twin"])
 def test_pln_inner_step(benchmark, impl, precision, mode):
     # the launches read both settings when called, and graphs keep what they captured
     with conv_precision(precision), pdl(not impl.endswith("_no_pdl")):
-        _time(benchmark, impl.removesuffix("_no_pdl"), mode)
+        _time(benchmark, impl.removesuffix("_no_pdl").removesuffix("_norm_fwd"), mode,
+              (2, 3) if impl.endswith("_norm_fwd") else None)
     benchmark.extra_info["precision"] = precision
 
 
@@ -103,8 +107,8 @@ def pdl(on: bool):
             os.environ["ANML_FAST_PDL"] = before
 
 
-def _time(benchmark, impl, mode):
-    step, pln = _step(impl)
+def _time(benchmark, impl, mode, fused_norm_blocks=None):
+    step, pln = _step(impl, fused_norm_blocks)
     if mode == f"graph{CHAIN}":
         # the inner loop as the meta-step graph holds it: CHAIN steps, each on the last one's
         # weights; fused_donate updates the head in place after the first, as the trainer does

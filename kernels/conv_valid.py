@@ -51,7 +51,7 @@ from torch.library import triton_op, wrap_triton
 from ._counters import MAX_TILES, counters, last_to_arrive, reset
 from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter
-from ._scalars import join_double, split_double
+from ._scalars import cdiv, join_double, next_pow2, split_double
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -80,12 +80,14 @@ def _finish(acc, offs, mask, Out_ptr, Part_ptr, Count_ptr, W_ptr, numel, lr_hi, 
     that is), stores the result and resets the counter to zero for the next launch. This replaces
     a second launch that summed them (5 of the inner step's 26 launches). The number of splits
     stays a runtime value: unrolling the partials' loads (one compile per split count) measured
-    no faster on an H200."""
+    no faster on an H200. Returns whether this program finished the tile (the forward's norm
+    epilogue counts the finished tiles)."""
     if SPLIT:
         tl.store(Part_ptr + tl.program_id(2) * numel + offs, acc, mask=mask)
         tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         splits = tl.num_programs(2)
-        if last_to_arrive(Count_ptr + tile, splits):
+        done = last_to_arrive(Count_ptr + tile, splits)
+        if done:
             total = tl.load(Part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
             for s in range(1, splits):
                 total += tl.load(Part_ptr + s * numel + offs, mask=mask, other=0.0, cache_modifier=".cg")
@@ -97,13 +99,75 @@ def _finish(acc, offs, mask, Out_ptr, Part_ptr, Count_ptr, W_ptr, numel, lr_hi, 
         if SGD:
             acc = tl.load(W_ptr + offs, mask=mask, other=0.0) - join_double(lr_hi, lr_lo, acc.dtype) * acc
         tl.store(Out_ptr + offs, acc, mask=mask)
+        done = tl.full((), 1, tl.int1)
+    return done
+
+
+@triton.jit
+def _plane_norm_fwd_block(Y_ptr, Gamma_ptr, Beta_ptr, Out_ptr, Mean_ptr, Rstd_ptr, c0, channels, n_samples,
+                          H: tl.constexpr, W: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr,
+                          CH_SUB: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr):
+    """anml_fast::plane_norm's forward (csrc/conv_block_plane.h: two-pass mean and biased variance,
+    eps 1e-5, z = fma(gamma, (y - mean) * rstd, beta), ReLU, the 2x2 max-pool's rule: row-major
+    scan, a strictly larger value or a NaN) on BLOCK_M channels of every sample, CH_SUB channels at
+    a time; Y was written by other programs of the launch, so it is read past L1 (.cg)."""
+    dt = Out_ptr.dtype.element_ty
+    OH: tl.constexpr = H // 2  # the pool's output (whole windows); defined once, outside the unrolled loop
+    OW: tl.constexpr = W // 2
+    j = tl.arange(0, CH_SUB)
+    u = tl.arange(0, BLOCK_U)
+    u_ok = u < H * W
+    for n in range(n_samples):
+        for sub in tl.static_range(BLOCK_M // CH_SUB):
+            c = c0 + sub * CH_SUB + j
+            c_ok = c < channels
+            ok = c_ok[:, None] & u_ok[None, :]
+            plane = n * channels + c
+            y_base = Y_ptr + (plane * (H * W))[:, None]
+            y = tl.load(y_base + u[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+            mean = tl.sum(y, axis=1) / (H * W)
+            d = tl.where(ok, y - mean[:, None], 0.0)
+            var_eps = tl.sum(d * d, axis=1) / (H * W) + 1e-5
+            if dt == tl.float32:
+                rstd = 1.0 / tl.sqrt_rn(var_eps)  # IEEE, not the approximate sqrt
+            else:
+                rstd = 1.0 / tl.sqrt(var_eps)
+            tl.store(Mean_ptr + plane, mean, mask=c_ok)
+            tl.store(Rstd_ptr + plane, rstd, mask=c_ok)
+            gamma = tl.load(Gamma_ptr + c, mask=c_ok, other=0.0)[:, None]
+            beta = tl.load(Beta_ptr + c, mask=c_ok, other=0.0)[:, None]
+            if POOL:
+                v = tl.arange(0, BLOCK_V)
+                v_ok = c_ok[:, None] & (v < OH * OW)[None, :]
+                corner = (v // OW) * (2 * W) + (v % OW) * 2
+                best = tl.zeros((CH_SUB, BLOCK_V), dtype=dt)
+                for k in tl.static_range(4):
+                    val = tl.load(y_base + (corner + (k // 2) * W + k % 2)[None, :], mask=v_ok, other=0.0,
+                                  cache_modifier=".cg")
+                    zk = tl.fma(gamma, (val - mean[:, None]) * rstd[:, None], beta)
+                    ak = tl.where(zk < 0, 0.0, zk)
+                    if k == 0:
+                        best = ak
+                    else:
+                        best = tl.where((ak > best) | (ak != ak), ak, best)
+                tl.store(Out_ptr + (plane * (OH * OW))[:, None] + v[None, :], best, mask=v_ok)
+            else:
+                z = tl.fma(gamma, (y - mean[:, None]) * rstd[:, None], beta)
+                tl.store(Out_ptr + (plane * (H * W))[:, None] + u[None, :], tl.where(z < 0, 0.0, z), mask=ok)
 
 
 @triton.jit
 def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, Part_ptr, Count_ptr, c_in, h: tl.constexpr, w: tl.constexpr, c_out,
                      oh: tl.constexpr, ow: tl.constexpr, n_pos, k_total, chunk, numel,
+                     Gamma_ptr, Beta_ptr, NOut_ptr, Mean_ptr, Rstd_ptr, NCount_ptr,
                      KH: tl.constexpr, KW: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     NORM_FWD: tl.constexpr, POOL: tl.constexpr, CH_SUB: tl.constexpr, BLOCK_U: tl.constexpr,
+                     BLOCK_V: tl.constexpr, PDL: tl.constexpr):
+    """y for a BLOCK_M (output channels) x BLOCK_N (positions) tile. NORM_FWD: then the plane norm
+    of the next block on y (_plane_norm_fwd_block), in the same launch: each program that finishes
+    a tile counts itself in on its channel block's counter, and the last of the block's tiles runs
+    the norm on those channels (whole planes, all samples), writing NOut, Mean and Rstd."""
     pdl_enter(PDL)
     dt = Y_ptr.dtype.element_ty
     co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -122,8 +186,15 @@ def _conv_fwd_kernel(X_ptr, W_ptr, Y_ptr, Part_ptr, Count_ptr, c_in, h: tl.const
         b = tl.load(X_ptr + x_k[:, None] + x_pos[None, :], mask=k_ok[:, None] & p_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=dt)
     y_offs = (n * (c_out * ohw) + q)[None, :] + co[:, None] * ohw
-    _finish(acc, y_offs, co_ok[:, None] & p_ok[None, :], Y_ptr, Part_ptr, Count_ptr, W_ptr, numel, 0.0, 0.0,
-            SPLIT, False)
+    done = _finish(acc, y_offs, co_ok[:, None] & p_ok[None, :], Y_ptr, Part_ptr, Count_ptr, W_ptr, numel, 0.0, 0.0,
+                   SPLIT, False)
+    if NORM_FWD:
+        if done:
+            if last_to_arrive(NCount_ptr + tl.program_id(0), tl.num_programs(1)):
+                _plane_norm_fwd_block(Y_ptr, Gamma_ptr, Beta_ptr, NOut_ptr, Mean_ptr, Rstd_ptr,
+                                      tl.program_id(0) * BLOCK_M, c_out, n_pos // ohw, oh, ow, POOL, BLOCK_M, CH_SUB,
+                                      BLOCK_U, BLOCK_V)
+                reset(NCount_ptr + tl.program_id(0))
 
 
 @triton.jit
@@ -483,15 +554,15 @@ def _launch_taps(out, source, weight, dgrad: bool, cfg: dict, norm: tuple | None
     cfg.pop("TAPS_GEMM")
     target = cfg.pop("PROGRAMS", PROGRAMS)
     taps = kh * kw
-    block_r = max(cfg.pop("BLOCK_R"), triton.next_power_of_2(taps))
+    block_r = max(cfg.pop("BLOCK_R"), next_pow2(taps))
     ch = block_r // taps
-    row_tiles = triton.cdiv(c_rows, ch)
+    row_tiles = cdiv(c_rows, ch)
     tiles = row_tiles * n
-    block_s = max(16, triton.next_power_of_2(bh * bw))
-    iters = triton.cdiv(c_red, cfg["BLOCK_K"])
+    block_s = max(16, next_pow2(bh * bw))
+    iters = cdiv(c_red, cfg["BLOCK_K"])
     splits = max(1, min(iters, target // tiles)) if tiles <= MAX_SPLIT_TILES else 1
-    chunk = triton.cdiv(iters, splits)
-    splits = triton.cdiv(iters, chunk)
+    chunk = cdiv(iters, splits)
+    splits = cdiv(iters, chunk)
     scratch = out.new_empty((splits * tiles * block_r * block_s,))
     tile_counters = counters(out, tiles) if splits > 1 else scratch
     precision = dot_precision(out.dtype, c_in * taps)
@@ -503,11 +574,11 @@ def _launch_taps(out, source, weight, dgrad: bool, cfg: dict, norm: tuple | None
         y, mean, rstd, gamma, beta, pool, dy, dgamma, dbeta = norm
         norm_args = (y, mean, rstd, gamma, beta, dy, dgamma, dbeta)
         norm_cfg = dict(NORM_BWD=True, NH=y.shape[2], NW=y.shape[3], POOL=bool(pool),
-                        BLOCK_U=max(16, triton.next_power_of_2(y.shape[2] * y.shape[3])))
+                        BLOCK_U=max(16, next_pow2(y.shape[2] * y.shape[3])))
     wrap_triton(_conv_taps_kernel)[(row_tiles, n, splits)](
         source, weight, out, scratch, tile_counters, c_rows, c_red, c_in, bh, bw, dh, dw, chunk, *norm_args,
         KH=kh, KW=kw, DGRAD=dgrad, SPLIT=splits > 1, PRECISION=precision, CH=ch, BLOCK_R=block_r, BLOCK_S=block_s,
-        BLOCK_C=max(2, triton.next_power_of_2(ch)), BLOCK_D=max(16, triton.next_power_of_2(dh * dw)), **norm_cfg,
+        BLOCK_C=max(2, next_pow2(ch)), BLOCK_D=max(16, next_pow2(dh * dw)), **norm_cfg,
         **cfg, **pdl_args(out))
 
 
@@ -571,14 +642,15 @@ PROGRAMS = 264
 MAX_SPLIT_TILES = MAX_TILES
 
 
-def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, **constexprs):
+def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, norm=None, **constexprs):
     """One GEMM: `head` are the kernel's tensors before its output, `dims` its ints up to k_total;
     `red` is the reduction's length, `taps` the filter's taps (the input grad may unroll them).
     Split over the reduction when its output tiles are too few to fill the card; `lr` (the weight
-    grad's SGD step) is applied where the tile is finished."""
+    grad's SGD step) is applied where the tile is finished. `norm`, for the forward:
+    (gamma, beta, pool, out, mean, rstd), the plane norm run on the conv output in the same launch."""
     cfg = dict(config(name, red, n_cols))
     target = cfg.pop("PROGRAMS", PROGRAMS)
-    m_tiles, n_tiles = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"])
+    m_tiles, n_tiles = cdiv(m, cfg["BLOCK_M"]), cdiv(n_cols, cfg["BLOCK_N"])
     if n_tiles > 65535:  # CUDA's limit on grid axes 1 and 2
         raise ValueError(f"conv_valid: {n_cols} output columns are too many for one launch of the {name} "
                          f"kernel (written for the inner loop's batch of one); split the batch, or use the twin")
@@ -586,13 +658,20 @@ def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, *
     if cfg.get("TAPS_INNER") and taps > 9:
         cfg["TAPS_INNER"] = False  # tuned for 3 x 3; a larger filter's unrolled taps only cost compile time
     # the input grad's TAPS_INNER iterations take BLOCK_K output channels with all their taps
-    iters = triton.cdiv(red // taps, cfg["BLOCK_K"]) if cfg.get("TAPS_INNER") else triton.cdiv(red, cfg["BLOCK_K"])
+    iters = cdiv(red // taps, cfg["BLOCK_K"]) if cfg.get("TAPS_INNER") else cdiv(red, cfg["BLOCK_K"])
     splits = max(1, min(iters, target // tiles)) if tiles <= MAX_SPLIT_TILES else 1
-    chunk = triton.cdiv(iters, splits)  # iterations a program
-    splits = triton.cdiv(iters, chunk)
+    chunk = cdiv(iters, splits)  # iterations a program
+    splits = cdiv(iters, chunk)
     numel = out.numel()
     part = out.new_empty((splits, numel)) if splits > 1 else out
-    tile_counters = counters(out, tiles) if splits > 1 else out
+    if kernel is _conv_fwd_kernel:
+        # one buffer for the tiles' and the channel blocks' counters: each counters() call hands
+        # out the same eager buffer
+        both = counters(out, tiles + m_tiles) if norm is not None else counters(out, tiles) if splits > 1 else out
+        tile_counters = both
+        constexprs.update(_fwd_norm_args(out, norm, both[tiles:] if norm is not None else out, cfg["BLOCK_M"]))
+    else:
+        tile_counters = counters(out, tiles) if splits > 1 else out
     if kernel is _conv_wgrad_kernel:  # the only GEMM that takes the learning rate
         lr_hi, lr_lo = (0.0, 0.0) if lr is None else split_double(float(lr))
         constexprs.update(SGD=lr is not None, lr_hi=lr_hi, lr_lo=lr_lo)
@@ -600,6 +679,22 @@ def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, *
     wrap_triton(kernel)[(m_tiles, n_tiles, splits)](*head, out, part, tile_counters, *dims, chunk, numel,
                                                     **constexprs, SPLIT=splits > 1, PRECISION=precision, **cfg,
                                                     **pdl_args(out))
+
+
+def _fwd_norm_args(y, norm, norm_counters, block_m: int) -> dict:
+    """_conv_fwd_kernel's norm arguments: the epilogue's, or placeholders with NORM_FWD=False
+    (every argument named: wrap_triton's tracing rejects a launch that leaves one to its default)."""
+    if norm is None:
+        return dict(Gamma_ptr=y, Beta_ptr=y, NOut_ptr=y, Mean_ptr=y, Rstd_ptr=y, NCount_ptr=y, NORM_FWD=False,
+                    POOL=False, CH_SUB=1, BLOCK_U=16, BLOCK_V=16)
+    gamma, beta, pool, out, mean, rstd = norm
+    plane = y.shape[2] * y.shape[3]
+    block_u = max(16, next_pow2(plane))
+    # at most 4096 values of y a step in registers: whole 26 x 26 planes four channels at a time
+    ch_sub = min(block_m, max(1, 4096 // block_u))
+    return dict(Gamma_ptr=gamma, Beta_ptr=beta, NOut_ptr=out, Mean_ptr=mean, Rstd_ptr=rstd, NCount_ptr=norm_counters,
+                NORM_FWD=True, POOL=bool(pool), CH_SUB=ch_sub, BLOCK_U=block_u,
+                BLOCK_V=max(16, next_pow2((y.shape[2] // 2) * (y.shape[3] // 2))))
 
 
 @triton_op("anml_fast::conv_valid", mutates_args=())
@@ -719,11 +814,11 @@ def conv_valid_input_grad_norm_backward(grad_y: torch.Tensor, weight: torch.Tens
                         (c_in, h, w, c_out, oh, ow, n * h * w, c_out * kh * kw), taps=kh * kw, KH=kh, KW=kw)
             else:
                 grad_x.zero_()
-            block_u = max(16, triton.next_power_of_2(y.shape[2] * y.shape[3]))
+            block_u = max(16, next_pow2(y.shape[2] * y.shape[3]))
             ch = max(1, min(16, 4096 // block_u))
-            wrap_triton(_plane_norm_bwd_kernel)[(triton.cdiv(c_in, ch), n)](
+            wrap_triton(_plane_norm_bwd_kernel)[(cdiv(c_in, ch), n)](
                 grad_x, y, mean, rstd, norm_weight, norm_bias, dy, dgamma, dbeta, c_in, H=y.shape[2],
-                W=y.shape[3], POOL=bool(pool), CH=ch, BLOCK_C=max(2, triton.next_power_of_2(ch)), BLOCK_U=block_u,
+                W=y.shape[3], POOL=bool(pool), CH=ch, BLOCK_C=max(2, next_pow2(ch)), BLOCK_U=block_u,
                 **pdl_args(dy))
     else:
         dgamma.zero_()
@@ -731,6 +826,48 @@ def conv_valid_input_grad_norm_backward(grad_y: torch.Tensor, weight: torch.Tens
     if n == 1:  # no reduction launch at the inner loop's batch of one
         return dy, dgamma[0].to(norm_weight.dtype), dbeta[0].to(norm_bias.dtype)
     return dy, dgamma.sum(0).to(norm_weight.dtype), dbeta.sum(0).to(norm_bias.dtype)
+
+
+def _check_plane_norm(x, weight, norm_weight, norm_bias, op):
+    _check(x, weight, op)
+    n, c_in, h, w, c_out, kh, kw, oh, ow = _dims(x, weight)
+    if oh * ow > NORM_MAX_PLANE:
+        raise ValueError(f"{op}: planes of {oh} x {ow} exceed the {NORM_MAX_PLANE} positions the norm epilogue "
+                         "holds; run conv_valid and plane_norm separately")
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t.shape != (c_out,) or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{op}: {name} must be {x.dtype} [{c_out}] on {x.device}, got {t.dtype} "
+                             f"{list(t.shape)} on {t.device}")
+    return n, c_out, oh, ow, (oh // 2, ow // 2)  # the pool's output: whole 2 x 2 windows
+
+
+def _plane_norm_twin(y, norm_weight, norm_bias, pool):
+    """For the degenerate shapes the kernel does not take (no input channels, empty planes)."""
+    var, mean = torch.var_mean(y, dim=(2, 3), unbiased=False)
+    out = torch.nn.functional.instance_norm(y, weight=norm_weight, bias=norm_bias, eps=1e-5).relu()
+    return (torch.nn.functional.max_pool2d(out, 2) if pool else out), mean, (var + 1e-5).rsqrt()
+
+
+@triton_op("anml_fast::conv_valid_plane_norm", mutates_args=())
+def conv_valid_plane_norm(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                          pool: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "conv_valid_plane_norm"
+    n, c_out, oh, ow, pooled = _check_plane_norm(x, weight, norm_weight, norm_bias, op)
+    x, weight = x.contiguous(), weight.contiguous()
+    norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
+    _, c_in, h, w, _, kh, kw, _, _ = _dims(x, weight)
+    y = x.new_empty((n, c_out, oh, ow))
+    out = x.new_empty((n, c_out, *pooled) if pool else (n, c_out, oh, ow))
+    mean, rstd = x.new_empty((n, c_out)), x.new_empty((n, c_out))
+    if not (y.numel() and c_in):
+        y.zero_()
+        o, m, r = _plane_norm_twin(y, norm_weight, norm_bias, pool)
+        out.copy_(o), mean.copy_(m), rstd.copy_(r)
+        return out, y, mean, rstd
+    _launch(_conv_fwd_kernel, "fwd", y, c_out, n * oh * ow, c_in * kh * kw, (x, weight),
+            (c_in, h, w, c_out, oh, ow, n * oh * ow, c_in * kh * kw), KH=kh, KW=kw,
+            norm=(norm_weight, norm_bias, pool, out, mean, rstd))
+    return out, y, mean, rstd
 
 
 @conv_valid_input_grad_norm_backward.register_fake
@@ -743,6 +880,13 @@ def _(grad_y, weight, y, mean, rstd, norm_weight, norm_bias, pool):
 
 # Explicit fakes: triton_op would trace the implementation, which needs wrap_triton's graph capture,
 # and Triton's CPU interpreter bypasses that (see kernels/gated_head.py).
+@conv_valid_plane_norm.register_fake
+def _(x, weight, norm_weight, norm_bias, pool):
+    n, c_out, oh, ow, pooled = _check_plane_norm(x, weight, norm_weight, norm_bias, "conv_valid_plane_norm")
+    return (x.new_empty((n, c_out, *pooled) if pool else (n, c_out, oh, ow)), x.new_empty((n, c_out, oh, ow)),
+            x.new_empty((n, c_out)), x.new_empty((n, c_out)))
+
+
 @conv_valid.register_fake
 def _(x, weight):
     _check(x, weight, "conv_valid")
@@ -787,6 +931,47 @@ def _backward(ctx, grad_y):
 
 
 conv_valid.register_autograd(_backward, setup_context=_setup)
+
+
+def _setup_plane_norm(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.pool = inputs[4]
+
+
+def _backward_plane_norm(ctx, grad_out, grad_y, grad_mean, grad_rstd):
+    """First order: the norm's backward by autograd through its twin on the recomputed conv output,
+    then the convolution's grads by the Triton kernels (deterministic, unlike cuDNN's). Second order
+    (create_graph): differentiates the whole twin, so double backward is exact. The inner loop,
+    which this op is for, runs its own backward ops instead."""
+    need = ctx.needs_input_grad[:4]
+    x, weight, gamma, beta = ctx.saved_tensors
+    grads_in = (grad_out, grad_y, grad_mean, grad_rstd)
+    if torch.is_grad_enabled():
+        wanted = [t for t, nd in zip((x, weight, gamma, beta), need) if nd]
+        y = torch.nn.functional.conv2d(x, weight)
+        out, mean, rstd = _plane_norm_twin(y, gamma, beta, ctx.pool)
+        pairs = [(o, g) for o, g in zip((out, y, mean, rstd), grads_in) if g is not None]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                         allow_unused=True))
+        return (*(next(grads) if nd else None for nd in need), None)
+    x, weight = x.detach(), weight.detach()
+    with torch.enable_grad():
+        y = conv_valid(x, weight).requires_grad_()
+        g_leaf, b_leaf = gamma.detach().requires_grad_(), beta.detach().requires_grad_()
+        out, mean, rstd = _plane_norm_twin(y, g_leaf, b_leaf, ctx.pool)
+        pairs = [(o, g) for o, g in zip((out, mean, rstd), (grad_out, grad_mean, grad_rstd)) if g is not None]
+        dy, dgamma, dbeta = (torch.autograd.grad([o for o, _ in pairs], [y, g_leaf, b_leaf], [g for _, g in pairs],
+                                                 allow_unused=True) if pairs else (None, None, None))
+    dy = torch.zeros_like(y) if dy is None else dy
+    dy = dy if grad_y is None else dy + grad_y
+    dx, dw = conv_valid_backward(dy, x, weight, need[0], need[1]) if need[0] or need[1] else (None, None)
+    zeros = torch.zeros_like
+    return (dx if need[0] else None, dw if need[1] else None,
+            (zeros(gamma) if dgamma is None else dgamma) if need[2] else None,
+            (zeros(beta) if dbeta is None else dbeta) if need[3] else None, None)
+
+
+conv_valid_plane_norm.register_autograd(_backward_plane_norm, setup_context=_setup_plane_norm)
 
 
 def interpreted() -> bool:

@@ -48,7 +48,7 @@ from torch.library import triton_op, wrap_triton
 from ._counters import counters, last_to_arrive, reset
 from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter
-from ._scalars import join_double, split_double
+from ._scalars import cdiv, join_double, next_pow2, split_double
 
 # tl.dot on float32 defaults to TF32 on NVIDIA tensor cores (10-bit mantissa: measured 5e-4 error
 # on the logits at B = 84 against 1e-8 for PyTorch). PyTorch's own float32 matmul is IEEE unless
@@ -540,7 +540,7 @@ def _use_gemm(h: torch.Tensor) -> bool:
 
 
 def _rows_grid(n_rows, n_features, cfg):
-    return (triton.cdiv(n_features, cfg["BLOCK_F"]), triton.cdiv(n_rows, cfg["BLOCK_B"]))
+    return (cdiv(n_features, cfg["BLOCK_F"]), cdiv(n_rows, cfg["BLOCK_B"]))
 
 
 # The GEMM path's elementwise kernels over [B, F]: 8 x 256 tiles (B = 84: 9 x 11 = 99 programs).
@@ -556,15 +556,15 @@ def _gated(h, z):
 
 def _ce_from_logits(logits, target, loss, lse):
     n_rows, n_outputs = logits.shape
-    block_o = min(1024, triton.next_power_of_2(n_outputs))
+    block_o = min(1024, next_pow2(n_outputs))
     cfg = dict(BLOCK_B=max(1, 4096 // block_o), BLOCK_O=block_o)
-    grid = (triton.cdiv(n_outputs, block_o), triton.cdiv(n_rows, cfg["BLOCK_B"]))
+    grid = (cdiv(n_outputs, block_o), cdiv(n_rows, cfg["BLOCK_B"]))
     part_max = logits.new_empty((n_rows, grid[0]))
     part_sum = logits.new_empty((n_rows, grid[0]))
     wrap_triton(_ce_from_logits_kernel)[grid](
         logits, part_max, part_sum, target, lse, loss, counters(logits, 1), n_rows, n_outputs,
-        BLOCK_LOSS_B=min(32, triton.next_power_of_2(n_rows)),
-        BLOCK_P=triton.next_power_of_2(grid[0]), **cfg, num_warps=4, **pdl_args(logits))
+        BLOCK_LOSS_B=min(32, next_pow2(n_rows)),
+        BLOCK_P=next_pow2(grid[0]), **cfg, num_warps=4, **pdl_args(logits))
 
 
 def _launch_fwd(h, z, weight, bias, logits, ce=None):
@@ -579,7 +579,7 @@ def _launch_fwd(h, z, weight, bias, logits, ce=None):
     n_outputs = weight.shape[0]
     dot = _use_dot(h)
     cfg = _fwd_config(n_rows, dot)
-    grid = (triton.cdiv(n_outputs, cfg["BLOCK_O"]), triton.cdiv(n_rows, cfg["BLOCK_B"]))
+    grid = (cdiv(n_outputs, cfg["BLOCK_O"]), cdiv(n_rows, cfg["BLOCK_B"]))
     if ce is None:
         # pointer arguments this specialisation never reads
         target = loss = lse = part_max = part_sum = count = logits
@@ -589,8 +589,8 @@ def _launch_fwd(h, z, weight, bias, logits, ce=None):
         part_max = h.new_empty((n_rows, grid[0]))
         part_sum = h.new_empty((n_rows, grid[0]))
         count = counters(h, 1)
-        loss_cfg = dict(BLOCK_LOSS_B=min(32, triton.next_power_of_2(n_rows)),
-                        BLOCK_P=triton.next_power_of_2(grid[0]))
+        loss_cfg = dict(BLOCK_LOSS_B=min(32, next_pow2(n_rows)),
+                        BLOCK_P=next_pow2(grid[0]))
     wrap_triton(_gated_head_fwd_kernel)[grid](
         h, z, weight, bias, logits, part_max, part_sum, target, lse, loss, count,
         n_rows, n_features, n_outputs,
@@ -625,14 +625,14 @@ def _launch_bwd(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh,
     fuse = input_grad and weight_grad and fuse_input_grad
 
     wcfg = _weight_config(n_rows, use_dot)
-    n_parts = triton.cdiv(n_outputs, wcfg["BLOCK_O"])
+    n_parts = cdiv(n_outputs, wcfg["BLOCK_O"])
     da_part = (torch.empty((n_parts, n_rows, n_features), device=h.device, dtype=h.dtype)
                if fuse else placeholder)
 
     if input_grad and not fuse:
         # Before the weight kernel: with sgd, that one overwrites W, and da needs the old W.
         icfg = _input_config(n_rows, use_dot)
-        grid = (triton.cdiv(n_features, icfg["BLOCK_F"]), triton.cdiv(n_rows, icfg["BLOCK_B"]))
+        grid = (cdiv(n_features, icfg["BLOCK_F"]), cdiv(n_rows, icfg["BLOCK_B"]))
         wrap_triton(_gated_head_bwd_input_kernel)[grid](
             h, z, weight, dlogits, logits, lse, target, grad_loss, dh, dz,
             n_rows, n_features, n_outputs,
@@ -640,7 +640,7 @@ def _launch_bwd(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh,
             USE_DOT=use_dot, DOT_PRECISION=INPUT_GRAD_DOT_PRECISION, **icfg, **pdl_args(dh))
     if weight_grad or sgd:
         lr_hi, lr_lo = split_double(lr)
-        grid = (n_parts, triton.cdiv(n_features, wcfg["BLOCK_F"]))
+        grid = (n_parts, cdiv(n_features, wcfg["BLOCK_F"]))
         count = counters(h, grid[1]) if fuse else placeholder
         wrap_triton(_gated_head_bwd_weight_kernel)[grid](
             h, z, weight, bias, dlogits, logits, lse, target, grad_loss,
@@ -661,7 +661,7 @@ def _launch_bwd_gemm(h, z, weight, bias, dlogits, logits, lse, target, grad_loss
     if store_dl or store_db or sgd:
         lr_hi, lr_lo = split_double(lr)
         cfg = dict(BLOCK_B=16, BLOCK_O=32)
-        wrap_triton(_dlogits_kernel)[(triton.cdiv(n_outputs, cfg["BLOCK_O"]),)](
+        wrap_triton(_dlogits_kernel)[(cdiv(n_outputs, cfg["BLOCK_O"]),)](
             placeholder if dlogits is None else dlogits, placeholder if logits is None else logits,
             placeholder if lse is None else lse, placeholder if target is None else target,
             placeholder if grad_loss is None else grad_loss, dl if store_dl else placeholder,

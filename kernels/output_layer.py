@@ -46,7 +46,7 @@ from torch.library import triton_op, wrap_triton
 
 from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter
-from ._scalars import join_double, split_double
+from ._scalars import cdiv, join_double, next_pow2, split_double
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -261,9 +261,9 @@ def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, 
     d = torch.empty_like(logits)
     wrap_triton(_output_layer_grad_kernel)[(T,)](
         logits, Y, step, d, b, mb, vb, lr, O, S, Y.stride(0), Y.stride(1), lr.stride(0), *scalars,
-        BLOCK_ALL_O=triton.next_power_of_2(O), num_warps=4, **pdl_args(d))
+        BLOCK_ALL_O=next_pow2(O), num_warps=4, **pdl_args(d))
     cfg = adam_config(T)
-    wrap_triton(_output_layer_adam_kernel)[(triton.cdiv(O, cfg["BLOCK_O"]), T)](
+    wrap_triton(_output_layer_adam_kernel)[(cdiv(O, cfg["BLOCK_O"]), T)](
         W, b, mW, vW, X, lr, step, d, logits, O, F_, S, X.stride(0), X.stride(1), lr.stride(0),
         *scalars, **cfg, **pdl_args(d))
 

@@ -45,8 +45,21 @@ def test_captured_inner_loop_matches_eager():
     """The fused inner loop as the meta-step graph holds it (20 chained steps, the head updated in
     place after the first), replayed twice from a CUDA graph: the eager steps' weights bit for bit
     (the split reductions finish in a fixed order, so nothing may differ)."""
+    loop = _inner_loop(seed=0)
+    eager = loop()
+    graph, captured = _captured(loop)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        for n in PLN_NAMES:
+            assert torch.equal(captured[n], eager[n]), n
+
+
+def _inner_loop(seed):
+    """The fused inner loop as the meta-step graph holds it: 20 chained steps from fixed weights,
+    the head updated in place after the first; returns the final PLN weights."""
     net = build(ModelConfig())
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device="cuda").manual_seed(seed)
     params = net.init_params(g, "cuda")
     xs = torch.randn(20, 1, 3, 28, 28, device="cuda", generator=g) * 0.01 - 0.0427
     ys = torch.randint(0, 1000, (20, 1), device="cuda", generator=g)
@@ -58,14 +71,7 @@ def test_captured_inner_loop_matches_eager():
         for k in range(20):
             _, fast = pln_sgd_step_fused(net, params, fast, xs[k], ys[k], gates[k], 0.1, donate=k > 0)
         return fast
-
-    eager = loop()
-    graph, captured = _captured(loop)
-    for _ in range(2):
-        graph.replay()
-        torch.cuda.synchronize()
-        for n in PLN_NAMES:
-            assert torch.equal(captured[n], eager[n]), n
+    return loop
 
 
 def _captured(loop):
@@ -85,26 +91,14 @@ def test_programmatic_dependent_launch_changes_no_bits(monkeypatch):
     its first act, so the fused inner loop, eager and captured, gives the bits it gives without."""
     # kernels/_pdl.py, however the kernels were imported (anml_fast.kernels, or kernels from a checkout)
     _pdl = sys.modules[sys.modules["anml_fast.ops.conv_valid"]._kernels().pdl_args.__module__]
-    net = build(ModelConfig())
-    g = torch.Generator(device="cuda").manual_seed(1)
-    params = net.init_params(g, "cuda")
-    xs = torch.randn(20, 1, 3, 28, 28, device="cuda", generator=g) * 0.01 - 0.0427
-    ys = torch.randint(0, 1000, (20, 1), device="cuda", generator=g)
-    gates = [net.gate(params, x) for x in xs]
-    start = {n: params[n].clone() for n in PLN_NAMES}
-
-    def loop():
-        fast = {n: t.clone() for n, t in start.items()}
-        for k in range(20):
-            _, fast = pln_sgd_step_fused(net, params, fast, xs[k], ys[k], gates[k], 0.1, donate=k > 0)
-        return fast
-
+    loop = _inner_loop(seed=1)
+    probe = torch.zeros(1, device="cuda")
     monkeypatch.setenv("ANML_FAST_PDL", "0")
-    assert _pdl.launch_args(xs) == {"PDL": False}
+    assert _pdl.launch_args(probe) == {"PDL": False}
     plain = loop()
     monkeypatch.setenv("ANML_FAST_PDL", "1")
     if torch.cuda.get_device_capability()[0] >= 9:  # else PDL does not exist and the launches are plain
-        assert _pdl.launch_args(xs)["PDL"]
+        assert _pdl.launch_args(probe)["PDL"]
     eager = loop()
     graph, captured = _captured(loop)
     graph.replay()

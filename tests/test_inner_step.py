@@ -17,8 +17,9 @@ pytestmark = pytest.mark.skipif(
            f"is); not all ops run here: {ops.available()}")
 
 
+@pytest.mark.parametrize("fused_norm_blocks", [(), (1, 2, 3)], ids=["norm-launches", "norm-in-conv"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-3)])
-def test_fused_step_equals_autograd_step_on_twins(dtype, tol):
+def test_fused_step_equals_autograd_step_on_twins(dtype, tol, fused_norm_blocks):
     net = build(TINY)
     params = net.init_params(torch.Generator().manual_seed(0), dtype=dtype)
     # inputs with real spread (the reference's near-constant images make float32 ill-conditioned)
@@ -29,7 +30,7 @@ def test_fused_step_equals_autograd_step_on_twins(dtype, tol):
     before = {n: t.clone() for n, t in pln.items()}
     with ops.use_backend("torch"):
         ref_loss, ref = pln_sgd_step_autograd(net, params, pln, x, y, gate, 0.1)
-    loss, new = pln_sgd_step_fused(net, params, pln, x, y, gate, 0.1)
+    loss, new = pln_sgd_step_fused(net, params, pln, x, y, gate, 0.1, fused_norm_blocks=fused_norm_blocks)
     assert all(torch.equal(before[n], pln[n]) for n in PLN_NAMES)  # inputs untouched
     assert loss.item() == pytest.approx(ref_loss.item(), rel=tol)
     for n in PLN_NAMES:

@@ -185,11 +185,14 @@ OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 @pytest.mark.parametrize("case", ["conv_valid", "conv_valid_backward", "conv_valid_backward_weight",
-                                  "conv_valid_sgd", "conv_valid_input_grad_norm_backward"])
+                                  "conv_valid_sgd", "conv_valid_input_grad_norm_backward", "conv_valid_plane_norm"])
 def test_opcheck(case):
     x, w, gy = make(ODD[1])
     args = {"conv_valid_input_grad_norm_backward": (kernels.conv_valid_input_grad_norm_backward,
                                                     make_norm_backward(ODD[1], True)),
+            "conv_valid_plane_norm": (kernels.conv_valid_plane_norm,
+                                      [t.requires_grad_() if isinstance(t, torch.Tensor) else t
+                                       for t in make_plane_norm(ODD[1], True)]),
             "conv_valid": (kernels.conv_valid, (x.requires_grad_(), w.requires_grad_())),
             "conv_valid_backward": (kernels.conv_valid_backward, (gy, x.detach(), w.detach(), True, True)),
             "conv_valid_backward_weight": (kernels.conv_valid_backward, (gy, x.detach(), w.detach(), False, True)),
@@ -363,6 +366,69 @@ def test_input_grad_norm_backward_errors():
                                                torch.ones(2, device=DEVICE), torch.zeros(2, device=DEVICE), True)
 
 
+def make_plane_norm(shape, pool, dtype=torch.float32, seed=0):
+    """Arguments of conv_valid_plane_norm for a conv (N, C_in, H, W, C_out, kh, kw), with a negative
+    norm scale (it moves a window's max)."""
+    x, w, _ = make(shape, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    gamma = 0.5 + torch.rand(w.shape[0], generator=g, dtype=torch.float64)
+    gamma[0] = -gamma[0]
+    beta = torch.randn(w.shape[0], generator=g, dtype=torch.float64)
+    return [x, w, gamma.to(DEVICE, dtype), beta.to(DEVICE, dtype), pool]
+
+
+def _check_plane_norm_op(args, atol, rtol):
+    got = cv.conv_valid_plane_norm(*args)
+    want = reference.conv_valid_plane_norm(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
+    for name, a, b in zip(("out", "y", "mean", "rstd"), got, want):
+        assert a.dtype == args[0].dtype and a.shape == b.shape, (name, a.dtype, a.shape, b.shape)
+        assert_close(a.double(), b, _scaled(atol, b), rtol, f"{name} {[tuple(t.shape) for t in args[:2]]}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pool", [True, False])
+def test_plane_norm_matches_twin(dtype, pool):
+    """The convolution and the plane norm on its output in one launch (the last program of each
+    block of output channels normalises their planes): equal to the twin, for odd planes (a pooled
+    odd plane leaves a row and a column out), batch 2 and 3, a 1 x 1 filter, a split reduction
+    (17 input channels, 40 output channels: three channel blocks) and 26 x 26 planes (normalised
+    four channels at a time)."""
+    for shape in (ODD[0], ODD[1], ODD[2], ODD[4], (1, 17, 5, 5, 40, 3, 3), (1, 3, 28, 28, 5, 3, 3)):
+        _check_plane_norm_op(make_plane_norm(shape, pool, dtype), *TOL[dtype])
+
+
+@pytest.mark.parametrize("shape", [PROTOCOL[2], pytest.param(PROTOCOL[1], marks=gpu)])
+def test_plane_norm_protocol_shapes(shape):
+    """conv3 -> norm3 and conv2 -> norm2, as the fused inner step runs them."""
+    _check_plane_norm_op(make_plane_norm(shape, shape[2] > 5), 1e-4, 1e-4)
+
+
+def test_plane_norm_nan_and_counters():
+    """A NaN in a window is the pooled value (the CUDA kernel's rule), and the channel blocks'
+    counters are left at zero for the next launch."""
+    x, w, gamma, beta, _ = make_plane_norm((1, 17, 5, 5, 40, 3, 3), True)
+    w = w.clone()
+    w[3] = float("nan")
+    out, y, mean, rstd = cv.conv_valid_plane_norm(x, w, gamma, beta, True)
+    assert torch.isnan(out[0, 3]).all() and not torch.isnan(out[0, 4]).any()
+    assert int(arrivals.counters(x, 1).abs().sum()) == 0
+
+
+def test_plane_norm_errors_and_grads():
+    x, w, gamma, beta, pool = make_plane_norm(ODD[1], True, torch.float64)
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        cv.conv_valid_plane_norm(x, w, gamma[:-1], beta, pool)
+    with pytest.raises(ValueError, match="norm_bias must be"):
+        cv.conv_valid_plane_norm(x, w, gamma, beta.float(), pool)
+    with pytest.raises(ValueError, match="exceed the 4096 positions"):
+        cv.conv_valid_plane_norm(torch.zeros(1, 1, 70, 70, device=DEVICE), torch.zeros(2, 1, 3, 3, device=DEVICE),
+                                 torch.ones(2, device=DEVICE), torch.zeros(2, device=DEVICE), True)
+    # small: every numerical derivative runs the interpreted kernel in CI
+    leaves = [t.requires_grad_() for t in make_plane_norm((1, 2, 6, 6, 3, 3, 3), True, torch.float64)[:4]]
+    assert torch.autograd.gradcheck(lambda *a: cv.conv_valid_plane_norm(*a, pool)[0], leaves)
+    assert torch.autograd.gradgradcheck(lambda *a: cv.conv_valid_plane_norm(*a, pool)[0].square(), leaves)
+
+
 def test_launches_pass_every_kernel_argument(monkeypatch):
     """wrap_triton's tracing (torch.compile, opcheck's AOT test) rejects a launch that leaves a
     kernel argument to its default, which eager launches accept: every launch of these ops names
@@ -382,6 +448,7 @@ def test_launches_pass_every_kernel_argument(monkeypatch):
     x, w, gy = make(ODD[3])
     cv.conv_valid(x, w), cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1)
     cv.conv_valid_input_grad_norm_backward(*make_norm_backward(ODD[3], True))
+    cv.conv_valid_plane_norm(*make_plane_norm(ODD[3], True))
     monkeypatch.setitem(kernels.CONFIGS, "dgrad", [r for r in kernels.CONFIGS["dgrad"] if not r[2].get("TAPS_GEMM")])
     cv.conv_valid_backward(gy, x, w, True, False)
     cv.conv_valid_input_grad_norm_backward(*make_norm_backward(ODD[3], True))

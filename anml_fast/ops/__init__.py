@@ -11,6 +11,8 @@ signature (the twin is the fallback and the tests' reference):
   conv_valid_sgd                         Triton: the conv weight's SGD step, dW never written
   conv_valid_input_grad_norm_backward    Triton: the input grad carried on through the previous
                                          block's plane norm in the same launch
+  conv_valid_plane_norm                  Triton: the convolution, then the plane norm on its output,
+                                         in one launch
   gated_head, gated_head_cross_entropy   Triton: gate, linear layer and cross-entropy fused (from 17
                                          rows up the three products on cuBLAS, the rest in Triton)
   gated_head_ce_sgd_                     Triton: the head's batch-1 SGD step, dW never written
@@ -57,6 +59,7 @@ _COMPILED = {
     "conv_valid_backward": _conv_valid_triton,
     "conv_valid_sgd": _conv_valid_triton,
     "conv_valid_input_grad_norm_backward": _conv_valid_triton,
+    "conv_valid_plane_norm": _conv_valid_triton,
     "sgd_update": _multi_tensor_ext,
     "adam_update_": _multi_tensor_ext,
     "gated_head": _gated_head_triton,
@@ -152,6 +155,10 @@ def conv_valid_input_grad_norm_backward(grad_y, weight, y, mean, rstd, norm_weig
     return fn(grad_y, weight, y, mean, rstd, norm_weight, norm_bias, pool)
 
 
+def conv_valid_plane_norm(x, weight, norm_weight, norm_bias, pool: bool, *, backend: str | None = None):
+    return choose("conv_valid_plane_norm", x.device, backend)(x, weight, norm_weight, norm_bias, pool)
+
+
 def gated_head(h, gate_logits, weight, bias, *, backend: str | None = None):
     return choose("gated_head", h.device, backend)(h, gate_logits, weight, bias)
 
@@ -208,6 +215,6 @@ def available() -> dict:
 
 __all__ = ["BACKENDS", "available", "choose", "get_backend", "set_backend", "use_backend", "reference",
            "conv_block", "plane_norm", "conv_valid", "conv_valid_backward", "conv_valid_sgd",
-           "conv_valid_input_grad_norm_backward", "gated_head", "gated_head_cross_entropy", "gated_head_ce_sgd_",
+           "conv_valid_input_grad_norm_backward", "conv_valid_plane_norm", "gated_head", "gated_head_cross_entropy", "gated_head_ce_sgd_",
            "sgd_update", "adam_update_",
            "output_layer_logits", "output_layer_adam_step_", "adam_update_batched_"]

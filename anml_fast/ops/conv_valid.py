@@ -6,6 +6,9 @@
   conv_valid_input_grad_norm_backward(grad_y, weight, y, mean, rstd, norm_weight, norm_bias, pool)
       -> (grad_y_prev, grad_norm_weight, grad_norm_bias)   the input grad carried on through the
       previous block's plane norm in the same launch (the input grad itself never written out)
+  conv_valid_plane_norm(x, weight, norm_weight, norm_bias, pool) -> (out, y, mean, rstd)
+      conv_valid, then anml_fast::plane_norm on its output, in one launch (the last program of each
+      block of output channels normalises their whole planes)
 
 Each is one implicit-GEMM launch (a split reduction is finished by the last program of each tile),
 written for the inner loop's batch of one, where cuDNN's kernels
@@ -24,7 +27,7 @@ from . import _triton, reference
 from ._compare import first_mismatch, ieee_convolutions
 
 __all__ = ["conv_valid", "conv_valid_backward", "conv_valid_sgd", "conv_valid_input_grad_norm_backward",
-           "plane_stats", "available", "unavailable_reason"]
+           "conv_valid_plane_norm", "plane_stats", "available", "unavailable_reason"]
 
 # At import, not on first use (torch.compile cannot trace an import inside the ops).
 _KERNELS, _IMPORT_ERROR = _triton.import_kernels("conv_valid")
@@ -55,6 +58,13 @@ def conv_valid_input_grad_norm_backward(grad_y: torch.Tensor, weight: torch.Tens
                                                               norm_bias, bool(pool))
 
 
+def conv_valid_plane_norm(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                          pool: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, y, mean, rstd): the convolution and the next block's plane norm in one launch. Its
+    autograd differentiates the twin (the inner loop runs its own backward ops)."""
+    return _kernels().conv_valid_plane_norm(x, weight, norm_weight, norm_bias, bool(pool))
+
+
 def conv_valid_sgd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lr: float) -> torch.Tensor:
     """Like an optimizer step, outside autograd."""
     with torch.no_grad():
@@ -70,13 +80,18 @@ def _self_test(device: torch.device) -> str | None:
     y = torch.randn(2, 5, 18, 15, generator=g).to(device)
     norm = (y, *plane_stats(y), (1 + torch.rand(5, generator=g)).to(device), torch.randn(5, generator=g).to(device),
             True)
+    # the fused forward's norm on w's 6 output channels; a negative scale moves a window's max
+    gamma = (torch.tensor([-1.0, 1, 1, 1, 1, 1]) * (1 + torch.rand(6, generator=g))).to(device)
+    beta = torch.randn(6, generator=g).to(device)
     with ieee_convolutions():
         got = (conv_valid(x, w), *conv_valid_backward(gy, x, w, True, True), conv_valid_sgd(gy, x, w, 0.1),
-               *conv_valid_input_grad_norm_backward(gy, w, *norm))
+               *conv_valid_input_grad_norm_backward(gy, w, *norm), *conv_valid_plane_norm(x, w, gamma, beta, True))
         want = (reference.conv_valid(x, w), *reference.conv_valid_backward(gy, x, w, True, True),
-                reference.conv_valid_sgd(gy, x, w, 0.1), *reference.conv_valid_input_grad_norm_backward(gy, w, *norm))
+                reference.conv_valid_sgd(gy, x, w, 0.1), *reference.conv_valid_input_grad_norm_backward(gy, w, *norm),
+                *reference.conv_valid_plane_norm(x, w, gamma, beta, True))
     names = ("y", "grad x", "grad weight", "sgd weight", "norm backward grad y", "norm backward grad norm_weight",
-             "norm backward grad norm_bias")
+             "norm backward grad norm_bias", "conv + norm out", "conv + norm y", "conv + norm mean",
+             "conv + norm rstd")
     return first_mismatch(zip(names, got, want), device, atol=1e-4, rtol=1e-4)
 
 

@@ -55,6 +55,18 @@ def conv_valid_input_grad_norm_backward(grad_y: torch.Tensor, weight: torch.Tens
         return torch.autograd.grad(x, leaves, grad_x)
 
 
+def conv_valid_plane_norm(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor,
+                          norm_bias: torch.Tensor, pool: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, y, mean, rstd): y = conv_valid(x, weight), out = plane_norm(y, ...), and the plane
+    statistics [N, C] that anml_fast::plane_norm saves for its backward (float64 for float64,
+    else float32)."""
+    y = conv_valid(x, weight)
+    stats = torch.float64 if y.dtype == torch.float64 else torch.float32
+    var, mean = torch.var_mean(y.to(stats), dim=(2, 3), unbiased=False)
+    return plane_norm(y, norm_weight, norm_bias, pool), y, mean, (var + NORM_EPS).rsqrt()
+
+
 def conv_valid_sgd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lr: float) -> torch.Tensor:
     """weight - lr * grad_weight of conv_valid, as a new tensor: the inner loop's conv SGD step."""
     return weight - lr * torch.nn.grad.conv2d_weight(x, weight.shape, grad_y)

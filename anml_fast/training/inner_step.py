@@ -4,8 +4,9 @@ Two implementations with one signature:
 - `pln_sgd_step_autograd`: the model's forward, `torch.autograd.grad`, then `ops.sgd_update`
   (whatever backend `ops` picks: on the twins it is the plain-PyTorch inner step);
 - `pln_sgd_step_fused`: no autograd at all. Per conv block, the batch-1 Triton convolution
-  (kernels/conv_valid.py) and the fused norm/ReLU/pool kernel, keeping only what the backward
-  reads (input, conv output, mean, rstd); the head's fused cross-entropy SGD step (its dW applied
+  (kernels/conv_valid.py) and the fused norm/ReLU/pool kernel (or, for the blocks named in
+  FUSED_NORM_BLOCKS, both in one launch: `conv_valid_plane_norm`), keeping only what the
+  backward reads (input, conv output, mean, rstd); the head's fused cross-entropy SGD step (its dW applied
   where it is computed, never written); the last norm's fused backward; per block the Triton
   weight grad with the SGD step applied in the same kernel (dW never written) and, for conv3 and
   conv2, the Triton input grad with the previous block's norm backward in the same launch
@@ -29,6 +30,13 @@ from .. import ops
 from ..models import ANML, Params
 
 _TRUNK = [f"pln.{kind}{i}.{p}" for i in (1, 2, 3) for kind in ("conv", "norm") for p in ("weight", "bias")]
+# The blocks whose norm runs in the convolution's launch (conv_valid_plane_norm: the last program
+# of each block of output channels normalises their planes), saving a launch each. None by
+# default: with conv2 and conv3 fused, an H200 run (2026-11-29) gave 94.4 us a step in TF32 and
+# 106.0 in float32 against 96.3 and 102.2 without, but in separate runs; bench_inner_step's
+# fused_donate_norm_fwd row times (2, 3) beside the default in one run. (conv1's 26 x 26 planes
+# would leave each such program 32 whole planes to do alone.)
+FUSED_NORM_BLOCKS: tuple[int, ...] = ()
 _NORMS = [n for n in _TRUNK if ".norm" in n]
 PLN_NAMES = tuple(_TRUNK + ["pln.fc.weight", "pln.fc.bias"])
 
@@ -39,8 +47,8 @@ def fused_available(net, inner_names, device: torch.device) -> bool:
     if not isinstance(net, ANML) or tuple(inner_names) != PLN_NAMES:
         return False
     return all(ops.choose(op, device) is not getattr(ops.reference, op)
-               for op in ("conv_valid", "conv_valid_input_grad_norm_backward", "conv_valid_sgd", "plane_norm",
-                          "gated_head_ce_sgd_", "sgd_update"))
+               for op in ("conv_valid", "conv_valid_plane_norm", "conv_valid_input_grad_norm_backward",
+                          "conv_valid_sgd", "plane_norm", "gated_head_ce_sgd_", "sgd_update"))
 
 
 def pln_sgd_step_autograd(net: ANML, fixed: Params, pln: Params, x: torch.Tensor, y: torch.Tensor,
@@ -56,14 +64,20 @@ def pln_sgd_step_autograd(net: ANML, fixed: Params, pln: Params, x: torch.Tensor
 
 @torch.no_grad()
 def pln_sgd_step_fused(net: ANML, fixed: Params, pln: Params, x: torch.Tensor, y: torch.Tensor,
-                       gate: torch.Tensor, lr: float, donate: bool = False) -> tuple[torch.Tensor, Params]:
+                       gate: torch.Tensor, lr: float, donate: bool = False,
+                       fused_norm_blocks: tuple[int, ...] | None = None) -> tuple[torch.Tensor, Params]:
     """`donate=True`: the caller gives up the passed head weights, which are then updated in place
-    (the inner loop's steps after the first: saves copying the 9 MB head every step)."""
+    (the inner loop's steps after the first: saves copying the 9 MB head every step).
+    `fused_norm_blocks`: overrides FUSED_NORM_BLOCKS (the same step either way, to float rounding)."""
+    fused_norm = FUSED_NORM_BLOCKS if fused_norm_blocks is None else fused_norm_blocks
     saved, a = [], x
     for i in (1, 2, 3):
-        conv_out = torch.ops.anml_fast.conv_valid(a, pln[f"pln.conv{i}.weight"])
-        out, mean, rstd = torch.ops.anml_fast.plane_norm(
-            conv_out, pln[f"pln.norm{i}.weight"], pln[f"pln.norm{i}.bias"], i < 3)
+        w, gamma, beta = pln[f"pln.conv{i}.weight"], pln[f"pln.norm{i}.weight"], pln[f"pln.norm{i}.bias"]
+        if i in fused_norm:
+            out, conv_out, mean, rstd = torch.ops.anml_fast.conv_valid_plane_norm(a, w, gamma, beta, i < 3)
+        else:
+            conv_out = torch.ops.anml_fast.conv_valid(a, w)
+            out, mean, rstd = torch.ops.anml_fast.plane_norm(conv_out, gamma, beta, i < 3)
         saved.append((a, conv_out, mean, rstd))
         a = out
     fc_w, fc_b = pln["pln.fc.weight"], pln["pln.fc.bias"]
