@@ -664,14 +664,12 @@ def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, n
     splits = cdiv(iters, chunk)
     numel = out.numel()
     part = out.new_empty((splits, numel)) if splits > 1 else out
-    if kernel is _conv_fwd_kernel:
-        # one buffer for the tiles' and the channel blocks' counters: each counters() call hands
-        # out the same eager buffer
-        both = counters(out, tiles + m_tiles) if norm is not None else counters(out, tiles) if splits > 1 else out
-        tile_counters = both
-        constexprs.update(_fwd_norm_args(out, norm, both[tiles:] if norm is not None else out, cfg["BLOCK_M"]))
-    else:
+    if norm is None:
         tile_counters = counters(out, tiles) if splits > 1 else out
+    else:  # the channel blocks' counters after the tiles': one call, as each hands out the same eager buffer
+        tile_counters = counters(out, tiles + m_tiles)
+    if kernel is _conv_fwd_kernel:
+        constexprs.update(_fwd_norm_args(out, norm, out if norm is None else tile_counters[tiles:], cfg["BLOCK_M"]))
     if kernel is _conv_wgrad_kernel:  # the only GEMM that takes the learning rate
         lr_hi, lr_lo = (0.0, 0.0) if lr is None else split_double(float(lr))
         constexprs.update(SGD=lr is not None, lr_hi=lr_hi, lr_lo=lr_lo)
@@ -766,13 +764,23 @@ def conv_valid_sgd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
 NORM_MAX_PLANE = 4096
 
 
+def _check_norm_plane_and_affine(op, h, w, c, like, norm_weight, norm_bias, instead):
+    """The fused norm's limits: planes of at most NORM_MAX_PLANE positions (one program holds whole
+    planes), and affine parameters [c] of `like`'s dtype and device."""
+    if h * w > NORM_MAX_PLANE:
+        raise ValueError(f"{op}: planes of {h} x {w} exceed the {NORM_MAX_PLANE} positions one program holds; "
+                         f"run {instead} separately")
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t.shape != (c,) or t.dtype != like.dtype or t.device != like.device:
+            raise ValueError(f"{op}: {name} must be {like.dtype} [{c}] on {like.device}, got {t.dtype} "
+                             f"{list(t.shape)} on {t.device}")
+
+
 def _check_norm_backward(grad_y, weight, y, mean, rstd, norm_weight, norm_bias, pool, op):
     if y.dim() != 4:
         raise ValueError(f"{op}: y (the previous block's conv output) must be [N, C, H, W], got {tuple(y.shape)}")
     n, c, h, w = y.shape
-    if h * w > NORM_MAX_PLANE:
-        raise ValueError(f"{op}: planes of {h} x {w} exceed the {NORM_MAX_PLANE} positions one program holds; "
-                         "run conv_valid_backward and plane_norm_backward separately")
+    _check_norm_plane_and_affine(op, h, w, c, y, norm_weight, norm_bias, "conv_valid_backward and plane_norm_backward")
     x_shape = (n, c, h // 2, w // 2) if pool else (n, c, h, w)
     _check(y.new_empty((1,)).expand(x_shape), weight, op, grad_y)
     stats = torch.float64 if y.dtype == torch.float64 else torch.float32
@@ -780,10 +788,6 @@ def _check_norm_backward(grad_y, weight, y, mean, rstd, norm_weight, norm_bias, 
         if t.numel() != n * c or t.dtype != stats or t.device != y.device:
             raise ValueError(f"{op}: {name} must be {stats} with N * C = {n * c} values on {y.device}, got "
                              f"{t.dtype} {list(t.shape)} on {t.device}")
-    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        if t.shape != (c,) or t.dtype != y.dtype or t.device != y.device:
-            raise ValueError(f"{op}: {name} must be {y.dtype} [{c}] on {y.device}, got {t.dtype} "
-                             f"{list(t.shape)} on {t.device}")
     return x_shape, stats
 
 
@@ -831,18 +835,14 @@ def conv_valid_input_grad_norm_backward(grad_y: torch.Tensor, weight: torch.Tens
 def _check_plane_norm(x, weight, norm_weight, norm_bias, op):
     _check(x, weight, op)
     n, c_in, h, w, c_out, kh, kw, oh, ow = _dims(x, weight)
-    if oh * ow > NORM_MAX_PLANE:
-        raise ValueError(f"{op}: planes of {oh} x {ow} exceed the {NORM_MAX_PLANE} positions the norm epilogue "
-                         "holds; run conv_valid and plane_norm separately")
-    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        if t.shape != (c_out,) or t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"{op}: {name} must be {x.dtype} [{c_out}] on {x.device}, got {t.dtype} "
-                             f"{list(t.shape)} on {t.device}")
+    _check_norm_plane_and_affine(op, oh, ow, c_out, x, norm_weight, norm_bias, "conv_valid and plane_norm")
     return n, c_out, oh, ow, (oh // 2, ow // 2)  # the pool's output: whole 2 x 2 windows
 
 
 def _plane_norm_twin(y, norm_weight, norm_bias, pool):
-    """For the degenerate shapes the kernel does not take (no input channels, empty planes)."""
+    """(out, mean, rstd) of the plane norm in plain PyTorch (reference.plane_norm and
+    ops.conv_valid.plane_stats, which the kernels package does not import): for the shapes the
+    kernel does not take (no input channels, empty planes) and for conv_valid_plane_norm's backward."""
     var, mean = torch.var_mean(y, dim=(2, 3), unbiased=False)
     out = torch.nn.functional.instance_norm(y, weight=norm_weight, bias=norm_bias, eps=1e-5).relu()
     return (torch.nn.functional.max_pool2d(out, 2) if pool else out), mean, (var + 1e-5).rsqrt()
