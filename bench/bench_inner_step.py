@@ -3,15 +3,17 @@
 twin:  the model's forward on the plain-PyTorch ops, autograd, torch._foreach SGD (what the
        meta-trainer runs with backend="torch");
 fused: `pln_sgd_step_fused`, no autograd: the batch-1 Triton convolutions and the norm kernels,
-       the Triton head's fused cross-entropy SGD step, norm3's fused backward, the Triton input
-       grads with the previous norm's backward in the same launch, the weight grads with the SGD
-       step fused, one multi-tensor SGD launch for the norms (15 launches);
+       the Triton head's cross-entropy SGD step in one cooperative launch, norm3's fused backward,
+       the Triton input grads with the previous norm's backward in the same launch, the weight
+       grads with the SGD step fused, one multi-tensor SGD launch for the norms (14 launches);
 fused_donate: the same with the head's weights updated in place (`donate=True`), as the
        meta-trainer's inner loop runs 19 of its 20 steps (no copy of the 9 MB head);
 fused_donate_no_pdl: fused_donate with programmatic dependent launch off (ANML_FAST_PDL=0,
        kernels/_pdl.py): what PDL saves, measured in the same run;
 fused_donate_norm_fwd: fused_donate with conv2's and conv3's norms in their convolution's launch
-       (conv_valid_plane_norm; 13 launches), against the default in the same run.
+       (conv_valid_plane_norm), against the default in the same run;
+fused_donate_two_launch_head: fused_donate with the head's step as its forward and backward
+       launches (kernels/gated_head.py's ONE_LAUNCH_STEP off) instead of one cooperative launch.
 Each at two float32 convolution precisions, set alike for the twin and the fused path (both
 follow `torch.backends.cudnn.allow_tf32`, see kernels/conv_valid.py): tf32, PyTorch's default
 (cuDNN may run float32 convolutions in TF32, 10-bit mantissa; the Triton dots run one TF32
@@ -35,6 +37,7 @@ import torch
 from _measure import graphed, record_kernel_time, record_peak, timings  # bench/_measure.py
 
 from anml_fast import ops
+from anml_fast.kernels import gated_head as head_kernels
 from anml_fast.models import ModelConfig, build
 from anml_fast.training.inner_step import PLN_NAMES, pln_sgd_step_autograd, pln_sgd_step_fused
 
@@ -84,11 +87,13 @@ def _step(impl, fused_norm_blocks=None):
 
 @pytest.mark.parametrize("mode", ["eager", "graph", f"graph{CHAIN}"])
 @pytest.mark.parametrize("precision", ["tf32", "fp32"])
-@pytest.mark.parametrize("impl", ["fused", "fused_donate", "fused_donate_no_pdl", "fused_donate_norm_fwd", "twin"])
-def test_pln_inner_step(benchmark, impl, precision, mode):
-    # the launches read both settings when called, and graphs keep what they captured
+@pytest.mark.parametrize("impl", ["fused", "fused_donate", "fused_donate_no_pdl", "fused_donate_norm_fwd",
+                                  "fused_donate_two_launch_head", "twin"])
+def test_pln_inner_step(benchmark, impl, precision, mode, monkeypatch):
+    monkeypatch.setattr(head_kernels, "ONE_LAUNCH_STEP", not impl.endswith("_two_launch_head"))
+    # the launches read these settings when called, and graphs keep what they captured
     with conv_precision(precision), pdl(not impl.endswith("_no_pdl")):
-        _time(benchmark, impl.removesuffix("_no_pdl").removesuffix("_norm_fwd"), mode,
+        _time(benchmark, impl.removesuffix("_no_pdl").removesuffix("_norm_fwd").removesuffix("_two_launch_head"), mode,
               (2, 3) if impl.endswith("_norm_fwd") else None)
     benchmark.extra_info["precision"] = precision
 

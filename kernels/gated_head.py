@@ -26,7 +26,9 @@ Kernels, shared by the ops:
                                 da summed over its own block of outputs (W is already in registers),
                                 which each feature block's last program adds up into dh and dz
   _gated_head_bwd_input_kernel  da = dl W, then dh and dz (where the weight kernel does not)
-A loss step at B = 1 (the inner loop's gated_head_ce_sgd_) is two launches: forward, backward.
+A loss step at B = 1 (the inner loop's gated_head_ce_sgd_) is one launch where the weight fits in
+the grid's registers (ONE_LAUNCH_STEP, kernels/gated_head_step.py: the programs meet at grid
+barriers, the weight is read once and written once), else two: forward, backward.
 
 From GEMM_MIN_ROWS rows up (the meta-loss's 84) the three products go to cuBLAS (torch.addmm and
 torch.mm inside the ops) and these kernels do the rest:
@@ -45,6 +47,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import gated_head_step
 from ._counters import counters, last_to_arrive, reset
 from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter
@@ -76,6 +79,14 @@ FUSE_INPUT_GRAD_MAX_ROWS = 16
 # reading it once. The weight's SGD step is cuBLAS's addmm_ with alpha = -lr: dW is never written
 # there either.
 GEMM_MIN_ROWS = 17
+
+# gated_head_ce_sgd_ at B = 1 (the inner loop's head step) runs as one launch with grid barriers
+# where the weight fits in the programs' registers (kernels/gated_head_step.py) instead of the
+# forward and backward launches below. On an H200 (2026-11-29, same run, 20 steps a graph replay)
+# the whole PLN inner step took 91.8 us with it against 96.5 without (TF32 convolutions); the head
+# step alone 13.7 against 14.6. Off: the two launches (tests run both; bench_inner_step's
+# fused_donate_two_launch_head row times them).
+ONE_LAUNCH_STEP = True
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -764,6 +775,10 @@ def gated_head_ce_sgd_(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch
     logits = h.new_empty((h.shape[0], weight.shape[0]))
     lse = h.new_empty((h.shape[0],))
     dh, dz = torch.empty_like(h), torch.empty_like(h)
+    step = gated_head_step.plan(h, weight) if ONE_LAUNCH_STEP else None
+    if step is not None:
+        gated_head_step.launch(h, gate_logits, weight, bias, target, lr, loss, lse, dh, dz, step)
+        return loss, dh, dz
     _launch_fwd(h, gate_logits, weight, bias, logits, ce=(target, loss, lse))
     _launch_bwd(h, gate_logits, weight, bias, None, logits, lse, target, None, dh, dz, h, h,
                 from_ce=True, sgd=True, lr=lr, input_grad=True, weight_grad=True)

@@ -88,6 +88,15 @@ def path(request, monkeypatch):
     return request.param
 
 
+# At B = 1 the SGD step runs as its forward and backward launches, or (kernels/gated_head.py's
+# ONE_LAUNCH_STEP) as one launch with grid barriers (kernels/gated_head_step.py; in the
+# interpreter as three launches of the same kernel). Tests that take `head_step` run both.
+@pytest.fixture(params=["one_launch", "two_launches"])
+def head_step(request, monkeypatch):
+    monkeypatch.setattr(kernels, "ONE_LAUNCH_STEP", request.param == "one_launch")
+    return request.param
+
+
 # ------------------------------------------------------------------ equality with the twins
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -217,7 +226,9 @@ def test_input_errors():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ODD + [META_CONFIG, PROTOCOL_B1], ids=lambda s: "x".join(map(str, s)))
-def test_sgd_step_matches_twin_plus_update(shape, dtype, path):
+def test_sgd_step_matches_twin_plus_update(shape, dtype, path, head_step):
+    if shape[0] > 1 and head_step == "one_launch":
+        pytest.skip("the one-launch step is batch 1's")
     if shape == PROTOCOL_B1 and (dtype == torch.float64 or path == "cublas"):
         pytest.skip("one protocol-shape run (float32, the fused kernels') is enough")
     h, z, w, b, y = make_inputs(*shape, dtype=dtype)
@@ -249,7 +260,7 @@ def test_sgd_step_on_leaves_that_require_grad():
     assert not torch.equal(w.detach(), w0)
 
 
-def test_sgd_trajectory_matches_twin():
+def test_sgd_trajectory_matches_twin(head_step):
     """20 sequential steps at batch 1, as the inner loop runs them: errors must not compound."""
     h, z, w, b, y = make_inputs(20, 50, 37)
     w_f, b_f, w_t, b_t = w.clone(), b.clone(), w.clone(), b.clone()
@@ -261,7 +272,7 @@ def test_sgd_trajectory_matches_twin():
     assert_close(b_f, b_t, *TOL[torch.float32], "bias after 20 steps")
 
 
-def test_arrival_counters_are_left_at_zero(path):
+def test_arrival_counters_are_left_at_zero(path, head_step):
     """The loss and the fused input grads are finished by each launch's last program, counted in
     on counters that every launch must leave at zero for the next one on its stream."""
     arrivals = sys.modules[kernels.counters.__module__]  # kernels/_counters.py, however it was imported
@@ -273,7 +284,7 @@ def test_arrival_counters_are_left_at_zero(path):
 
 
 @gpu
-def test_last_program_finishes_give_the_same_bits_every_run():
+def test_last_program_finishes_give_the_same_bits_every_run(head_step):
     """On the GPU any program may be the last to arrive; the sums they finish run in a fixed
     order, so the loss, dh and dz are the same bits on every run."""
     h, z, w, b, y = make_inputs(*PROTOCOL_B1)
@@ -282,6 +293,52 @@ def test_last_program_finishes_give_the_same_bits_every_run():
         again = gh.gated_head_ce_sgd_(h, z, w.clone(), b.clone(), y, 0.1)
         for name, a, c in zip(("loss", "dh", "dz"), again, first):
             assert torch.equal(a, c), name
+
+
+def test_one_launch_step_plan():
+    """The inner loop's head step (B = 1, ANML's 1000 x 2304 head) fits the one-launch kernel:
+    at most PROGRAMS_PER_SM programs an SM (all resident, as its grid barriers need), its rows of W within the
+    register budget; a batch of more than one row, or a head too big for the registers, does not."""
+    step = kernels.gated_head_step
+    h, _, w, _, _ = make_inputs(*PROTOCOL_B1)
+    cfg = step.plan(h, w)
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count if CUDA else 132
+    assert cfg is not None and cfg["grid"] <= sms * step.PROGRAMS_PER_SM, cfg
+    assert cfg["ROWS"] * cfg["BLOCK_F"] <= step.MAX_TILE[torch.float32]
+    assert cfg["grid"] * cfg["ROWS"] >= 1000 and cfg["grid"] * cfg["BLOCK_C"] >= 2304
+    assert step.plan(h.expand(2, -1), w) is None
+    assert step.plan(h, w.new_empty((40000, 2304))) is None
+
+
+@gpu
+def test_one_launch_step_equals_its_three_launches():
+    """The cooperative launch (grid barriers) and the same kernel as three launches, one phase
+    each (what the interpreter and torch.compile run), agree eagerly and captured: to rounding
+    (the compiler may lay the two forms' reductions out differently), where a program running
+    ahead of a barrier would read stale logits or partials and be off by far more."""
+    step = kernels.gated_head_step
+    h, z, w, b, y = make_inputs(*PROTOCOL_B1)
+    cfg = step.plan(h, w)
+
+    def run(one_launch, w, b):
+        out = (h.new_empty(()), h.new_empty((1,)), torch.empty_like(h), torch.empty_like(h))
+        step.launch(h, z, w, b, y, 0.1, *out, cfg, one_launch=one_launch)
+        return out + (w, b)
+
+    names = ("loss", "lse", "dh", "dz", "weight", "bias")
+    three = run(False, w.clone(), b.clone())
+    for _ in range(5):
+        for n, a, c in zip(names, run(True, w.clone(), b.clone()), three):
+            assert_close(a, c, 1e-6, 1e-6, n)
+    w_g, b_g = w.clone(), b.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run(True, w_g, b_g)
+    w_g.copy_(w), b_g.copy_(b)
+    graph.replay()
+    torch.cuda.synchronize()
+    for n, a, c in zip(names, captured, three):
+        assert_close(a, c, 1e-6, 1e-6, f"captured {n}")
 
 
 # ------------------------------------------------------------------ autograd, registration
@@ -370,7 +427,7 @@ def test_compile_fullgraph(path):
         assert_close(g, r, *TOL[torch.float32], f"d{n}")
 
 
-def test_compile_fullgraph_sgd_step():
+def test_compile_fullgraph_sgd_step(head_step):
     torch._dynamo.reset()
     h, z, w, b, y = make_inputs(1, 50, 37)
     w_c, b_c, w_e, b_e = w.clone(), b.clone(), w.clone(), b.clone()
@@ -382,7 +439,7 @@ def test_compile_fullgraph_sgd_step():
 
 
 @gpu
-def test_cuda_graph_replays_the_sgd_step():
+def test_cuda_graph_replays_the_sgd_step(head_step):
     """The inner loop's head step, captured once and replayed (what a CUDA-graphed loop does)."""
     h, z, w, b, y = make_inputs(1, 2304, 1000)
     w_g, b_g, w_e, b_e = w.clone(), b.clone(), w.clone(), b.clone()

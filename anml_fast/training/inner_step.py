@@ -6,12 +6,13 @@ Two implementations with one signature:
 - `pln_sgd_step_fused`: no autograd at all. Per conv block, the batch-1 Triton convolution
   (kernels/conv_valid.py) and the fused norm/ReLU/pool kernel (or, for the blocks named in
   FUSED_NORM_BLOCKS, both in one launch: `conv_valid_plane_norm`), keeping only what the
-  backward reads (input, conv output, mean, rstd); the head's fused cross-entropy SGD step (its dW applied
-  where it is computed, never written); the last norm's fused backward; per block the Triton
+  backward reads (input, conv output, mean, rstd); the head's fused cross-entropy SGD step (one
+  cooperative launch at ANML's sizes, kernels/gated_head_step.py: dW never written, the weight
+  read once and written once); the last norm's fused backward; per block the Triton
   weight grad with the SGD step applied in the same kernel (dW never written) and, for conv3 and
   conv2, the Triton input grad with the previous block's norm backward in the same launch
   (`conv_valid_input_grad_norm_backward`: the input grad is never written out); one multi-tensor
-  SGD launch for the norms' affine weights. 15 launches, each with programmatic dependent launch on
+  SGD launch for the norms' affine weights. 14 launches, each with programmatic dependent launch on
   Hopper cards (kernels/_pdl.py): placed while the one before finishes.
 Both return the step's loss (a 0-d tensor, never read back here) and the updated PLN weights; the
 weights passed in are left as they were (unless the fused step is told it may update the head's in
@@ -32,10 +33,11 @@ from ..models import ANML, Params
 _TRUNK = [f"pln.{kind}{i}.{p}" for i in (1, 2, 3) for kind in ("conv", "norm") for p in ("weight", "bias")]
 # The blocks whose norm runs in the convolution's launch (conv_valid_plane_norm: the last program
 # of each block of output channels normalises their planes), saving a launch each. None by
-# default: with conv2 and conv3 fused, an H200 run (2026-11-29) gave 94.4 us a step in TF32 and
-# 106.0 in float32 against 96.3 and 102.2 without, but in separate runs; bench_inner_step's
-# fused_donate_norm_fwd row times (2, 3) beside the default in one run. (conv1's 26 x 26 planes
-# would leave each such program 32 whole planes to do alone.)
+# default: with conv2 and conv3 fused, an H200 run (2026-11-29, same run, 20 steps a graph
+# replay) gave 100.9 us a step in TF32 and 111.8 in float32, against 94.7 and 106.3 without (the
+# last program's serial tail costs more than the launch it saves); bench_inner_step's
+# fused_donate_norm_fwd row times it. (conv1's 26 x 26 planes would leave each such program 32
+# whole planes to do alone.)
 FUSED_NORM_BLOCKS: tuple[int, ...] = ()
 _NORMS = [n for n in _TRUNK if ".norm" in n]
 PLN_NAMES = tuple(_TRUNK + ["pln.fc.weight", "pln.fc.bias"])
