@@ -776,8 +776,8 @@ def gated_head_ce_sgd_(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch
     lse = h.new_empty((h.shape[0],))
     dh, dz = torch.empty_like(h), torch.empty_like(h)
     step = gated_head_step.plan(h, weight) if ONE_LAUNCH_STEP else None
-    if step is not None:
-        gated_head_step.launch(h, gate_logits, weight, bias, target, lr, loss, lse, dh, dz, step)
+    if step is not None and gated_head_step.launch(h, gate_logits, weight, bias, target, lr, loss, lse,
+                                                   dh, dz, step):
         return loss, dh, dz
     _launch_fwd(h, gate_logits, weight, bias, logits, ce=(target, loss, lse))
     _launch_bwd(h, gate_logits, weight, bias, None, logits, lse, target, None, dh, dz, h, h,

@@ -19,10 +19,11 @@ registers from the first pass to the last, and the programs meet at grid barrier
 
 The weight crosses memory twice (read, write). Every program must be resident at once for the
 barriers: the grid is at most PROGRAMS_PER_SM programs an SM (`plan`), and the launch asks for a
-cooperative grid, which the driver refuses rather than run with fewer resident. Under Triton's interpreter
-(which runs programs one by one) and under torch.compile's tracing, the same kernel runs as three
-launches, one phase each, reloading what the one-launch form keeps in registers: the same
-arithmetic, so the same bits (a GPU test compares them).
+cooperative grid, which the driver refuses rather than run with fewer resident (the step then
+falls back to the two launches, and remembers). Under Triton's interpreter, which runs programs
+one by one, the same kernel runs as three launches, one phase each, reloading what the
+one-launch form keeps in registers: the same arithmetic, so CI checks it, and a GPU test checks
+the two forms agree. Traced (torch.compile), the op takes its two launches.
 """
 from __future__ import annotations
 
@@ -39,14 +40,17 @@ from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter
 from ._scalars import cdiv, join_double, next_pow2, split_double
 
-# Registers a program may give to its rows of the weight (a bigger head, or a card with too few
-# SMs for it, takes the two-launch path). Launch shape: at ANML's sizes on a 132-SM H200, two
-# programs an SM of 4 warps, 4 rows of 2304 (2048 + 256) each, 250 programs: 13.7 us a step
-# (20 a graph replay, 2026-11-29), against 16.5 for one program an SM of 8 warps and 8 rows
-# (223 registers a thread, 8 warps an SM: ncu found it latency-bound), 22.0 for two of 8 warps,
-# and 14.6 for the two launches. Four programs an SM do not fit (the driver refuses the grid).
-MAX_TILE = {torch.float32: 32768, torch.float64: 16384}
+# Launch shape: at ANML's sizes on a 132-SM H200, two programs an SM of 4 warps, 4 rows of 2304
+# (2048 + 256) each, 250 programs: 13.7 us a step (20 a graph replay, 2026-11-29), against 16.5
+# for one program an SM of 8 warps and 8 rows (223 registers a thread, 8 warps an SM: ncu found
+# it latency-bound), 22.0 for two of 8 warps, and 14.6 for the two launches. Four programs an SM
+# do not fit (the driver refuses the grid).
 NUM_WARPS = 4
+# 32-bit registers a thread may hold of the program's rows of W (ANML's float32 head: 72). Two
+# programs of 128 threads share an SM's 64K registers, 255 a thread at most, and the kernel
+# needs as many again for the rest; a bigger head (float64 ANML's included), or a card with too
+# few SMs for it, takes the two-launch path.
+W_REGISTERS = 80
 # Programs an SM runs at once: the grid is at most this many per SM (each must fit beside the
 # others in registers and shared memory, which the cooperative launch checks).
 PROGRAMS_PER_SM = 2
@@ -55,6 +59,7 @@ PROGRAMS_PER_SM = 2
 COOPERATIVE = True
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _SMS: dict[int, int] = {}
+_REFUSED: set = set()  # launch shapes the driver refused as a cooperative grid
 
 
 @triton.jit
@@ -165,7 +170,7 @@ def plan(h: torch.Tensor, weight: torch.Tensor) -> dict | None:
     the interpreter)."""
     n_rows, n_features = h.shape
     n_outputs = weight.shape[0]
-    if n_rows != 1 or h.dtype not in MAX_TILE or n_outputs == 0:
+    if n_rows != 1 or h.dtype not in (torch.float32, torch.float64) or n_outputs == 0:
         return None
     if h.device.type == "cuda" and not _INTERPRETED:
         sms = _sm_count(h.device)
@@ -176,20 +181,31 @@ def plan(h: torch.Tensor, weight: torch.Tensor) -> dict | None:
     block_f = next_pow2(n_features + 1) // 2  # the largest power of two <= n_features
     block_t = max(16, next_pow2(n_features - block_f))
     rows = next_pow2(cdiv(n_outputs, sms * PROGRAMS_PER_SM))
-    if rows * (block_f + block_t) > MAX_TILE[h.dtype]:
+    if rows * (block_f + block_t) * h.element_size() > W_REGISTERS * 4 * 32 * NUM_WARPS:
         return None
     n_programs = cdiv(n_outputs, rows)
-    return dict(grid=n_programs, ROWS=rows, BLOCK_F=block_f, BLOCK_T=block_t,
-                BLOCK_P=next_pow2(n_programs), BLOCK_C=next_pow2(cdiv(n_features, n_programs)))
+    cfg = dict(grid=n_programs, ROWS=rows, BLOCK_F=block_f, BLOCK_T=block_t,
+               BLOCK_P=next_pow2(n_programs), BLOCK_C=next_pow2(cdiv(n_features, n_programs)))
+    return None if _refusal_key(h, cfg) in _REFUSED else cfg
 
 
-def launch(h, z, weight, bias, target, lr, loss, lse, dh, dz, cfg, *, one_launch: bool | None = None):
-    """The step: W, b updated in place; loss, lse, dh, dz written. `one_launch` None picks it
-    where it can run (a real CUDA tensor, not traced); False forces the three-launch form."""
+def _refusal_key(h, cfg):
+    return (h.device, h.dtype, NUM_WARPS, tuple(sorted(cfg.items())))
+
+
+def launch(h, z, weight, bias, target, lr, loss, lse, dh, dz, cfg, *, one_launch: bool | None = None) -> bool:
+    """The step: W, b updated in place; loss, lse, dh, dz written; True. `one_launch` None: one
+    launch on a GPU, three (one phase each) under the interpreter; False forces the three.
+
+    Returns False, having written nothing, where it does not run: traced (torch.compile, fake
+    tensors), where the caller's two launches beat three; or where the driver refused the
+    cooperative grid (its programs would not all be resident: remembered, and `plan` then
+    declines the shape)."""
     n_features, n_outputs = h.shape[1], weight.shape[0]
-    traced = type(h) is not torch.Tensor or torch.compiler.is_compiling()
+    if type(h) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
     if one_launch is None:
-        one_launch = h.is_cuda and not _INTERPRETED and not traced
+        one_launch = h.is_cuda and not _INTERPRETED
     n = cfg["grid"]
     logits = h.new_empty((n_outputs,))
     part_max, part_sum = h.new_empty((n,)), h.new_empty((n,))
@@ -201,7 +217,15 @@ def launch(h, z, weight, bias, target, lr, loss, lse, dh, dz, cfg, *, one_launch
                                                        (False, False, True)]
     extra = {"launch_cooperative_grid": True} if one_launch and COOPERATIVE else {}
     for run_a, run_b, run_c in phases:
-        wrap_triton(_gated_head_step_kernel)[(n,)](
-            h, z, weight, bias, target, logits, part_max, part_sum, da_part, lse, loss, dh, dz, bar,
-            lr_hi, lr_lo, n_features, n_outputs, RUN_A=run_a, RUN_B=run_b, RUN_C=run_c, **sizes,
-            num_warps=NUM_WARPS, num_stages=1, **extra, **pdl_args(dh))
+        try:
+            wrap_triton(_gated_head_step_kernel)[(n,)](
+                h, z, weight, bias, target, logits, part_max, part_sum, da_part, lse, loss, dh, dz,
+                bar, lr_hi, lr_lo, n_features, n_outputs, RUN_A=run_a, RUN_B=run_b, RUN_C=run_c,
+                **sizes, num_warps=NUM_WARPS, num_stages=1, **extra, **pdl_args(dh))
+        except RuntimeError as e:
+            # "too many blocks in cooperative launch": the launch did not start
+            if not extra or "cooperative" not in str(e):
+                raise
+            _REFUSED.add(_refusal_key(h, cfg))
+            return False
+    return True

@@ -304,10 +304,42 @@ def test_one_launch_step_plan():
     cfg = step.plan(h, w)
     sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count if CUDA else 132
     assert cfg is not None and cfg["grid"] <= sms * step.PROGRAMS_PER_SM, cfg
-    assert cfg["ROWS"] * cfg["BLOCK_F"] <= step.MAX_TILE[torch.float32]
+    assert cfg["ROWS"] * (cfg["BLOCK_F"] + cfg["BLOCK_T"]) <= step.W_REGISTERS * 32 * step.NUM_WARPS
+    assert cfg["BLOCK_F"] + cfg["BLOCK_T"] == 2304  # 2048 + 256: no padding
     assert cfg["grid"] * cfg["ROWS"] >= 1000 and cfg["grid"] * cfg["BLOCK_C"] >= 2304
     assert step.plan(h.expand(2, -1), w) is None
     assert step.plan(h, w.new_empty((40000, 2304))) is None
+    assert step.plan(h.double(), w.double()) is None  # twice the registers: the two launches
+
+
+def test_refused_cooperative_grid_falls_back(monkeypatch):
+    """Where the driver refuses the cooperative grid (its programs would not all be resident),
+    the step reports that it did not run, and `plan` declines that shape from then on."""
+    step = kernels.gated_head_step
+    monkeypatch.setattr(step, "_REFUSED", set())
+    h, z, w, b, y = make_inputs(1, 50, 37)
+    cfg = step.plan(h, w)
+
+    def refuse(kernel):
+        class Launcher:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    assert kwargs.get("launch_cooperative_grid")
+                    raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+                return run
+        return Launcher()
+    monkeypatch.setattr(step, "wrap_triton", refuse)
+    out = (h.new_empty(()), h.new_empty((1,)), torch.empty_like(h), torch.empty_like(h))
+    assert step.launch(h, z, w, b, y, 0.1, *out, cfg, one_launch=True) is False
+    assert step.plan(h, w) is None
+    monkeypatch.undo()
+    # the op then takes its two launches, and still matches the twin
+    monkeypatch.setattr(step, "_REFUSED", {step._refusal_key(h, cfg)})
+    w_f, b_f = w.clone(), b.clone()
+    loss, dh, dz = gh.gated_head_ce_sgd_(h, z, w_f, b_f, y, 0.1)
+    twin = gh.gated_head_ce_sgd_reference_(h, z, w.clone(), b.clone(), y, 0.1)
+    assert_close(loss, twin[0], *TOL[torch.float32], "loss")
+    assert_close(dh, twin[1], *TOL[torch.float32], "dh")
 
 
 @gpu
