@@ -783,7 +783,8 @@ def _check_norm_backward(grad_y, weight, y, mean, rstd, norm_weight, norm_bias, 
     _check_norm_plane_and_affine(op, h, w, c, y, norm_weight, norm_bias, "conv_valid_backward and plane_norm_backward")
     x_shape = (n, c, h // 2, w // 2) if pool else (n, c, h, w)
     _check(y.new_empty((1,)).expand(x_shape), weight, op, grad_y)
-    stats = torch.float64 if y.dtype == torch.float64 else torch.float32
+    from ..ops.reference import stats_dtype  # at call time: anml_fast.ops imports this module
+    stats = stats_dtype(y.dtype)
     for name, t in (("mean", mean), ("rstd", rstd)):
         if t.numel() != n * c or t.dtype != stats or t.device != y.device:
             raise ValueError(f"{op}: {name} must be {stats} with N * C = {n * c} values on {y.device}, got "
@@ -840,12 +841,10 @@ def _check_plane_norm(x, weight, norm_weight, norm_bias, op):
 
 
 def _plane_norm_twin(y, norm_weight, norm_bias, pool):
-    """(out, mean, rstd) of the plane norm in plain PyTorch (reference.plane_norm and
-    ops.conv_valid.plane_stats, which the kernels package does not import): for the shapes the
-    kernel does not take (no input channels, empty planes) and for conv_valid_plane_norm's backward."""
-    var, mean = torch.var_mean(y, dim=(2, 3), unbiased=False)
-    out = torch.nn.functional.instance_norm(y, weight=norm_weight, bias=norm_bias, eps=1e-5).relu()
-    return (torch.nn.functional.max_pool2d(out, 2) if pool else out), mean, (var + 1e-5).rsqrt()
+    """(out, mean, rstd) of the plane norm by the twins: for the shapes the kernel does not take
+    (no input channels, empty planes) and for conv_valid_plane_norm's backward."""
+    from ..ops import reference  # at call time: anml_fast.ops imports this module
+    return (reference.plane_norm(y, norm_weight, norm_bias, pool), *reference.plane_stats(y))
 
 
 @triton_op("anml_fast::conv_valid_plane_norm", mutates_args=())

@@ -29,9 +29,7 @@ _NORM_BWD_OP = "anml_fast::plane_norm_backward"
 _LOADED = _ext.load() is not None
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The op-math type the kernels keep mean and rstd in.
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_stats_dtype = reference.stats_dtype
 
 
 def conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -27,6 +27,18 @@ def plane_norm(y: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tens
     return F.max_pool2d(y, 2) if pool else y
 
 
+def plane_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) of each [N, C] plane of y, as the compiled plane norms save them for their
+    backward (in `stats_dtype`)."""
+    var, mean = torch.var_mean(y.to(stats_dtype(y.dtype)), dim=(2, 3), unbiased=False)
+    return mean, (var + NORM_EPS).rsqrt()
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the compiled plane norms keep mean and rstd in (their op-math type)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def conv_valid(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The stride-1, unpadded convolution without bias (conv_block's, and the inner loop's)."""
     return F.conv2d(x, weight)
@@ -62,9 +74,7 @@ def conv_valid_plane_norm(x: torch.Tensor, weight: torch.Tensor, norm_weight: to
     statistics [N, C] that anml_fast::plane_norm saves for its backward (float64 for float64,
     else float32)."""
     y = conv_valid(x, weight)
-    stats = torch.float64 if y.dtype == torch.float64 else torch.float32
-    var, mean = torch.var_mean(y.to(stats), dim=(2, 3), unbiased=False)
-    return plane_norm(y, norm_weight, norm_bias, pool), y, mean, (var + NORM_EPS).rsqrt()
+    return plane_norm(y, norm_weight, norm_bias, pool), y, *plane_stats(y)
 
 
 def conv_valid_sgd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lr: float) -> torch.Tensor:
