@@ -54,9 +54,6 @@ W_REGISTERS = 80
 # Programs an SM runs at once: the grid is at most this many per SM (each must fit beside the
 # others in registers and shared memory, which the cooperative launch checks).
 PROGRAMS_PER_SM = 2
-# Ask the driver for a cooperative grid (it refuses a launch whose programs cannot all be
-# resident, rather than deadlock). Without it the grid is still sized to be resident at once.
-COOPERATIVE = True
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _SMS: dict[int, int] = {}
 _REFUSED: set = set()  # launch shapes the driver refused as a cooperative grid
@@ -170,7 +167,7 @@ def plan(h: torch.Tensor, weight: torch.Tensor) -> dict | None:
     the interpreter)."""
     n_rows, n_features = h.shape
     n_outputs = weight.shape[0]
-    if n_rows != 1 or h.dtype not in (torch.float32, torch.float64) or n_outputs == 0:
+    if n_rows != 1 or h.dtype not in (torch.float32, torch.float64) or n_outputs == 0 or n_features == 0:
         return None
     if h.device.type == "cuda" and not _INTERPRETED:
         sms = _sm_count(h.device)
@@ -206,6 +203,9 @@ def launch(h, z, weight, bias, target, lr, loss, lse, dh, dz, cfg, *, one_launch
         return False
     if one_launch is None:
         one_launch = h.is_cuda and not _INTERPRETED
+    elif one_launch and _INTERPRETED:
+        # the interpreter runs programs one after another: the first would wait at the barrier forever
+        raise ValueError("gated_head_step.launch: one_launch=True cannot run under TRITON_INTERPRET")
     n = cfg["grid"]
     logits = h.new_empty((n_outputs,))
     part_max, part_sum = h.new_empty((n,)), h.new_empty((n,))
@@ -215,7 +215,9 @@ def launch(h, z, weight, bias, target, lr, loss, lse, dh, dz, cfg, *, one_launch
     sizes = {k: cfg[k] for k in ("ROWS", "BLOCK_F", "BLOCK_T", "BLOCK_P", "BLOCK_C")}
     phases = [(True, True, True)] if one_launch else [(True, False, False), (False, True, False),
                                                        (False, False, True)]
-    extra = {"launch_cooperative_grid": True} if one_launch and COOPERATIVE else {}
+    # A cooperative grid: the driver refuses a launch whose programs cannot all be resident at
+    # once (which the barriers need) rather than start it and deadlock.
+    extra = {"launch_cooperative_grid": True} if one_launch else {}
     for run_a, run_b, run_c in phases:
         try:
             wrap_triton(_gated_head_step_kernel)[(n,)](
