@@ -772,13 +772,13 @@ def gated_head_ce_sgd_(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch
         raise ValueError("gated_head_ce_sgd_: weight and bias are updated in place and must be contiguous")
     h, gate_logits, target = (t.contiguous() for t in (h, gate_logits, target))
     loss = h.new_empty(())
-    logits = h.new_empty((h.shape[0], weight.shape[0]))
     lse = h.new_empty((h.shape[0],))
     dh, dz = torch.empty_like(h), torch.empty_like(h)
     step = gated_head_step.plan(h, weight) if ONE_LAUNCH_STEP else None
     if step is not None and gated_head_step.launch(h, gate_logits, weight, bias, target, lr, loss, lse,
                                                    dh, dz, step):
         return loss, dh, dz
+    logits = h.new_empty((h.shape[0], weight.shape[0]))
     _launch_fwd(h, gate_logits, weight, bias, logits, ce=(target, loss, lse))
     _launch_bwd(h, gate_logits, weight, bias, None, logits, lse, target, None, dh, dz, h, h,
                 from_ce=True, sgd=True, lr=lr, input_grad=True, weight_grad=True)

@@ -27,8 +27,6 @@ the two forms agree. Traced (torch.compile), the op takes its two launches.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +34,7 @@ from torch.library import wrap_triton
 
 from ._counters import counters
 from ._grid_sync import grid_exit, grid_sync
+from ._pdl import _INTERPRETED  # whether Triton runs its interpreter (decided at its import)
 from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter
 from ._scalars import cdiv, join_double, next_pow2, split_double
@@ -54,7 +53,6 @@ W_REGISTERS = 80
 # Programs an SM runs at once: the grid is at most this many per SM (each must fit beside the
 # others in registers and shared memory, which the cooperative launch checks).
 PROGRAMS_PER_SM = 2
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _SMS: dict[int, int] = {}
 _REFUSED: set = set()  # launch shapes the driver refused as a cooperative grid
 

@@ -29,9 +29,6 @@ _NORM_BWD_OP = "anml_fast::plane_norm_backward"
 _LOADED = _ext.load() is not None
 
 
-_stats_dtype = reference.stats_dtype
-
-
 def conv_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                norm_weight: torch.Tensor, norm_bias: torch.Tensor, pool: bool) -> torch.Tensor:
     """relu(norm(conv3x3(x) + bias)) then an optional 2x2 max-pool, by the compiled kernels.
@@ -123,7 +120,7 @@ def plane_norm_backward(grad_out, y, mean, rstd, norm_weight, norm_bias, pool: b
     if tuple(grad_out.shape) != want or grad_out.dtype != y.dtype or grad_out.device != y.device:
         raise RuntimeError(f"plane_norm_backward: grad_out must be {y.dtype} {list(want)} on {y.device}, got "
                            f"{grad_out.dtype} {list(grad_out.shape)} on {grad_out.device}")
-    stats = _stats_dtype(y.dtype)
+    stats = reference.stats_dtype(y.dtype)
     for name, t in (("mean", mean), ("rstd", rstd)):
         if t.numel() != y.shape[0] * y.shape[1] or t.dtype != stats or t.device != y.device:
             raise RuntimeError(f"plane_norm_backward: {name} must be {stats} with N * C = "
@@ -140,7 +137,7 @@ def _register() -> None:
         h, w = x.shape[2] - weight.shape[2] + 1, x.shape[3] - weight.shape[3] + 1
         conv_out = x.new_empty((n, c, h, w))
         out = x.new_empty((n, c, h // 2, w // 2) if pool else (n, c, h, w))
-        stats = x.new_empty((n, c), dtype=_stats_dtype(x.dtype))
+        stats = x.new_empty((n, c), dtype=reference.stats_dtype(x.dtype))
         return out, conv_out, stats, torch.empty_like(stats)
 
     @torch.library.register_fake(_BWD_OP)
@@ -177,7 +174,7 @@ def _register() -> None:
     def _plane_norm_fake(y, norm_weight, norm_bias, pool):
         n, c, h, w = y.shape
         out = y.new_empty((n, c, h // 2, w // 2) if pool else (n, c, h, w))
-        stats = y.new_empty((n, c), dtype=_stats_dtype(y.dtype))
+        stats = y.new_empty((n, c), dtype=reference.stats_dtype(y.dtype))
         return out, stats, torch.empty_like(stats)
 
     @torch.library.register_fake(_NORM_BWD_OP)
