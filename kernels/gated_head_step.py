@@ -162,7 +162,10 @@ def _sm_count(device: torch.device) -> int:
 def plan(h: torch.Tensor, weight: torch.Tensor) -> dict | None:
     """The launch's shape for this step, or None where the one-launch step does not apply (more
     than one row, a weight too big to sit in registers across the grid, not on a GPU nor under
-    the interpreter)."""
+    the interpreter), or when traced: fake or functional tensors have symbolic shapes, which
+    the refusal memo cannot key on, and a tracer takes the two launches anyway (see `launch`)."""
+    if type(h) is not torch.Tensor or torch.compiler.is_compiling():
+        return None
     n_rows, n_features = h.shape
     n_outputs = weight.shape[0]
     if n_rows != 1 or h.dtype not in (torch.float32, torch.float64) or n_outputs == 0 or n_features == 0:

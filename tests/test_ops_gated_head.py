@@ -327,6 +327,11 @@ def test_one_launch_step_plan():
     assert step.plan(h, w.new_empty((40000, 2304))) is None
     assert step.plan(h.double(), w.double()) is None  # twice the registers: the two launches
     assert step.plan(h[:, :0], w[:, :0]) is None
+    # traced (opcheck's AOT dispatch runs the op on fake, functional tensors with symbolic shapes):
+    # the two launches, which a tracer can capture
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as fake:
+        assert step.plan(fake.from_tensor(h), fake.from_tensor(w)) is None
 
 
 def test_refused_cooperative_grid_falls_back(monkeypatch):
