@@ -71,7 +71,10 @@ def counters(like: torch.Tensor, tiles: int) -> torch.Tensor:
             _RESERVE[dev] = [torch.zeros(RESERVE_COUNTERS, dtype=torch.int32, device=dev), 0]
             if dev.type == "cuda":  # zero before a capture on any stream reads it
                 torch.cuda.current_stream(dev).synchronize()
-        key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
+        # the raw stream handle: torch.cuda.current_stream() builds a Stream object each call
+        key = (dev, torch._C._cuda_getCurrentRawStream(dev.index if dev.index is not None
+                                                        else torch.cuda.current_device())
+               if dev.type == "cuda" else 0)
         if key not in _EAGER:
             _EAGER[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=dev)
         return _EAGER[key]

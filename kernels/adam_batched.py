@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from ._launch import launch
 from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter
 from ._scalars import cdiv
@@ -87,7 +88,7 @@ def _run(p, g, m, v, step, lr, beta1, beta2, eps):
         raise ValueError("adam_update_batched_: p, m and v are updated in place and must be contiguous")
     in_memory = isinstance(step, torch.Tensor)
     scalars = adam_scalar_args(beta1, beta2, eps)
-    wrap_triton(_adam_batched_kernel)[(cdiv(n, BLOCK), T)](
+    launch(_adam_batched_kernel, (cdiv(n, BLOCK), T),
         p, g.contiguous(), m, v, lr, step if in_memory else p, 0 if in_memory else step, n, lr.stride(0),
         *scalars, STEP_IN_MEMORY=in_memory, BLOCK=BLOCK, num_warps=4, **pdl_args(m))
 

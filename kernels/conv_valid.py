@@ -46,9 +46,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ._counters import MAX_TILES, counters, last_to_arrive, reset
+from ._launch import launch
 from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter
 from ._scalars import cdiv, join_double, next_pow2, split_double
@@ -575,7 +576,7 @@ def _launch_taps(out, source, weight, dgrad: bool, cfg: dict, norm: tuple | None
         norm_args = (y, mean, rstd, gamma, beta, dy, dgamma, dbeta)
         norm_cfg = dict(NORM_BWD=True, NH=y.shape[2], NW=y.shape[3], POOL=bool(pool),
                         BLOCK_U=max(16, next_pow2(y.shape[2] * y.shape[3])))
-    wrap_triton(_conv_taps_kernel)[(row_tiles, n, splits)](
+    launch(_conv_taps_kernel, (row_tiles, n, splits),
         source, weight, out, scratch, tile_counters, c_rows, c_red, c_in, bh, bw, dh, dw, chunk, *norm_args,
         KH=kh, KW=kw, DGRAD=dgrad, SPLIT=splits > 1, PRECISION=precision, CH=ch, BLOCK_R=block_r, BLOCK_S=block_s,
         BLOCK_C=max(2, next_pow2(ch)), BLOCK_D=max(16, next_pow2(dh * dw)), **norm_cfg,
@@ -674,9 +675,8 @@ def _launch(kernel, name, out, m, n_cols, red, head, dims, lr=None, taps=None, n
         lr_hi, lr_lo = (0.0, 0.0) if lr is None else split_double(float(lr))
         constexprs.update(SGD=lr is not None, lr_hi=lr_hi, lr_lo=lr_lo)
     precision = dot_precision(out.dtype, dims[0] * constexprs["KH"] * constexprs["KW"])  # dims[0]: C_in
-    wrap_triton(kernel)[(m_tiles, n_tiles, splits)](*head, out, part, tile_counters, *dims, chunk, numel,
-                                                    **constexprs, SPLIT=splits > 1, PRECISION=precision, **cfg,
-                                                    **pdl_args(out))
+    launch(kernel, (m_tiles, n_tiles, splits), *head, out, part, tile_counters, *dims, chunk, numel,
+           **constexprs, SPLIT=splits > 1, PRECISION=precision, **cfg, **pdl_args(out))
 
 
 def _fwd_norm_args(y, norm, norm_counters, block_m: int) -> dict:
@@ -821,7 +821,7 @@ def conv_valid_input_grad_norm_backward(grad_y: torch.Tensor, weight: torch.Tens
                 grad_x.zero_()
             block_u = max(16, next_pow2(y.shape[2] * y.shape[3]))
             ch = max(1, min(16, 4096 // block_u))
-            wrap_triton(_plane_norm_bwd_kernel)[(cdiv(c_in, ch), n)](
+            launch(_plane_norm_bwd_kernel, (cdiv(c_in, ch), n),
                 grad_x, y, mean, rstd, norm_weight, norm_bias, dy, dgamma, dbeta, c_in, H=y.shape[2],
                 W=y.shape[3], POOL=bool(pool), CH=ch, BLOCK_C=max(2, next_pow2(ch)), BLOCK_U=block_u,
                 **pdl_args(dy))

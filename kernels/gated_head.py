@@ -45,10 +45,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import gated_head_step
 from ._counters import counters, last_to_arrive, reset
+from ._launch import launch
 from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter
 from ._scalars import cdiv, join_double, next_pow2, split_double
@@ -561,7 +562,7 @@ _ROWS_CFG = dict(BLOCK_B=8, BLOCK_F=256, num_warps=4)
 def _gated(h, z):
     """a = h * sigmoid(z), one launch."""
     a = torch.empty_like(h)
-    wrap_triton(_gate_kernel)[_rows_grid(*h.shape, _ROWS_CFG)](h, z, a, *h.shape, **_ROWS_CFG, **pdl_args(a))
+    launch(_gate_kernel, _rows_grid(*h.shape, _ROWS_CFG), h, z, a, *h.shape, **_ROWS_CFG, **pdl_args(a))
     return a
 
 
@@ -572,7 +573,7 @@ def _ce_from_logits(logits, target, loss, lse):
     grid = (cdiv(n_outputs, block_o), cdiv(n_rows, cfg["BLOCK_B"]))
     part_max = logits.new_empty((n_rows, grid[0]))
     part_sum = logits.new_empty((n_rows, grid[0]))
-    wrap_triton(_ce_from_logits_kernel)[grid](
+    launch(_ce_from_logits_kernel, grid,
         logits, part_max, part_sum, target, lse, loss, counters(logits, 1), n_rows, n_outputs,
         BLOCK_LOSS_B=min(32, next_pow2(n_rows)),
         BLOCK_P=next_pow2(grid[0]), **cfg, num_warps=4, **pdl_args(logits))
@@ -602,7 +603,7 @@ def _launch_fwd(h, z, weight, bias, logits, ce=None):
         count = counters(h, 1)
         loss_cfg = dict(BLOCK_LOSS_B=min(32, next_pow2(n_rows)),
                         BLOCK_P=next_pow2(grid[0]))
-    wrap_triton(_gated_head_fwd_kernel)[grid](
+    launch(_gated_head_fwd_kernel, grid,
         h, z, weight, bias, logits, part_max, part_sum, target, lse, loss, count,
         n_rows, n_features, n_outputs,
         WITH_LSE=ce is not None, USE_DOT=dot, DOT_PRECISION=DOT_PRECISION, **cfg, **loss_cfg, **pdl_args(logits))
@@ -644,7 +645,7 @@ def _launch_bwd(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh,
         # Before the weight kernel: with sgd, that one overwrites W, and da needs the old W.
         icfg = _input_config(n_rows, use_dot)
         grid = (cdiv(n_features, icfg["BLOCK_F"]), cdiv(n_rows, icfg["BLOCK_B"]))
-        wrap_triton(_gated_head_bwd_input_kernel)[grid](
+        launch(_gated_head_bwd_input_kernel, grid,
             h, z, weight, dlogits, logits, lse, target, grad_loss, dh, dz,
             n_rows, n_features, n_outputs,
             FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss_is_one,
@@ -653,7 +654,7 @@ def _launch_bwd(h, z, weight, bias, dlogits, logits, lse, target, grad_loss, dh,
         lr_hi, lr_lo = split_double(lr)
         grid = (n_parts, cdiv(n_features, wcfg["BLOCK_F"]))
         count = counters(h, grid[1]) if fuse else placeholder
-        wrap_triton(_gated_head_bwd_weight_kernel)[grid](
+        launch(_gated_head_bwd_weight_kernel, grid,
             h, z, weight, bias, dlogits, logits, lse, target, grad_loss,
             dweight, dbias, da_part, dh, dz, count, lr_hi, lr_lo, n_rows, n_features, n_outputs,
             FROM_CE=from_ce, GRAD_LOSS_IS_ONE=grad_loss_is_one, SGD=sgd, WITH_DA_PARTIAL=fuse,
@@ -672,7 +673,7 @@ def _launch_bwd_gemm(h, z, weight, bias, dlogits, logits, lse, target, grad_loss
     if store_dl or store_db or sgd:
         lr_hi, lr_lo = split_double(lr)
         cfg = dict(BLOCK_B=16, BLOCK_O=32)
-        wrap_triton(_dlogits_kernel)[(cdiv(n_outputs, cfg["BLOCK_O"]),)](
+        launch(_dlogits_kernel, (cdiv(n_outputs, cfg["BLOCK_O"]),),
             placeholder if dlogits is None else dlogits, placeholder if logits is None else logits,
             placeholder if lse is None else lse, placeholder if target is None else target,
             placeholder if grad_loss is None else grad_loss, dl if store_dl else placeholder,
@@ -685,7 +686,7 @@ def _launch_bwd_gemm(h, z, weight, bias, dlogits, logits, lse, target, grad_loss
         da = torch.mm(dl, weight)
         store_a = weight_grad or sgd
         a = torch.empty_like(h) if store_a else placeholder
-        wrap_triton(_input_grads_kernel)[_rows_grid(*h.shape, _ROWS_CFG)](
+        launch(_input_grads_kernel, _rows_grid(*h.shape, _ROWS_CFG),
             da, h, z, dh, dz, a, *h.shape, STORE_A=store_a, **_ROWS_CFG, **pdl_args(da))
     if weight_grad or sgd:
         a = _gated(h, z) if a is None else a

@@ -30,10 +30,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ._counters import counters
 from ._grid_sync import grid_exit, grid_sync
+from ._launch import launch as launch_kernel
 from ._pdl import _INTERPRETED  # whether Triton runs its interpreter (decided at its import)
 from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter
@@ -221,7 +221,7 @@ def launch(h, z, weight, bias, target, lr, loss, lse, dh, dz, cfg, *, one_launch
     extra = {"launch_cooperative_grid": True} if one_launch else {}
     for run_a, run_b, run_c in phases:
         try:
-            wrap_triton(_gated_head_step_kernel)[(n,)](
+            launch_kernel(_gated_head_step_kernel, (n,),
                 h, z, weight, bias, target, logits, part_max, part_sum, da_part, lse, loss, dh, dz,
                 bar, lr_hi, lr_lo, n_features, n_outputs, RUN_A=run_a, RUN_B=run_b, RUN_C=run_c,
                 **sizes, num_warps=NUM_WARPS, num_stages=1, **extra, **pdl_args(dh))

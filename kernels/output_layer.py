@@ -42,8 +42,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from ._launch import launch
 from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter
 from ._scalars import cdiv, join_double, next_pow2, split_double
@@ -259,11 +260,11 @@ def output_layer_adam_step_(W: torch.Tensor, b: torch.Tensor, mW: torch.Tensor, 
     S = X.shape[1]
     scalars = adam_scalar_args(BETA1, BETA2, EPS)
     d = torch.empty_like(logits)
-    wrap_triton(_output_layer_grad_kernel)[(T,)](
+    launch(_output_layer_grad_kernel, (T,),
         logits, Y, step, d, b, mb, vb, lr, O, S, Y.stride(0), Y.stride(1), lr.stride(0), *scalars,
         BLOCK_ALL_O=next_pow2(O), num_warps=4, **pdl_args(d))
     cfg = adam_config(T)
-    wrap_triton(_output_layer_adam_kernel)[(cdiv(O, cfg["BLOCK_O"]), T)](
+    launch(_output_layer_adam_kernel, (cdiv(O, cfg["BLOCK_O"]), T),
         W, b, mW, vW, X, lr, step, d, logits, O, F_, S, X.stride(0), X.stride(1), lr.stride(0),
         *scalars, **cfg, **pdl_args(d))
 

@@ -436,18 +436,14 @@ def test_launches_pass_every_kernel_argument(monkeypatch):
     """wrap_triton's tracing (torch.compile, opcheck's AOT test) rejects a launch that leaves a
     kernel argument to its default, which eager launches accept: every launch of these ops names
     them all."""
-    real, launched = kernels.wrap_triton, set()
+    real, launched = kernels.launch, set()
 
-    def checking(kernel):
-        def at(grid):
-            def launch(*args, **kw):
-                missing = set(kernel.arg_names) - set(kernel.arg_names[:len(args)]) - set(kw)
-                assert not missing, f"{kernel.arg_names} launched without {sorted(missing)}"
-                launched.add(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
-                return real(kernel)[grid](*args, **kw)
-            return launch
-        return type("Launcher", (), {"__getitem__": lambda self, grid: at(grid)})()
-    monkeypatch.setattr(kernels, "wrap_triton", checking)
+    def checking(kernel, grid, *args, **kw):
+        missing = set(kernel.arg_names) - set(kernel.arg_names[:len(args)]) - set(kw)
+        assert not missing, f"{kernel.arg_names} launched without {sorted(missing)}"
+        launched.add(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
+        return real(kernel, grid, *args, **kw)
+    monkeypatch.setattr(kernels, "launch", checking)
     x, w, gy = make(ODD[3])
     cv.conv_valid(x, w), cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1)
     cv.conv_valid_input_grad_norm_backward(*make_norm_backward(ODD[3], True))

@@ -342,15 +342,10 @@ def test_refused_cooperative_grid_falls_back(monkeypatch):
     h, z, w, b, y = make_inputs(1, 50, 37)
     cfg = step.plan(h, w)
 
-    def refuse(kernel):
-        class Launcher:
-            def __getitem__(self, grid):
-                def run(*args, **kwargs):
-                    assert kwargs.get("launch_cooperative_grid")
-                    raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
-                return run
-        return Launcher()
-    monkeypatch.setattr(step, "wrap_triton", refuse)
+    def refuse(kernel, grid, *args, **kwargs):
+        assert kwargs.get("launch_cooperative_grid")
+        raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+    monkeypatch.setattr(step, "launch_kernel", refuse)
     monkeypatch.setattr(step, "_INTERPRETED", False)  # let one_launch=True reach the launcher
     out = (h.new_empty(()), h.new_empty((1,)), torch.empty_like(h), torch.empty_like(h))
     w_f, b_f = w.clone(), b.clone()

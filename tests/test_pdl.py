@@ -21,14 +21,15 @@ _pdl = sys.modules[sys.modules["anml_fast.ops.conv_valid"]._kernels().pdl_args._
 
 
 def _launched_triton_kernels():
-    """{file: {name: FunctionDef}} of every function a `wrap_triton(...)` launch names in kernels/."""
+    """{file: {name: FunctionDef}} of every function a launch names in kernels/."""
     found = {}
     for path in sorted((REPO / "kernels").glob("*.py")):
         tree = ast.parse(path.read_text())
         defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-        # wrap_triton(kernel)[grid](...), or conv_valid's _launch(kernel, ...), which does that
+        # launch(kernel, grid, ...) (kernels/_launch.py), under gated_head_step's name for it, or
+        # conv_valid's _launch(kernel, ...), which calls it
         names = {c.args[0].id for c in ast.walk(tree) if isinstance(c, ast.Call) and c.args
-                 and getattr(c.func, "id", None) in ("wrap_triton", "_launch") and isinstance(c.args[0], ast.Name)}
+                 and getattr(c.func, "id", None) in ("launch", "launch_kernel", "_launch") and isinstance(c.args[0], ast.Name)}
         if names & set(defs):
             found[path.name] = {n: defs[n] for n in names if n in defs}
     return found

@@ -1,0 +1,142 @@
+"""Host time of eager batch-1 calls: each op and the whole PLN inner step, fused against the twin.
+
+At batch 1 an eager call is bound by the host (Python, the dispatcher, the launch), not the card.
+For each call this times, on one GPU and in one run:
+  host us    a call, over many calls without synchronising (the card keeps up: the host's cost)
+  synced us  a call that ends with torch.cuda.synchronize() (what the eager benchmark rows time)
+for three implementations: the twin; the compiled op with its Triton kernels launched through
+kernels/_launch.py's cache of compiled kernels; and the same op with every launch on Triton's own
+path (`kernel[grid](...)`, binding and specialising the arguments at each call), which was the
+package's launch before the cache.
+
+    python3 bench/host_cost.py                # writes bench/results/host-cost-<card>.{json,md}
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import card_slug  # noqa: E402
+
+from anml_fast import ops  # noqa: E402
+from anml_fast.kernels import _launch  # noqa: E402
+
+
+def per_call_us(fn, calls: int, synced: bool) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+        if synced:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+@triton.jit
+def _store_kernel(A, B, C, D, Out, n, m, k, scale, BLOCK: tl.constexpr, FLAG: tl.constexpr, PDL: tl.constexpr):
+    """Stores one value: a launch as wide as the package's (pointers, sizes, a float, constexprs)."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(Out + offs, tl.load(A + offs, mask=offs < n) * scale, mask=offs < n)
+
+
+def launch_only_us(calls: int) -> dict:
+    """Host us a launch of _store_kernel (13 arguments), cached and on Triton's path, same run."""
+    a = torch.zeros(16, device="cuda")
+    args = (a, a, a, a, torch.empty(16, device="cuda"), 16, 3, 5, 0.5)
+    go = lambda: _launch.launch(_store_kernel, (1,), *args, BLOCK=16, FLAG=True, PDL=False, num_warps=1)
+    out = {}
+    for name in ("cached", "triton_path", "cached", "triton_path"):  # twice each: the second pair is kept
+        _launch._ENABLED[0] = name == "cached"
+        out[name] = per_call_us(go, calls, False)
+    _launch._ENABLED[0] = True
+    return out
+
+
+def cases():
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    F, O = 2304, 1000
+    h, z = torch.randn(1, F, device=dev, generator=g), torch.randn(1, F, device=dev, generator=g)
+    W, b = torch.randn(O, F, device=dev, generator=g) * 0.02, torch.zeros(O, device=dev)
+    y = torch.randint(0, O, (1,), device=dev, generator=g)
+    x2 = torch.randn(1, 256, 13, 13, device=dev, generator=g)  # conv2's input at batch 1
+    w2 = torch.randn(256, 256, 3, 3, device=dev, generator=g) * 0.02
+    gy2 = torch.randn(1, 256, 11, 11, device=dev, generator=g)
+    w2_step = w2.clone()
+
+    def both(name, call):
+        return {"twin": lambda: call(name, "torch"), "compiled": lambda: call(name, "compiled")}
+    yield "gated_head (logits)", both("gated_head", lambda n, be: ops.gated_head(h, z, W, b, backend=be))
+    yield "gated_head_cross_entropy", both("ce", lambda n, be: ops.gated_head_cross_entropy(h, z, W, b, y, backend=be))
+    # lr 0: the head does not drift over thousands of calls
+    yield "gated_head_ce_sgd_", both("sgd", lambda n, be: ops.gated_head_ce_sgd_(h, z, W, b, y, 0.0, backend=be))
+    yield "conv_valid (conv2)", both("cv", lambda n, be: ops.conv_valid(x2, w2, backend=be))
+    yield "conv_valid_backward (conv2)", both("cvb", lambda n, be: ops.conv_valid_backward(gy2, x2, w2, True, True, backend=be))
+    yield "conv_valid_sgd (conv2)", both("cvs", lambda n, be: ops.conv_valid_sgd(gy2, x2, w2_step, 0.0, backend=be))
+
+    from bench_inner_step import _step  # the benchmark's own step builder
+    twin, pln_t = _step("twin")
+    fused, pln_f = _step("fused")
+    donated = {k: v.clone() for k, v in pln_f.items()}
+    yield "PLN inner step (fused: donate)", {"twin": lambda: twin(pln_t),
+                                             "compiled": lambda: fused(donated, donate=True)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                    help="folder for host-cost-<card>.json and .md (default: bench/results)")
+    ap.add_argument("--calls", type=int, default=2000, help="calls a measurement (default 2000)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("host_cost.py: needs a CUDA GPU")
+    ops.available()
+    card = torch.cuda.get_device_name()
+    launch_only = launch_only_us(args.calls * 5)
+    print(f"a launch alone: cached {launch_only['cached']:.1f} us, Triton's path {launch_only['triton_path']:.1f} us")
+    rows = []
+    for name, impls in cases():
+        row = {"call": name}
+        for impl, fn in (("twin", impls["twin"]), ("cached", impls["compiled"]), ("triton_path", impls["compiled"])):
+            _launch._ENABLED[0] = impl != "triton_path"
+            calls = args.calls if "inner step" not in name else args.calls // 10
+            row[impl] = {"host_us": per_call_us(fn, calls, False), "synced_us": per_call_us(fn, calls // 4, True)}
+        _launch._ENABLED[0] = True
+        rows.append(row)
+        print(f"{name:34s} " + "  ".join(f"{k} {row[k]['host_us']:7.1f} / {row[k]['synced_us']:7.1f}"
+                                        for k in ("twin", "cached", "triton_path")), flush=True)
+    meta = {"card": card, "torch": torch.__version__, "triton": __import__("triton").__version__,
+            "date": datetime.date.today().isoformat(), "launch_only_us": launch_only, "rows": rows}
+    slug = card_slug(card)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"host-cost-{slug}.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    lines = [f"# Host time of eager batch-1 calls, {card} ({meta['date']}, torch {meta['torch']}, triton {meta['triton']})",
+             "", "`python3 bench/host_cost.py`. us a call: host (no synchronise, many calls) / synced (each call "
+             "ends with torch.cuda.synchronize()). `cached`: the compiled op, launches through kernels/_launch.py; "
+             "`triton path`: the same op with every launch through Triton's `kernel[grid](...)`.", "",
+             f"A launch alone (a 13-argument kernel that stores one value, host us a launch, no synchronise): "
+             f"cached {launch_only['cached']:.1f}, Triton's path {launch_only['triton_path']:.1f}.", "",
+             "| call | twin | compiled, cached launch | compiled, Triton's launch path | cached vs twin (synced) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        cell = lambda k: f"{r[k]['host_us']:.1f} / {r[k]['synced_us']:.1f}"
+        lines.append(f"| {r['call']} | {cell('twin')} | {cell('cached')} | {cell('triton_path')} | "
+                     f"{r['twin']['synced_us'] / r['cached']['synced_us']:.2f}x |")
+    with open(os.path.join(args.out, f"host-cost-{slug}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

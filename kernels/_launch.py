@@ -1,0 +1,125 @@
+"""Launching the package's Triton kernels with little host work per eager call.
+
+At batch 1 a kernel runs for a few microseconds, and an eager call is bound by the host: on an
+H200 machine (2026-11-29, bench/host_cost.py) Triton's `kernel[grid](...)` took about 40 us a
+launch, of which its C launcher took about 15; the rest binds the arguments, works out their
+specialisation (dtypes, 16-byte alignment, integers equal to 1 or divisible by 16) and hashes a
+cache key, every call. `launch` keeps the compiled kernel per call signature under a key it builds
+itself from the same facts (coarser work, the same distinctions), and on a hit hands the
+arguments straight to the compiled kernel's launcher.
+
+The first call of a signature, and every call that is not a plain eager CUDA launch, goes through
+Triton's own path (via torch's `wrap_triton`, which a tracer captures): under Triton's
+interpreter, torch.compile, fake or functional tensors (opcheck, AOT dispatch), with a launch
+hook set (a profiler such as proton), or on a Triton whose compiled kernels lack the launcher
+attributes this relies on (then for the rest of the process).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from torch.library import wrap_triton
+
+from ._pdl import _INTERPRETED
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # older Triton: no launch hooks to honour here, and no fast path
+    _knobs = None
+
+_I32 = (-(1 << 31), (1 << 31) - 1)
+_I64 = (-(1 << 63), (1 << 63) - 1)
+# Triton 3.3 and later hand the launcher every argument, constexprs included (this relies on it)
+_ENABLED = [_knobs is not None and not _INTERPRETED
+            and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 3)]
+
+
+def _arg_key(a):
+    """What Triton specialises a runtime argument on (its type, a pointer's 16-byte alignment, an
+    integer's width and whether it is 1 or a multiple of 16), or the argument itself."""
+    t = type(a)
+    if t is torch.Tensor:
+        return (a.dtype, a.data_ptr() & 15 == 0)
+    if t is int:
+        lo, hi = _I32
+        width = 32 if lo <= a <= hi else (64 if _I64[0] <= a <= _I64[1] else 65)
+        return (width, a == 1, a & 15 == 0)
+    if t is float:
+        return float
+    return (t, a)
+
+
+MAX_SIGNATURES = 256  # a kernel's cached call signatures (a handful in practice)
+
+
+class _Known:
+    """A kernel's parameters as `launch` needs them, and its compiled kernels by call key."""
+    __slots__ = ("cache", "constexpr", "runtime", "params")
+
+    def __init__(self, kernel):
+        self.cache: dict = {}
+        self.params = [(p.name, p.is_constexpr) for p in kernel.params]
+        self.constexpr = tuple(c for _, c in self.params)
+        # the rest, constexprs and launch options (num_warps, launch_pdl, ...), enter the key by value
+        self.runtime = frozenset(n for n, c in self.params if not c)
+
+
+_KERNELS: dict[int, _Known] = {}
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook is set: Triton's HookChain (3.4 on) with a call in it, or a callable."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return bool(calls) if calls is not None else True
+
+
+def _plain(args) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or not a.is_cuda):
+            return False
+    return True
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """`kernel[grid](*args, **kwargs)` (arguments positional or by name, constexprs and launch
+    options such as num_warps by name)."""
+    if not (_ENABLED[0] and _plain(args) and _plain(kwargs.values())
+            and not _hooked(_knobs.runtime.launch_enter_hook) and not _hooked(_knobs.runtime.launch_exit_hook)
+            and not torch.compiler.is_compiling()):
+        wrap_triton(kernel)[grid](*args, **kwargs)
+        return
+    known = _KERNELS.get(id(kernel))
+    if known is None:
+        known = _KERNELS[id(kernel)] = _Known(kernel)
+    runtime = known.runtime
+    device = torch.cuda.current_device()
+    # a constexpr enters the key by value, a runtime argument by what Triton specialises it on
+    key = (device, tuple(a if c else _arg_key(a) for a, c in zip(args, known.constexpr)),
+           tuple((n, _arg_key(v) if n in runtime else v) for n, v in kwargs.items()))
+    try:
+        entry = known.cache.get(key)
+    except TypeError:  # an unhashable constexpr: Triton's own path every time
+        wrap_triton(kernel)[grid](*args, **kwargs)
+        return
+    if entry is None:
+        # Triton's own path: compiles on the first call, launches, returns the compiled kernel
+        compiled = kernel.run(*args, grid=grid, warmup=False, **kwargs)
+        if not all(hasattr(compiled, n) for n in ("run", "function", "packed_metadata")):
+            _ENABLED[0] = False
+            return
+        if len(known.cache) >= MAX_SIGNATURES:
+            known.cache.clear()
+        # the launcher takes every parameter, constexprs included, in the kernel's order: where
+        # each of those after the positional ones comes from (by name, or its default)
+        defaults = {n: p.default for n, p in kernel.signature.parameters.items()}
+        recipe = tuple((n in kwargs, n, defaults[n]) for n, _ in known.params[len(args):])
+        known.cache[key] = (compiled, recipe)
+        return
+    compiled, recipe = entry
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    compiled.run(grid[0], g1, g2, torch._C._cuda_getCurrentRawStream(device), compiled.function,
+                 compiled.packed_metadata, None, None, None, *args,
+                 *[kwargs[n] if named else d for named, n, d in recipe])
