@@ -1,7 +1,8 @@
 """Host time of eager batch-1 calls: each op and the whole PLN inner step, fused against the twin.
 
 At batch 1 an eager call is bound by the host (Python, the dispatcher, the launch), not the card.
-For each call this times, on one GPU and in one run:
+For each call this times, on one GPU and in one run (the implementations taking turns, medians of
+ROUNDS rounds: the host's times drift by 10-30% over seconds):
   host us    a call, over many calls without synchronising (the card keeps up: the host's cost)
   synced us  a call that ends with torch.cuda.synchronize() (what the eager benchmark rows time)
 for three implementations: the twin; the compiled op with its Triton kernels launched through
@@ -15,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -27,6 +29,9 @@ from _measure import card_slug  # noqa: E402
 
 from anml_fast import ops  # noqa: E402
 from anml_fast.kernels import _launch  # noqa: E402
+
+
+ROUNDS = 5  # turns each implementation takes (interleaved); medians reported
 
 
 def per_call_us(fn, calls: int, synced: bool) -> float:
@@ -58,10 +63,11 @@ def launch_only_us(calls: int) -> dict:
     # tracing off; outside one, wrap_triton would dispatch a higher-order op first)
     go = {"cached": lambda: _launch.launch(_store_kernel, (1,), *args, **kw),
           "triton_path": lambda: _store_kernel[(1,)](*args, **kw)}
-    out = {}
-    for name in ("cached", "triton_path", "cached", "triton_path"):  # twice each: the second pair is kept
-        out[name] = per_call_us(go[name], calls, False)
-    return out
+    times = {name: [] for name in go}
+    for _ in range(ROUNDS):
+        for name, fn in go.items():
+            times[name].append(per_call_us(fn, max(1, calls // ROUNDS), False))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def cases():
@@ -109,10 +115,19 @@ def main():
     rows = []
     for name, impls in cases():
         row = {"call": name}
-        for impl, fn in (("twin", impls["twin"]), ("cached", impls["compiled"]), ("triton_path", impls["compiled"])):
-            _launch._ENABLED[0] = impl != "triton_path"
-            calls = args.calls if "inner step" not in name else args.calls // 10
-            row[impl] = {"host_us": per_call_us(fn, calls, False), "synced_us": per_call_us(fn, calls // 4, True)}
+        calls = args.calls if "inner step" not in name else args.calls // 10
+        impl_fns = (("twin", impls["twin"]), ("cached", impls["compiled"]), ("triton_path", impls["compiled"]))
+        # the host's times drift by 10-30% over seconds: the three take turns, in ROUNDS rounds,
+        # and each keeps its median
+        samples = {impl: ([], []) for impl, _ in impl_fns}
+        for _ in range(ROUNDS):
+            for impl, fn in impl_fns:
+                _launch._ENABLED[0] = impl != "triton_path"
+                samples[impl][0].append(per_call_us(fn, max(1, calls // ROUNDS), False))
+                samples[impl][1].append(per_call_us(fn, max(1, calls // (4 * ROUNDS)), True))
+        for impl, (host, synced) in samples.items():
+            row[impl] = {"host_us": statistics.median(host), "synced_us": statistics.median(synced),
+                         "host_us_rounds": host, "synced_us_rounds": synced}
         _launch._ENABLED[0] = True
         rows.append(row)
         print(f"{name:34s} " + "  ".join(f"{k} {row[k]['host_us']:7.1f} / {row[k]['synced_us']:7.1f}"
@@ -126,7 +141,8 @@ def main():
     lines = [f"# Host time of eager batch-1 calls, {card} ({meta['date']}, torch {meta['torch']}, triton {meta['triton']})",
              "", "`python3 bench/host_cost.py`. us a call: host (no synchronise, many calls) / synced (each call "
              "ends with torch.cuda.synchronize()). `cached`: the compiled op, launches through kernels/_launch.py; "
-             "`triton path`: the same op with every launch through Triton's `kernel[grid](...)`.", "",
+             "`triton path`: the same op with every launch through Triton's `kernel[grid](...)`. Each figure is "
+             f"the median of {ROUNDS} rounds in which the implementations take turns.", "",
              f"A launch alone (a 13-argument kernel that stores one value, host us a launch, no synchronise): "
              f"cached {launch_only['cached']:.1f}, Triton's path {launch_only['triton_path']:.1f}.", "",
              "| call | twin | compiled, cached launch | compiled, Triton's launch path | cached vs twin (synced) |",
