@@ -11,10 +11,13 @@ arguments straight to the compiled kernel's launcher.
 The first call of a signature, and every call that is not a plain eager CUDA launch, goes through
 Triton's own path (via torch's `wrap_triton`, which a tracer captures): under Triton's
 interpreter, torch.compile, fake or functional tensors (opcheck, AOT dispatch), with a launch
-hook set (a profiler such as proton), or on a Triton whose compiled kernels lack the launcher
-attributes this relies on (then for the rest of the process).
+hook set (a profiler such as proton), with ANML_FAST_CACHED_LAUNCH=0 in the environment, or on a
+Triton before 3.3 or whose compiled kernels lack the launcher attributes this relies on (then for
+the rest of the process).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -29,9 +32,11 @@ except ImportError:  # older Triton: no launch hooks to honour here, and no fast
 
 _I32 = (-(1 << 31), (1 << 31) - 1)
 _I64 = (-(1 << 63), (1 << 63) - 1)
-# Triton 3.3 and later hand the launcher every argument, constexprs included (this relies on it)
+# Triton 3.3 and later hand the launcher every argument, constexprs included (this relies on it).
+# ANML_FAST_CACHED_LAUNCH=0 (read at import) sends every launch down Triton's own path.
 _ENABLED = [_knobs is not None and not _INTERPRETED
-            and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 3)]
+            and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 3)
+            and os.environ.get("ANML_FAST_CACHED_LAUNCH", "1") != "0"]
 
 
 def _arg_key(a):

@@ -5,6 +5,8 @@ an integer that is 1 or a multiple of 16, another constexpr), which would launch
 compiled for the wrong facts: the GPU tests launch the same kernel under each of those changes,
 in turn, and compare with torch. On the CPU (Triton's interpreter) `launch` is Triton's own path.
 """
+import os
+import subprocess
 import sys
 
 import pytest
@@ -130,3 +132,17 @@ def test_a_launch_hook_takes_tritons_path(monkeypatch):
         out, want = _run(x, y, 100, 0.5, -2.0, 1, 32)
         torch.testing.assert_close(out, want)
     assert len(seen) == 3
+
+
+def test_the_environment_turns_the_cache_off():
+    """ANML_FAST_CACHED_LAUNCH=0, read at import, sends every launch down Triton's own path."""
+    code = ("import sys, anml_fast.ops.conv_valid; "
+            "m = sys.modules[sys.modules['anml_fast.ops.conv_valid']._kernels().launch.__module__]; "
+            "print(m._ENABLED[0])")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter turns it off too
+    seen = {}
+    for value in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "ANML_FAST_CACHED_LAUNCH": value},
+                             capture_output=True, text=True, check=True).stdout.split()
+        seen[value] = out[-1]
+    assert seen == {"0": "False", "1": "True"}, seen
