@@ -3,7 +3,8 @@
 #   build the extension there, time chosen end-to-end rows first, alone on the card
 #   (E2E_ROWS=traj,protocol,...: bench/end_to_end.py, merged into bench/results/end-to-end-<card>.json),
 #   then with PROFILE=1 the kernel profiles of the meta-steps and the PLN inner step
-#   (bench/profile_meta_step.py), with BENCH=1
+#   (bench/profile_meta_step.py), with HOST_COST=1 the eager calls' host time (bench/host_cost.py),
+#   with BENCH=1
 #   every kernel benchmark (bench/run_all.py), then (unless TESTS=0) the whole test suite, GPU
 #   tests included, in TEST_GROUPS parallel pytest processes over the test files (the real-data
 #   tests run too when the PNGs travel as .carry/omniglot-png.tar.gz), then with DEMO=1 the demo.
@@ -37,6 +38,10 @@ if [ "${PROFILE:-0}" = 1 ]; then  # where the meta-steps' time goes (bench/profi
   done
   timeout ${PROFILE_S:-180} python3 bench/profile_meta_step.py --inner-step --out "$OUT" > "$OUT/profile-inner.log" 2>&1
   echo "profile_meta_step --inner-step exit $?"; head -70 "$OUT/profile-inner.log"
+fi
+if [ "${HOST_COST:-0}" = 1 ]; then  # eager batch-1 calls' host time (bench/host_cost.py)
+  timeout ${HOST_COST_S:-300} python3 bench/host_cost.py --out "$OUT" > "$OUT/host_cost.log" 2>&1
+  echo "host_cost exit $?"; tail -14 "$OUT/host_cost.log"
 fi
 if [ "${BENCH:-0}" = 1 ]; then
   timeout ${BENCH_S:-200} python3 bench/run_all.py --out "$OUT" > "$OUT/bench.log" 2>&1; echo "bench exit $?"; tail -60 "$OUT/bench.log"
