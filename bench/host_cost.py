@@ -82,15 +82,15 @@ def cases():
     gy2 = torch.randn(1, 256, 11, 11, device=dev, generator=g)
     w2_step = w2.clone()
 
-    def both(name, call):
-        return {"twin": lambda: call(name, "torch"), "compiled": lambda: call(name, "compiled")}
-    yield "gated_head (logits)", both("gated_head", lambda n, be: ops.gated_head(h, z, W, b, backend=be))
-    yield "gated_head_cross_entropy", both("ce", lambda n, be: ops.gated_head_cross_entropy(h, z, W, b, y, backend=be))
+    def both(call):
+        return {"twin": lambda: call("torch"), "compiled": lambda: call("compiled")}
+    yield "gated_head (logits)", both(lambda be: ops.gated_head(h, z, W, b, backend=be))
+    yield "gated_head_cross_entropy", both(lambda be: ops.gated_head_cross_entropy(h, z, W, b, y, backend=be))
     # lr 0: the head does not drift over thousands of calls
-    yield "gated_head_ce_sgd_", both("sgd", lambda n, be: ops.gated_head_ce_sgd_(h, z, W, b, y, 0.0, backend=be))
-    yield "conv_valid (conv2)", both("cv", lambda n, be: ops.conv_valid(x2, w2, backend=be))
-    yield "conv_valid_backward (conv2)", both("cvb", lambda n, be: ops.conv_valid_backward(gy2, x2, w2, True, True, backend=be))
-    yield "conv_valid_sgd (conv2)", both("cvs", lambda n, be: ops.conv_valid_sgd(gy2, x2, w2_step, 0.0, backend=be))
+    yield "gated_head_ce_sgd_", both(lambda be: ops.gated_head_ce_sgd_(h, z, W, b, y, 0.0, backend=be))
+    yield "conv_valid (conv2)", both(lambda be: ops.conv_valid(x2, w2, backend=be))
+    yield "conv_valid_backward (conv2)", both(lambda be: ops.conv_valid_backward(gy2, x2, w2, True, True, backend=be))
+    yield "conv_valid_sgd (conv2)", both(lambda be: ops.conv_valid_sgd(gy2, x2, w2_step, 0.0, backend=be))
 
     from bench_inner_step import _step  # the benchmark's own step builder
     twin, pln_t = _step("twin")
@@ -132,7 +132,7 @@ def main():
         rows.append(row)
         print(f"{name:34s} " + "  ".join(f"{k} {row[k]['host_us']:7.1f} / {row[k]['synced_us']:7.1f}"
                                         for k in ("twin", "cached", "triton_path")), flush=True)
-    meta = {"card": card, "torch": torch.__version__, "triton": __import__("triton").__version__,
+    meta = {"card": card, "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.date.today().isoformat(), "launch_only_us": launch_only, "rows": rows}
     slug = card_slug(card)
     os.makedirs(args.out, exist_ok=True)

@@ -30,8 +30,6 @@ try:
 except ImportError:  # older Triton: no launch hooks to honour here, and no fast path
     _knobs = None
 
-_I32 = (-(1 << 31), (1 << 31) - 1)
-_I64 = (-(1 << 63), (1 << 63) - 1)
 # Triton 3.3 and later hand the launcher every argument, constexprs included (this relies on it).
 # ANML_FAST_CACHED_LAUNCH=0 (read at import) sends every launch down Triton's own path.
 _ENABLED = [_knobs is not None and not _INTERPRETED
@@ -46,8 +44,7 @@ def _arg_key(a):
     if t is torch.Tensor:
         return (a.dtype, a.data_ptr() & 15 == 0)
     if t is int:
-        lo, hi = _I32
-        width = 32 if lo <= a <= hi else (64 if _I64[0] <= a <= _I64[1] else 65)
+        width = 32 if -(1 << 31) <= a < (1 << 31) else (64 if -(1 << 63) <= a < (1 << 63) else 65)
         return (width, a == 1, a & 15 == 0)
     if t is float:
         return float
