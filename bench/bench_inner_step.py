@@ -5,13 +5,16 @@ twin:  the model's forward on the plain-PyTorch ops, autograd, torch._foreach SG
 fused: `pln_sgd_step_fused`, no autograd: the batch-1 Triton convolutions and the norm kernels,
        the Triton head's cross-entropy SGD step in one cooperative launch, norm3's fused backward,
        the Triton input grads with the previous norm's backward in the same launch, the weight
-       grads with the SGD step fused, one multi-tensor SGD launch for the norms (14 launches);
+       grads with the SGD step fused, one multi-tensor SGD launch for the norms (13 launches: conv1's
+       norm runs in its convolution's launch, inner_step.FUSED_NORM_BLOCKS);
 fused_donate: the same with the head's weights updated in place (`donate=True`), as the
        meta-trainer's inner loop runs 19 of its 20 steps (no copy of the 9 MB head);
 fused_donate_no_pdl: fused_donate with programmatic dependent launch off (ANML_FAST_PDL=0,
        kernels/_pdl.py): what PDL saves, measured in the same run;
-fused_donate_norm_fwd: fused_donate with conv2's and conv3's norms in their convolution's launch
-       (conv_valid_plane_norm), against the default in the same run;
+fused_donate_norm_fwd<blocks>: fused_donate with the named blocks' norms in their convolution's
+       launch (conv_valid_plane_norm; norm_fwd23: conv2's and conv3's), against the default in the
+       same run (these rows run one after another and drift by several us with their order:
+       bench/inner_step_ab.py interleaves such variants);
 fused_donate_two_launch_head: fused_donate with the head's step as its forward and backward
        launches (kernels/gated_head.py's ONE_LAUNCH_STEP off) instead of one cooperative launch.
 Each at two float32 convolution precisions, set alike for the twin and the fused path (both
@@ -87,14 +90,16 @@ def _step(impl, fused_norm_blocks=None):
 
 @pytest.mark.parametrize("mode", ["eager", "graph", f"graph{CHAIN}"])
 @pytest.mark.parametrize("precision", ["tf32", "fp32"])
-@pytest.mark.parametrize("impl", ["fused", "fused_donate", "fused_donate_no_pdl", "fused_donate_norm_fwd",
+@pytest.mark.parametrize("impl", ["fused", "fused_donate", "fused_donate_no_pdl", "fused_donate_norm_fwd1",
+                                  "fused_donate_norm_fwd3", "fused_donate_norm_fwd13", "fused_donate_norm_fwd23",
                                   "fused_donate_two_launch_head", "twin"])
 def test_pln_inner_step(benchmark, impl, precision, mode, monkeypatch):
     monkeypatch.setattr(head_kernels, "ONE_LAUNCH_STEP", not impl.endswith("_two_launch_head"))
+    base, _, blocks = impl.partition("_norm_fwd")
     # the launches read these settings when called, and graphs keep what they captured
     with conv_precision(precision), pdl(not impl.endswith("_no_pdl")):
-        _time(benchmark, impl.removesuffix("_no_pdl").removesuffix("_norm_fwd").removesuffix("_two_launch_head"), mode,
-              (2, 3) if impl.endswith("_norm_fwd") else None)
+        _time(benchmark, base.removesuffix("_no_pdl").removesuffix("_two_launch_head"), mode,
+              tuple(int(b) for b in blocks) if blocks else None)
     benchmark.extra_info["precision"] = precision
 
 

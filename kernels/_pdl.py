@@ -7,7 +7,9 @@ still finishing: its programs are placed, then wait (`griddepcontrol.wait`) unti
 kernel has completed and its writes are visible. Every kernel here waits as its first act, before
 touching memory, so no kernel ever reads or writes before its predecessors are done: the results
 are the same bits with PDL or without. Only then does it let its own successor launch
-(`griddepcontrol.launch_dependents`), so at most two kernels' programs are resident at a time.
+(`griddepcontrol.launch_dependents`), so at most two kernels' programs are resident at a time;
+a kernel whose programs leave few SMs free while they run (conv_valid's direct kernel) lets its
+successor launch only at its end instead (`pdl_wait` ... `pdl_launch_dependents`).
 
 The package's CUDA kernels do the same (csrc/cuda/pdl.cuh), under the same switch:
 ANML_FAST_PDL=0 in the environment turns PDL off for both (read at each launch).
@@ -44,6 +46,22 @@ def pdl_enter(PDL: tl.constexpr):
     """A kernel's first statement: wait for the previous kernel, then let the next one launch."""
     if PDL:
         gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """A kernel's first statement where its successor should launch only at its end
+    (`pdl_launch_dependents` as its last): the successor's programs are then placed on SMs this
+    kernel has left, not crowded onto the few it leaves idle while running."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def pdl_launch_dependents(PDL: tl.constexpr):
+    """The last statement of a kernel that began with `pdl_wait`."""
+    if PDL:
         gdc_launch_dependents()
 
 

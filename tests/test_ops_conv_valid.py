@@ -388,18 +388,18 @@ def _check_plane_norm_op(args, atol, rtol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("pool", [True, False])
 def test_plane_norm_matches_twin(dtype, pool):
-    """The convolution and the plane norm on its output in one launch (the last program of each
-    block of output channels normalises their planes): equal to the twin, for odd planes (a pooled
-    odd plane leaves a row and a column out), batch 2 and 3, a 1 x 1 filter, a split reduction
-    (17 input channels, 40 output channels: three channel blocks) and 26 x 26 planes (normalised
-    four channels at a time)."""
+    """The convolution and the plane norm on its output in one launch: equal to the twin, for odd
+    planes (a pooled odd plane leaves a row and a column out), batch 2 and 3, a 1 x 1 filter, a
+    split reduction (17 input channels, 40 output channels: three channel blocks) and 26 x 26
+    planes. Both kernels: the GEMM whose last program of each channel block normalises its planes
+    (45 and 153 taps) and the direct kernel for short filters (the rest, 3 to 27 taps)."""
     for shape in (ODD[0], ODD[1], ODD[2], ODD[4], (1, 17, 5, 5, 40, 3, 3), (1, 3, 28, 28, 5, 3, 3)):
         _check_plane_norm_op(make_plane_norm(shape, pool, dtype), *TOL[dtype])
 
 
-@pytest.mark.parametrize("shape", [PROTOCOL[2], pytest.param(PROTOCOL[1], marks=gpu)])
+@pytest.mark.parametrize("shape", [PROTOCOL[0], PROTOCOL[2], pytest.param(PROTOCOL[1], marks=gpu)])
 def test_plane_norm_protocol_shapes(shape):
-    """conv3 -> norm3 and conv2 -> norm2, as the fused inner step runs them."""
+    """conv1 -> norm1, conv3 -> norm3 and conv2 -> norm2, as the fused inner step can run them."""
     _check_plane_norm_op(make_plane_norm(shape, shape[2] > 5), 1e-4, 1e-4)
 
 
@@ -414,7 +414,27 @@ def test_plane_norm_nan_and_counters():
     assert int(arrivals.counters(x, 1).abs().sum()) == 0
 
 
-def test_plane_norm_errors_and_grads():
+@pytest.mark.parametrize("shape, kernel", [((1, 3, 28, 28, 5, 3, 3), "_conv_direct_norm_kernel"),
+                                           ((2, 5, 9, 7, 6, 3, 3), "_conv_fwd_kernel")])
+def test_plane_norm_kernel_by_filter_length(shape, kernel, monkeypatch):
+    """Filters of at most DIRECT_MAX_FILTER taps take the direct kernel, longer ones the GEMM; a
+    NaN in the filter gives NaN planes in either."""
+    launched = []
+    real = kernels.launch
+
+    def spy(k, grid, *args, **kwargs):
+        launched.append(k.fn.__name__ if hasattr(k, "fn") else k.__name__)
+        return real(k, grid, *args, **kwargs)
+    monkeypatch.setattr(kernels, "launch", spy)
+    x, w, gamma, beta, _ = make_plane_norm(shape, True)
+    w = w.clone()
+    w[1] = float("nan")
+    out, y, mean, rstd = cv.conv_valid_plane_norm(x, w, gamma, beta, True)
+    assert launched == [kernel]
+    assert torch.isnan(out[:, 1]).all() and torch.isnan(y[:, 1]).all() and not torch.isnan(out[:, 0]).any()
+
+
+def test_plane_norm_errors_and_grads(monkeypatch):
     x, w, gamma, beta, pool = make_plane_norm(ODD[1], True, torch.float64)
     with pytest.raises(ValueError, match="norm_weight must be"):
         cv.conv_valid_plane_norm(x, w, gamma[:-1], beta, pool)
@@ -423,7 +443,10 @@ def test_plane_norm_errors_and_grads():
     with pytest.raises(ValueError, match="exceed the 4096 positions"):
         cv.conv_valid_plane_norm(torch.zeros(1, 1, 70, 70, device=DEVICE), torch.zeros(2, 1, 3, 3, device=DEVICE),
                                  torch.ones(2, device=DEVICE), torch.zeros(2, device=DEVICE), True)
-    # small: every numerical derivative runs the interpreted kernel in CI
+    # small: every numerical derivative runs the interpreted kernel in CI; the GEMM's, since the
+    # direct kernel's unrolled taps take minutes there (both forwards are checked against the twin
+    # in float64 above, and the backward is the same either way)
+    monkeypatch.setattr(kernels, "DIRECT_MAX_FILTER", 0)
     leaves = [t.requires_grad_() for t in make_plane_norm((1, 2, 6, 6, 3, 3, 3), True, torch.float64)[:4]]
     assert torch.autograd.gradcheck(lambda *a: cv.conv_valid_plane_norm(*a, pool)[0], leaves)
     # second order differentiates the twin, whose F.conv2d backward on cuDNN is only deterministic

@@ -43,8 +43,12 @@ def test_every_triton_kernel_waits_first():
             assert "PDL" in [a.arg for a in fn.args.args], f"{file}: {name} takes no PDL constexpr"
             body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant) \
                 else fn.body
-            first = ast.unparse(body[0])
-            assert first == "pdl_enter(PDL)", f"{file}: {name} starts with {first!r}, not pdl_enter(PDL)"
+            first, last = ast.unparse(body[0]), ast.unparse(body[-1])
+            assert first in ("pdl_enter(PDL)", "pdl_wait(PDL)"), \
+                f"{file}: {name} starts with {first!r}, not pdl_enter(PDL) or pdl_wait(PDL)"
+            if first == "pdl_wait(PDL)":  # then its successor may launch only at its end
+                assert last == "pdl_launch_dependents(PDL)", \
+                    f"{file}: {name} begins with pdl_wait(PDL) but ends with {last!r}, not pdl_launch_dependents(PDL)"
 
 
 def test_every_cuda_kernel_waits_first_and_launches_through_the_helper():

@@ -4,15 +4,15 @@ Two implementations with one signature:
 - `pln_sgd_step_autograd`: the model's forward, `torch.autograd.grad`, then `ops.sgd_update`
   (whatever backend `ops` picks: on the twins it is the plain-PyTorch inner step);
 - `pln_sgd_step_fused`: no autograd at all. Per conv block, the batch-1 Triton convolution
-  (kernels/conv_valid.py) and the fused norm/ReLU/pool kernel (or, for the blocks named in
-  FUSED_NORM_BLOCKS, both in one launch: `conv_valid_plane_norm`), keeping only what the
-  backward reads (input, conv output, mean, rstd); the head's fused cross-entropy SGD step (one
+  (kernels/conv_valid.py) and the fused norm/ReLU/pool kernel, or for the blocks named in
+  FUSED_NORM_BLOCKS (conv1) both in one launch (`conv_valid_plane_norm`), keeping only
+  what the backward reads (input, conv output, mean, rstd); the head's fused cross-entropy SGD step (one
   cooperative launch at ANML's sizes, kernels/gated_head_step.py: dW never written, the weight
   read once and written once); the last norm's fused backward; per block the Triton
   weight grad with the SGD step applied in the same kernel (dW never written) and, for conv3 and
   conv2, the Triton input grad with the previous block's norm backward in the same launch
   (`conv_valid_input_grad_norm_backward`: the input grad is never written out); one multi-tensor
-  SGD launch for the norms' affine weights. 14 launches, each with programmatic dependent launch on
+  SGD launch for the norms' affine weights. 13 launches, each with programmatic dependent launch on
   Hopper cards (kernels/_pdl.py): placed while the one before finishes.
 Both return the step's loss (a 0-d tensor, never read back here) and the updated PLN weights; the
 weights passed in are left as they were (unless the fused step is told it may update the head's in
@@ -31,14 +31,15 @@ from .. import ops
 from ..models import ANML, Params
 
 _TRUNK = [f"pln.{kind}{i}.{p}" for i in (1, 2, 3) for kind in ("conv", "norm") for p in ("weight", "bias")]
-# The blocks whose norm runs in the convolution's launch (conv_valid_plane_norm: the last program
-# of each block of output channels normalises their planes), saving a launch each. None by
-# default: with conv2 and conv3 fused, an H200 run (2026-11-29, same run, 20 steps a graph
-# replay) gave 100.9 us a step in TF32 and 111.8 in float32, against 94.7 and 106.3 without (the
-# last program's serial tail costs more than the launch it saves); bench_inner_step's
-# fused_donate_norm_fwd row times it. (conv1's 26 x 26 planes would leave each such program 32
-# whole planes to do alone.)
-FUSED_NORM_BLOCKS: tuple[int, ...] = ()
+# The blocks whose norm runs in the convolution's launch (conv_valid_plane_norm), saving a launch
+# each: conv1, whose 3 x 3 x 3 filter takes the direct kernel (each program convolves and
+# normalises its own whole planes). H200, 2026-11-29, bench/inner_step_ab.py (20 steps a graph
+# replay, the variants interleaved over 5 rounds, one run, results/inner-step-ab-nvidia-h200.md):
+# TF32 81.3 us a step with conv1, 81.6 with conv1 and conv3, 86.0 with none (float32 90.0, 89.7,
+# 96.8); conv3 alone in an earlier such run: 87.1 against 86.0 (float32 even). Not conv2: the
+# GEMM's last program of each channel block then normalises 32 planes of 11 x 11 alone, a serial
+# tail that costs more than the launch it saves (92.8 against 90.5 us in the sequential benchmark).
+FUSED_NORM_BLOCKS: tuple[int, ...] = (1,)
 _NORMS = [n for n in _TRUNK if ".norm" in n]
 PLN_NAMES = tuple(_TRUNK + ["pln.fc.weight", "pln.fc.bias"])
 
