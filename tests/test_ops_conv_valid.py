@@ -185,7 +185,8 @@ OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 @pytest.mark.parametrize("case", ["conv_valid", "conv_valid_backward", "conv_valid_backward_weight",
-                                  "conv_valid_sgd", "conv_valid_input_grad_norm_backward", "conv_valid_plane_norm"])
+                                  "conv_valid_sgd", "conv_valid_input_grad_norm_backward", "conv_valid_plane_norm",
+                                  "conv_valid_plane_norm_direct"])
 def test_opcheck(case):
     x, w, gy = make(ODD[1])
     args = {"conv_valid_input_grad_norm_backward": (kernels.conv_valid_input_grad_norm_backward,
@@ -193,6 +194,10 @@ def test_opcheck(case):
             "conv_valid_plane_norm": (kernels.conv_valid_plane_norm,
                                       [t.requires_grad_() if isinstance(t, torch.Tensor) else t
                                        for t in make_plane_norm(ODD[1], True)]),
+            # a filter of 18 taps: the direct kernel
+            "conv_valid_plane_norm_direct": (kernels.conv_valid_plane_norm,
+                                             [t.requires_grad_() if isinstance(t, torch.Tensor) else t
+                                              for t in make_plane_norm(ODD[0], True)]),
             "conv_valid": (kernels.conv_valid, (x.requires_grad_(), w.requires_grad_())),
             "conv_valid_backward": (kernels.conv_valid_backward, (gy, x.detach(), w.detach(), True, True)),
             "conv_valid_backward_weight": (kernels.conv_valid_backward, (gy, x.detach(), w.detach(), False, True)),
@@ -221,6 +226,27 @@ def test_compile_fullgraph():
     assert_close(loss, ref, 1e-5, 1e-4, "loss")
     for n, g, r in zip(("x", "weight", "norm_weight", "norm_bias"), grads, ref_grads):
         assert_close(g, r, _scaled(1e-4, r), 1e-3, n)
+
+
+@pytest.mark.parametrize("shape", [ODD[0], ODD[1]], ids=["direct", "gemm"])
+def test_plane_norm_compile_fullgraph(shape):
+    """conv_valid_plane_norm (both of its kernels) in a model step under torch.compile, with its
+    autograd: the loss and the grads equal the twin's."""
+    torch._dynamo.reset()
+    args = make_plane_norm(shape, True)
+    leaves = [t.clone().requires_grad_() for t in args[:4]]
+
+    def step(x, w, gw, gb):
+        return torch.ops.anml_fast.conv_valid_plane_norm(x, w, gw, gb, True)[0].square().mean()
+    ops.available()  # self-tests outside the trace
+    loss = torch.compile(step, fullgraph=True, backend="inductor" if CUDA else "eager")(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    ref_leaves = [t.detach().double().requires_grad_() for t in args[:4]]
+    ref = reference.conv_valid_plane_norm(*ref_leaves, True)[0].square().mean()
+    ref_grads = torch.autograd.grad(ref, ref_leaves)
+    assert_close(loss.double(), ref, 1e-5, 1e-4, "loss")
+    for n, g, r in zip(("x", "weight", "norm_weight", "norm_bias"), grads, ref_grads):
+        assert_close(g.double(), r, _scaled(1e-4, r), 1e-3, n)
 
 
 def test_dispatch_and_available():
@@ -471,11 +497,12 @@ def test_launches_pass_every_kernel_argument(monkeypatch):
     cv.conv_valid(x, w), cv.conv_valid_backward(gy, x, w, True, True), cv.conv_valid_sgd(gy, x, w, 0.1)
     cv.conv_valid_input_grad_norm_backward(*make_norm_backward(ODD[3], True))
     cv.conv_valid_plane_norm(*make_plane_norm(ODD[3], True))
+    cv.conv_valid_plane_norm(*make_plane_norm(ODD[0], True))  # the direct kernel (18 taps)
     monkeypatch.setitem(kernels.CONFIGS, "dgrad", [r for r in kernels.CONFIGS["dgrad"] if not r[2].get("TAPS_GEMM")])
     cv.conv_valid_backward(gy, x, w, True, False)
     cv.conv_valid_input_grad_norm_backward(*make_norm_backward(ODD[3], True))
     assert {"_conv_taps_kernel", "_conv_dgrad_kernel", "_plane_norm_bwd_kernel", "_conv_fwd_kernel",
-            "_conv_wgrad_kernel"} <= launched
+            "_conv_wgrad_kernel", "_conv_direct_norm_kernel"} <= launched
 
 
 def test_split_counters_are_left_at_zero():
