@@ -24,7 +24,11 @@ def graphed(fn, calls: int = 1):
 def replayed_us(fn, calls: int = 20, reps: int = 30) -> float:
     """Median microseconds a call of fn, `calls` calls replayed from one CUDA graph (launch
     overhead out, as in the meta-step's graph), over `reps` replays."""
-    replay = graphed(fn, calls)
+    return replay_us(graphed(fn, calls), calls, reps)
+
+
+def replay_us(replay, calls: int, reps: int = 30) -> float:
+    """Median microseconds a call over `reps` runs of `replay`, a captured graph of `calls` calls."""
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -1,7 +1,7 @@
 """Variants of the fused batch-1 PLN inner step against each other and the twin, interleaved.
 
 bench_inner_step.py times its rows one after another; on the GPU machines two runs of the same
-row have differed by 3-6 us a step (clocks, the card's state), more than the changes compared
+row have differed by 3-8 us a step (clocks, the card's state), more than the changes compared
 here. This script captures every variant's 20 chained steps (bench_inner_step's graph20 mode: the
 meta-step's inner loop, head updated in place after the first step) in its own CUDA graph, then
 replays them in turn, round after round, and reports each variant's median over the rounds of its
@@ -9,7 +9,7 @@ per-round median. A variant is the tuple of blocks whose norm runs in its convol
 (`pln_sgd_step_fused(fused_norm_blocks=...)`; "default" is FUSED_NORM_BLOCKS), or "twin"; after
 an "@", settings of kernels/conv_valid.py for that variant (13@DIRECT_CHANNELS=1,DIRECT_WARPS=8).
 
-    python3 bench/inner_step_ab.py [--variants twin,default,none,3,13] [--rounds 9] [--out bench/results]
+    python3 bench/inner_step_ab.py [--variants "twin;default;none;3"] [--rounds 9] [--out bench/results]
 
 Writes OUT/inner-step-ab-<card>.json and .md.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _measure import card_slug, graphed  # bench/ is on the path of a script run from it
+from _measure import card_slug, graphed, replay_us  # bench/ is on the path of a script run from it
 from bench_inner_step import CHAIN, _step, conv_precision
 
 from anml_fast.kernels import conv_valid as conv_kernels
@@ -75,18 +75,6 @@ def _replay(variant: str):
             setattr(conv_kernels, k, v)
 
 
-def _time_us(replay, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end) / CHAIN)
-    return statistics.median(times)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default="twin;default;none;3",
@@ -113,7 +101,7 @@ def main(argv=None) -> int:
             for r in range(args.rounds):
                 order = variants if r % 2 == 0 else variants[::-1]  # neither always first
                 for v in order:
-                    per_round[v].append(_time_us(replays[v], args.reps))
+                    per_round[v].append(replay_us(replays[v], CHAIN, args.reps))
         for v in variants:
             us = statistics.median(per_round[v])
             row = {"precision": precision, "variant": v,

@@ -108,6 +108,25 @@ def _finish(acc, offs, mask, Out_ptr, Part_ptr, Count_ptr, W_ptr, numel, lr_hi, 
 
 
 @triton.jit
+def _rstd(var_eps):
+    if var_eps.dtype == tl.float32:
+        return 1.0 / tl.sqrt_rn(var_eps)  # IEEE, not the approximate sqrt
+    else:
+        return 1.0 / tl.sqrt(var_eps)
+
+
+@triton.jit
+def _relu(z):
+    return tl.where(z < 0, 0.0, z)  # a NaN stays NaN
+
+
+@triton.jit
+def _pool_max(best, a):
+    """The max-pool's step over a window's values in row-major order: a strictly larger value or a NaN wins."""
+    return tl.where((a > best) | (a != a), a, best)
+
+
+@triton.jit
 def _plane_norm_fwd_block(Y_ptr, Gamma_ptr, Beta_ptr, Out_ptr, Mean_ptr, Rstd_ptr, c0, channels, n_samples,
                           H: tl.constexpr, W: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr,
                           CH_SUB: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -131,11 +150,7 @@ def _plane_norm_fwd_block(Y_ptr, Gamma_ptr, Beta_ptr, Out_ptr, Mean_ptr, Rstd_pt
             y = tl.load(y_base + u[None, :], mask=ok, other=0.0, cache_modifier=".cg")
             mean = tl.sum(y, axis=1) / (H * W)
             d = tl.where(ok, y - mean[:, None], 0.0)
-            var_eps = tl.sum(d * d, axis=1) / (H * W) + 1e-5
-            if dt == tl.float32:
-                rstd = 1.0 / tl.sqrt_rn(var_eps)  # IEEE, not the approximate sqrt
-            else:
-                rstd = 1.0 / tl.sqrt(var_eps)
+            rstd = _rstd(tl.sum(d * d, axis=1) / (H * W) + 1e-5)
             tl.store(Mean_ptr + plane, mean, mask=c_ok)
             tl.store(Rstd_ptr + plane, rstd, mask=c_ok)
             gamma = tl.load(Gamma_ptr + c, mask=c_ok, other=0.0)[:, None]
@@ -149,15 +164,15 @@ def _plane_norm_fwd_block(Y_ptr, Gamma_ptr, Beta_ptr, Out_ptr, Mean_ptr, Rstd_pt
                     val = tl.load(y_base + (corner + (k // 2) * W + k % 2)[None, :], mask=v_ok, other=0.0,
                                   cache_modifier=".cg")
                     zk = tl.fma(gamma, (val - mean[:, None]) * rstd[:, None], beta)
-                    ak = tl.where(zk < 0, 0.0, zk)
+                    ak = _relu(zk)
                     if k == 0:
                         best = ak
                     else:
-                        best = tl.where((ak > best) | (ak != ak), ak, best)
+                        best = _pool_max(best, ak)
                 tl.store(Out_ptr + (plane * (OH * OW))[:, None] + v[None, :], best, mask=v_ok)
             else:
                 z = tl.fma(gamma, (y - mean[:, None]) * rstd[:, None], beta)
-                tl.store(Out_ptr + (plane * (H * W))[:, None] + u[None, :], tl.where(z < 0, 0.0, z), mask=ok)
+                tl.store(Out_ptr + (plane * (H * W))[:, None] + u[None, :], _relu(z), mask=ok)
 
 
 @triton.jit
@@ -217,19 +232,6 @@ def _direct_conv(X_ptr, W_ptr, x_base, c, c_ok, q, q_ok, C_IN: tl.constexpr, h: 
 
 
 @triton.jit
-def _rstd(var_eps):
-    if var_eps.dtype == tl.float32:
-        return 1.0 / tl.sqrt_rn(var_eps)  # IEEE, not the approximate sqrt (as _plane_norm_fwd_block)
-    else:
-        return 1.0 / tl.sqrt(var_eps)
-
-
-@triton.jit
-def _relu(z):
-    return tl.where(z < 0, 0.0, z)  # a NaN stays NaN
-
-
-@triton.jit
 def _conv_direct_norm_kernel(X_ptr, W_ptr, Y_ptr, Gamma_ptr, Beta_ptr, NOut_ptr, Mean_ptr, Rstd_ptr, c_out,
                              C_IN: tl.constexpr, h: tl.constexpr, w: tl.constexpr, oh: tl.constexpr,
                              ow: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr,
@@ -286,11 +288,11 @@ def _conv_direct_norm_kernel(X_ptr, W_ptr, Y_ptr, Gamma_ptr, Beta_ptr, NOut_ptr,
         tl.store(y_planes + corner[None, :] + (ow + 1), y3, mask=ok)
         best = _relu(tl.fma(gamma, d0 * rstd[:, None], beta))
         a1 = _relu(tl.fma(gamma, d1 * rstd[:, None], beta))
-        best = tl.where((a1 > best) | (a1 != a1), a1, best)
+        best = _pool_max(best, a1)
         a2 = _relu(tl.fma(gamma, d2 * rstd[:, None], beta))
-        best = tl.where((a2 > best) | (a2 != a2), a2, best)
+        best = _pool_max(best, a2)
         a3 = _relu(tl.fma(gamma, d3 * rstd[:, None], beta))
-        best = tl.where((a3 > best) | (a3 != a3), a3, best)
+        best = _pool_max(best, a3)
         tl.store(NOut_ptr + ((n * c_out + c) * (OH * OW))[:, None] + v[None, :], best, mask=ok)
         tl.store(Mean_ptr + n * c_out + c, mean, mask=c_ok)
         tl.store(Rstd_ptr + n * c_out + c, rstd, mask=c_ok)
