@@ -52,15 +52,20 @@ if [ -f .carry/omniglot-png.tar.gz ] && [ ! -d /tmp/omniglot/omniglot-py ]; then
 fi
 [ -d /tmp/omniglot/omniglot-py ] && export ANML_FAST_DATA=/tmp/omniglot
 # every test file, dealt round-robin into the groups. A group takes 2-8 minutes on a 16-core H200
-# machine (the CPU inductor compiles are slow beside the other groups): TEST_S allows 15.
+# machine (the CPU inductor compiles are slow beside the other groups): TEST_S allows 15. On a
+# machine of several GPUs (the device tool's -x2/-x4 kinds) group g runs on GPU g mod their number.
 mapfile -t files < <(ls tests/test_*.py)
 groups=${TEST_GROUPS:-3}
 [ "$groups" -ge 1 ] 2>/dev/null || groups=1
 [ "$groups" -le "${#files[@]}" ] || groups=${#files[@]}  # an empty group would run the whole suite
+n_gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+[ "$n_gpus" -ge 1 ] || n_gpus=1
 for g in $(seq 0 $(( groups - 1 ))); do
   mine=()
   for i in "${!files[@]}"; do [ $(( i % groups )) = "$g" ] && mine+=("${files[$i]}"); done
-  OMP_NUM_THREADS=$(( $(nproc) / groups > 0 ? $(nproc) / groups : 1 )) timeout ${TEST_S:-900} \
+  cvd=()
+  [ "$n_gpus" -gt 1 ] && cvd=(CUDA_VISIBLE_DEVICES=$(( g % n_gpus )))
+  env "${cvd[@]}" OMP_NUM_THREADS=$(( $(nproc) / groups > 0 ? $(nproc) / groups : 1 )) timeout ${TEST_S:-900} \
     python3 -m pytest -q -p no:cacheprovider --durations=8 -rfE "${mine[@]}" ${TESTARGS:-} > "$OUT/tests-$g.log" 2>&1 &
 done
 wait

@@ -5,10 +5,15 @@ For each call this times, on one GPU and in one run (the implementations taking 
 ROUNDS rounds: the host's times drift by 10-30% over seconds):
   host us    a call, over many calls without synchronising (the card keeps up: the host's cost)
   synced us  a call that ends with torch.cuda.synchronize() (what the eager benchmark rows time)
-for three implementations: the twin; the compiled op with its Triton kernels launched through
-kernels/_launch.py's cache of compiled kernels; and the same op with every launch on Triton's own
-path (`kernel[grid](...)`, binding and specialising the arguments at each call), which was the
-package's launch before the cache.
+for these implementations (IMPLS), each a setting of the package's eager path:
+  twin            the plain-PyTorch twin
+  compiled        the compiled op as it runs by default: a plain eager call skips torch's custom-op
+                  dispatch (kernels/_eager.py) and its Triton launches go from C++
+                  (csrc/triton_launch.cpp) once compiled
+  python_launch   the same, with the launches through kernels/_launch.py's Python cache
+  dispatched      the compiled op through torch's custom-op dispatch, C++ launches
+  before          through the dispatch and the Python cache: the package before both
+  triton_path     through the dispatch, every launch on Triton's own `kernel[grid](...)` path
 
     python3 bench/host_cost.py                # writes bench/results/host-cost-<card>.{json,md}
 """
@@ -28,10 +33,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import card_slug  # noqa: E402
 
 from anml_fast import ops  # noqa: E402
-from anml_fast.kernels import _launch  # noqa: E402
+from anml_fast.kernels import _eager, _launch  # noqa: E402
+
+# implementation -> (the twin?, direct eager calls, C++ launch, cached launch)
+IMPLS = {"twin": (True, True, True, True), "compiled": (False, True, True, True),
+         "python_launch": (False, True, False, True), "dispatched": (False, False, True, True),
+         "before": (False, False, False, True), "triton_path": (False, False, False, False)}
+
+
+def _set(impl: str) -> None:
+    _, direct, cxx, cached = IMPLS[impl]
+    _eager.ENABLED[0], _launch._CXX_ENABLED[0], _launch._ENABLED[0] = direct, cxx and CXX_BUILT, cached
 
 
 ROUNDS = 5  # turns each implementation takes (interleaved); medians reported
+CXX_BUILT = False  # whether the C++ launch works here (set in main)
 
 
 def per_call_us(fn, calls: int, synced: bool) -> float:
@@ -55,18 +71,22 @@ def _store_kernel(A, B, C, D, Out, n, m, k, scale, BLOCK: tl.constexpr, FLAG: tl
 
 
 def launch_only_us(calls: int) -> dict:
-    """Host us a launch of _store_kernel (13 arguments), cached and on Triton's path, same run."""
+    """Host us a launch of _store_kernel (13 arguments): from C++, from the Python cache, on
+    Triton's path; same run."""
     a = torch.zeros(16, device="cuda")
     args = (a, a, a, a, torch.empty(16, device="cuda"), 16, 3, 5, 0.5)
     kw = dict(BLOCK=16, FLAG=True, PDL=False, num_warps=1)
     # Triton's path as the ops take it: `kernel[grid](...)` (inside an op torch turns wrap_triton's
     # tracing off; outside one, wrap_triton would dispatch a higher-order op first)
-    go = {"cached": lambda: _launch.launch(_store_kernel, (1,), *args, **kw),
+    go = {"cxx": lambda: _launch.launch(_store_kernel, (1,), *args, **kw),
+          "cached": lambda: _launch.launch(_store_kernel, (1,), *args, **kw),
           "triton_path": lambda: _store_kernel[(1,)](*args, **kw)}
     times = {name: [] for name in go}
     for _ in range(ROUNDS):
         for name, fn in go.items():
+            _launch._CXX_ENABLED[0] = name == "cxx" and CXX_BUILT
             times[name].append(per_call_us(fn, max(1, calls // ROUNDS), False))
+    _launch._CXX_ENABLED[0] = CXX_BUILT
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -88,7 +108,13 @@ def cases():
     yield "gated_head_cross_entropy", both(lambda be: ops.gated_head_cross_entropy(h, z, W, b, y, backend=be))
     # lr 0: the head does not drift over thousands of calls
     yield "gated_head_ce_sgd_", both(lambda be: ops.gated_head_ce_sgd_(h, z, W, b, y, 0.0, backend=be))
+    h_leaf, w_leaf = h.clone().requires_grad_(), W.clone().requires_grad_()
+    yield "gated_head forward + backward", both(
+        lambda be: ops.gated_head(h_leaf, z, w_leaf, b, backend=be).backward(torch.ones(1, O, device=dev)))
     yield "conv_valid (conv2)", both(lambda be: ops.conv_valid(x2, w2, backend=be))
+    x2_leaf, w2_leaf = x2.clone().requires_grad_(), w2.clone().requires_grad_()
+    yield "conv_valid forward + backward (conv2)", both(
+        lambda be: ops.conv_valid(x2_leaf, w2_leaf, backend=be).backward(gy2))
     yield "conv_valid_backward (conv2)", both(lambda be: ops.conv_valid_backward(gy2, x2, w2, True, True, backend=be))
     yield "conv_valid_sgd (conv2)", both(lambda be: ops.conv_valid_sgd(gy2, x2, w2_step, 0.0, backend=be))
 
@@ -104,53 +130,66 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     help="folder for host-cost-<card>.json and .md (default: bench/results)")
-    ap.add_argument("--calls", type=int, default=2000, help="calls a measurement (default 2000)")
+    ap.add_argument("--calls", type=int, default=1000, help="calls a measurement (default 1000)")
+    ap.add_argument("--impls", default="twin,compiled,python_launch,dispatched,before",
+                    help="comma-separated implementations to time, twin and compiled among them "
+                         f"(default: all but triton_path; any of {', '.join(IMPLS)})")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("host_cost.py: needs a CUDA GPU")
+    global CXX_BUILT
     ops.available()
+    CXX_BUILT = _launch._CXX_ENABLED[0] and _launch._cxx() is not None
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown or "twin" not in impls or "compiled" not in impls:
+        sys.exit(f"host_cost.py: --impls takes twin, compiled and any of {sorted(IMPLS)}; got {args.impls!r}")
     card = torch.cuda.get_device_name()
     launch_only = launch_only_us(args.calls * 5)
-    print(f"a launch alone: cached {launch_only['cached']:.1f} us, Triton's path {launch_only['triton_path']:.1f} us")
+    print("a launch alone: " + ", ".join(f"{k} {v:.1f} us" for k, v in launch_only.items()))
     rows = []
-    for name, impls in cases():
+    for name, fns in cases():
         row = {"call": name}
         calls = args.calls if "inner step" not in name else args.calls // 10
-        impl_fns = (("twin", impls["twin"]), ("cached", impls["compiled"]), ("triton_path", impls["compiled"]))
-        # the host's times drift by 10-30% over seconds: the three take turns, in ROUNDS rounds,
-        # and each keeps its median
-        samples = {impl: ([], []) for impl, _ in impl_fns}
+        # the host's times drift by 10-30% over seconds: the implementations take turns, in
+        # ROUNDS rounds, and each keeps its median
+        samples = {impl: ([], []) for impl in impls}
         for _ in range(ROUNDS):
-            for impl, fn in impl_fns:
-                _launch._ENABLED[0] = impl != "triton_path"
+            for impl in impls:
+                _set(impl)
+                fn = fns["twin" if IMPLS[impl][0] else "compiled"]
                 samples[impl][0].append(per_call_us(fn, max(1, calls // ROUNDS), False))
                 samples[impl][1].append(per_call_us(fn, max(1, calls // (4 * ROUNDS)), True))
         for impl, (host, synced) in samples.items():
             row[impl] = {"host_us": statistics.median(host), "synced_us": statistics.median(synced),
                          "host_us_rounds": host, "synced_us_rounds": synced}
-        _launch._ENABLED[0] = True
+        _set("compiled")
         rows.append(row)
         print(f"{name:34s} " + "  ".join(f"{k} {row[k]['host_us']:7.1f} / {row[k]['synced_us']:7.1f}"
-                                        for k in ("twin", "cached", "triton_path")), flush=True)
-    meta = {"card": card, "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(), "launch_only_us": launch_only, "rows": rows}
+                                        for k in impls), flush=True)
+    meta = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "cxx_launch_built": CXX_BUILT,
+            "date": datetime.date.today().isoformat(), "launch_only_us": launch_only, "impls": impls, "rows": rows}
     slug = card_slug(card)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"host-cost-{slug}.json"), "w") as f:
         json.dump(meta, f, indent=1)
     lines = [f"# Host time of eager batch-1 calls, {card} ({meta['date']}, torch {meta['torch']}, triton {meta['triton']})",
              "", "`python3 bench/host_cost.py`. us a call: host (no synchronise, many calls) / synced (each call "
-             "ends with torch.cuda.synchronize()). `cached`: the compiled op, launches through kernels/_launch.py; "
-             "`triton path`: the same op with every launch through Triton's `kernel[grid](...)`. Each figure is "
-             f"the median of {ROUNDS} rounds in which the implementations take turns.", "",
-             f"A launch alone (a 13-argument kernel that stores one value, host us a launch, no synchronise): "
-             f"cached {launch_only['cached']:.1f}, Triton's path {launch_only['triton_path']:.1f}.", "",
-             "| call | twin | compiled, cached launch | compiled, Triton's launch path | cached vs twin (synced) |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+             "ends with torch.cuda.synchronize()). Each figure is the median of "
+             f"{ROUNDS} rounds in which the implementations take turns. Implementations (bench/host_cost.py says "
+             "more): `compiled` is the package's default (direct eager calls, C++ launches); `python_launch` its "
+             "launches through the Python cache; `dispatched` through torch's custom-op dispatch; `before` both "
+             "(the package at cd1ce7b); `triton_path` dispatched, every launch through Triton's "
+             "`kernel[grid](...)`." + ("" if CXX_BUILT else " **The extension here has no C++ launch: every "
+                                        "launch went through Python.**"), "",
+             "A launch alone (a 13-argument kernel that stores one value, host us a launch, no synchronise): " +
+             ", ".join(f"{k} {v:.1f}" for k, v in launch_only.items()) + ".", "",
+             "| call | " + " | ".join(impls) + " | compiled vs twin (synced) |",
+             "| --- | " + " | ".join("---:" for _ in impls) + " | ---: |"]
     for r in rows:
         cell = lambda k: f"{r[k]['host_us']:.1f} / {r[k]['synced_us']:.1f}"
-        lines.append(f"| {r['call']} | {cell('twin')} | {cell('cached')} | {cell('triton_path')} | "
-                     f"{r['twin']['synced_us'] / r['cached']['synced_us']:.2f}x |")
+        lines.append(f"| {r['call']} | " + " | ".join(cell(k) for k in impls) +
+                     f" | {r['twin']['synced_us'] / r['compiled']['synced_us']:.2f}x |")
     with open(os.path.join(args.out, f"host-cost-{slug}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -5,10 +5,15 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#ifdef ANML_FAST_WITH_CUDA
+int anml_fast_add_triton_launch(PyObject* module);  // csrc/triton_launch.cpp
+#endif
+
 extern "C" {
 // `import anml_fast._C` only has to load this shared object: loading runs the static
-// registrations below and in the kernel files. The module itself holds no functions, because
-// calls go through torch.ops.anml_fast, where the dispatcher, fake tensors and autograd see them.
+// registrations below and in the kernel files. The ops are called through torch.ops.anml_fast,
+// where the dispatcher, fake tensors and autograd see them; the module's own functions (CUDA
+// builds only) are kernels/_launch.py's C++ launch of compiled Triton kernels.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
@@ -32,6 +37,12 @@ PyObject* PyInit__C(void) {
     Py_DECREF(module);
     return nullptr;
   }
+#ifdef ANML_FAST_WITH_CUDA
+  if (anml_fast_add_triton_launch(module) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+#endif
   return module;
 }
 }

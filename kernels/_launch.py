@@ -14,6 +14,13 @@ interpreter, torch.compile, fake or functional tensors (opcheck, AOT dispatch), 
 hook set (a profiler such as proton), with ANML_FAST_CACHED_LAUNCH=0 in the environment, or on a
 Triton before 3.3 or whose compiled kernels lack the launcher attributes this relies on (then for
 the rest of the process).
+
+Where the package's extension was built with CUDA (anml_fast._C, csrc/triton_launch.cpp), a hit
+does not even come back to Python: after Triton's path has compiled and launched a kernel once,
+its launch recipe (the CUfunction, its metadata, and which argument feeds each of the compiled
+kernel's parameters) is stored in C++, and later calls like it are keyed, packed and launched
+there with cuLaunchKernelEx in one C call (on an H200 machine the Python key and Triton's
+launcher had cost 30 us a launch). ANML_FAST_CXX_LAUNCH=0 keeps the launches in Python.
 """
 from __future__ import annotations
 
@@ -35,6 +42,22 @@ except ImportError:  # older Triton: no launch hooks to honour here, and no fast
 _ENABLED = [_knobs is not None and not _INTERPRETED
             and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 3)
             and os.environ.get("ANML_FAST_CACHED_LAUNCH", "1") != "0"]
+# The C++ launch (read at import): the Triton versions whose launcher's parameter layout
+# (the kernel's runtime parameters, then its scratch pointers) csrc/triton_launch.cpp repeats.
+_CXX_ENABLED = [_ENABLED[0] and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
+                and os.environ.get("ANML_FAST_CXX_LAUNCH", "1") != "0"]
+_CXX: list = []  # [anml_fast._C's launch functions, or None], resolved at the first launch
+
+
+def _cxx():
+    if not _CXX:
+        try:
+            import importlib
+            ext = importlib.import_module("anml_fast._C")
+            _CXX.append(ext if hasattr(ext, "triton_launch") else None)
+        except Exception:  # not built, or built without CUDA: the launches stay in Python
+            _CXX.append(None)
+    return _CXX[0]
 
 
 def _arg_key(a):
@@ -56,7 +79,7 @@ MAX_SIGNATURES = 256  # a kernel's cached call signatures (a handful in practice
 
 class _Known:
     """A kernel's parameters as `launch` needs them, and its compiled kernels by call key."""
-    __slots__ = ("cache", "constexpr", "runtime", "params")
+    __slots__ = ("cache", "constexpr", "runtime", "params", "cxx")
 
     def __init__(self, kernel):
         self.cache: dict = {}
@@ -64,6 +87,45 @@ class _Known:
         self.constexpr = tuple(c for _, c in self.params)
         # the rest, constexprs and launch options (num_warps, launch_pdl, ...), enter the key by value
         self.runtime = frozenset(n for n, c in self.params if not c)
+        # held whatever _CXX_ENABLED says now: launch() reads the switch at each call
+        ext = _cxx()
+        self.cxx = ext
+        if ext is not None:
+            ext.triton_kernel(id(kernel), self.constexpr, self.runtime)
+
+
+# csrc/triton_launch.cpp's parameter kinds, by the compiled kernel's signature type
+_CXX_KIND = {"i1": 1, "i8": 1, "u1": 1, "u8": 1, "i16": 2, "u16": 2, "i32": 3, "u32": 3, "i64": 4, "u64": 4,
+             "fp32": 5, "f32": 5, "fp64": 6}
+
+
+def _cxx_register(ext, kernel, compiled, args, kwargs) -> bool:
+    """Store `compiled`'s launch recipe in C++ for calls like this one; False where that launcher
+    cannot take it (clusters, scratch memory, instrumentation, a parameter type it does not pack)."""
+    meta = compiled.metadata
+    if (getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0)
+            or getattr(meta, "num_ctas", 1) != 1 or getattr(meta, "instrumentation_mode", "")):
+        return False
+    # the scratch pointers Triton's launcher appends after the kernel's parameters
+    nulls = 2 if hasattr(meta, "profile_scratch_size") else (1 if hasattr(meta, "global_scratch_size") else 0)
+    signature = compiled.src.signature
+    defaults = {n: p.default for n, p in kernel.signature.parameters.items()}
+    sources = {n: len(args) + j for j, n in enumerate(kwargs)}
+    params = []
+    for i, p in enumerate(kernel.params):
+        ty = signature.get(p.name)
+        if ty is None:
+            return False
+        if ty == "constexpr":
+            continue
+        kind = 0 if ty.startswith("*") else _CXX_KIND.get(ty)
+        if kind is None:
+            return False
+        source = i if i < len(args) else sources.get(p.name, -1)
+        params.append((kind, source, defaults[p.name] if source < 0 else None))
+    return ext.triton_register(id(kernel), args, kwargs, compiled.function,
+                               (meta.num_warps, 1, meta.shared, bool(meta.launch_pdl),
+                                bool(getattr(meta, "launch_cooperative_grid", False))), nulls, tuple(params))
 
 
 _KERNELS: dict[int, _Known] = {}
@@ -87,14 +149,25 @@ def _plain(args) -> bool:
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """`kernel[grid](*args, **kwargs)` (arguments positional or by name, constexprs and launch
     options such as num_warps by name)."""
-    if not (_ENABLED[0] and _plain(args) and _plain(kwargs.values())
-            and not _hooked(_knobs.runtime.launch_enter_hook) and not _hooked(_knobs.runtime.launch_exit_hook)
-            and not torch.compiler.is_compiling()):
+    if not (_ENABLED[0] and not _hooked(_knobs.runtime.launch_enter_hook)
+            and not _hooked(_knobs.runtime.launch_exit_hook) and not torch.compiler.is_compiling()):
         wrap_triton(kernel)[grid](*args, **kwargs)
         return
     known = _KERNELS.get(id(kernel))
     if known is None:
         known = _KERNELS[id(kernel)] = _Known(kernel)
+    cxx = known.cxx if _CXX_ENABLED[0] else None
+    if cxx is not None:
+        # the C++ launch checks what _plain does below: -1 for a call that is not a plain eager one
+        state = cxx.triton_launch(id(kernel), grid, args, kwargs)
+        if state == 1:
+            return
+        if state < 0:
+            wrap_triton(kernel)[grid](*args, **kwargs)
+            return
+    if not (_plain(args) and _plain(kwargs.values())):
+        wrap_triton(kernel)[grid](*args, **kwargs)
+        return
     runtime = known.runtime
     device = torch.cuda.current_device()
     # a constexpr enters the key by value, a runtime argument by what Triton specialises it on
@@ -117,9 +190,15 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         # each of those after the positional ones comes from (by name, or its default)
         defaults = {n: p.default for n, p in kernel.signature.parameters.items()}
         recipe = tuple((n in kwargs, n, defaults[n]) for n, _ in known.params[len(args):])
-        known.cache[key] = (compiled, recipe)
+        # [compiled, recipe, whether C++ took its recipe (None: not offered yet)]. C++ forgets
+        # recipes past MAX_SIGNATURES too, and a hit here then offers it again
+        known.cache[key] = [compiled, recipe, None]
+        if cxx is not None:
+            known.cache[key][2] = _cxx_register(cxx, kernel, compiled, args, kwargs)
         return
-    compiled, recipe = entry
+    compiled, recipe, cxx_took = entry
+    if cxx is not None and cxx_took is not False:
+        entry[2] = _cxx_register(cxx, kernel, compiled, args, kwargs)
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     compiled.run(grid[0], g1, g2, torch._C._cuda_getCurrentRawStream(device), compiled.function,

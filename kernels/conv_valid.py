@@ -52,6 +52,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from ._counters import MAX_TILES, counters, last_to_arrive, reset
+from ._eager import EagerOp
 from ._launch import launch
 from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter, pdl_launch_dependents, pdl_wait
@@ -1065,7 +1066,7 @@ def _backward(ctx, grad_y):
         grads = iter(torch.autograd.grad(torch.nn.functional.conv2d(x, weight), wanted, grad_y,
                                          create_graph=True))
         return tuple(next(grads) if nd else None for nd in need)
-    gx, gw = conv_valid_backward(grad_y, x, weight, need[0], need[1])
+    gx, gw = direct.conv_valid_backward(grad_y, x, weight, need[0], need[1])
     return gx if need[0] else None, gw if need[1] else None
 
 
@@ -1095,7 +1096,7 @@ def _backward_plane_norm(ctx, grad_out, grad_y, grad_mean, grad_rstd):
         return (*(next(grads) if nd else None for nd in need), None)
     x, weight = x.detach(), weight.detach()
     with torch.enable_grad():
-        y = conv_valid(x, weight).requires_grad_()
+        y = direct.conv_valid(x, weight).requires_grad_()
         g_leaf, b_leaf = gamma.detach().requires_grad_(), beta.detach().requires_grad_()
         out, mean, rstd = _plane_norm_twin(y, g_leaf, b_leaf, ctx.pool)
         pairs = [(o, g) for o, g in zip((out, mean, rstd), (grad_out, grad_mean, grad_rstd)) if g is not None]
@@ -1103,7 +1104,7 @@ def _backward_plane_norm(ctx, grad_out, grad_y, grad_mean, grad_rstd):
                                                  allow_unused=True) if pairs else (None, None, None))
     dy = torch.zeros_like(y) if dy is None else dy
     dy = dy if grad_y is None else dy + grad_y
-    dx, dw = conv_valid_backward(dy, x, weight, need[0], need[1]) if need[0] or need[1] else (None, None)
+    dx, dw = direct.conv_valid_backward(dy, x, weight, need[0], need[1]) if need[0] or need[1] else (None, None)
     zeros = torch.zeros_like
     return (dx if need[0] else None, dw if need[1] else None,
             (zeros(gamma) if dgamma is None else dgamma) if need[2] else None,
@@ -1111,6 +1112,16 @@ def _backward_plane_norm(ctx, grad_out, grad_y, grad_mean, grad_rstd):
 
 
 conv_valid_plane_norm.register_autograd(_backward_plane_norm, setup_context=_setup_plane_norm)
+
+
+class direct:
+    """The ops as anml_fast.ops calls them: a plain eager call runs the implementation without
+    the custom-op dispatch (kernels/_eager.py), anything else goes through the registered op."""
+    conv_valid = EagerOp(conv_valid, _setup, _backward)
+    conv_valid_plane_norm = EagerOp(conv_valid_plane_norm, _setup_plane_norm, _backward_plane_norm)
+    conv_valid_backward = EagerOp(conv_valid_backward)
+    conv_valid_sgd = EagerOp(conv_valid_sgd)
+    conv_valid_input_grad_norm_backward = EagerOp(conv_valid_input_grad_norm_backward)
 
 
 def interpreted() -> bool:

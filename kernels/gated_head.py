@@ -49,6 +49,7 @@ from torch.library import triton_op
 
 from . import gated_head_step
 from ._counters import counters, last_to_arrive, reset
+from ._eager import EagerOp
 from ._launch import launch
 from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter
@@ -851,7 +852,7 @@ def _backward_gated_head(ctx, grad_logits):
         return _twin_grads(_twin_logits(h, gate_logits, weight, bias), (h, gate_logits, weight, bias),
                            need, grad_logits)
     input_grad, weight_grad = need[0] or need[1], need[2] or need[3]
-    dh, dz, dw, db = gated_head_bwd(grad_logits, h, gate_logits, weight, input_grad, weight_grad)
+    dh, dz, dw, db = direct.gated_head_bwd(grad_logits, h, gate_logits, weight, input_grad, weight_grad)
     return (dh if need[0] else None, dz if need[1] else None,
             dw if need[2] else None, db if need[3] else None)
 
@@ -871,14 +872,25 @@ def _backward_gated_head_ce(ctx, grad_loss, _grad_logits, _grad_lse):
         loss = torch.nn.functional.cross_entropy(_twin_logits(h, gate_logits, weight, bias), target)
         return _twin_grads(loss, (h, gate_logits, weight, bias), need, grad_loss) + (None,)
     input_grad, weight_grad = need[0] or need[1], need[2] or need[3]
-    dh, dz, dw, db = gated_head_ce_bwd(grad_loss, h, gate_logits, weight, logits, lse, target,
-                                       input_grad, weight_grad)
+    dh, dz, dw, db = direct.gated_head_ce_bwd(grad_loss, h, gate_logits, weight, logits, lse, target,
+                                              input_grad, weight_grad)
     return (dh if need[0] else None, dz if need[1] else None,
             dw if need[2] else None, db if need[3] else None, None)
 
 
 gated_head_fwd.register_autograd(_backward_gated_head, setup_context=_setup_gated_head)
 gated_head_ce_fwd.register_autograd(_backward_gated_head_ce, setup_context=_setup_gated_head_ce)
+
+
+class direct:
+    """The ops as anml_fast.ops calls them: a plain eager call runs the implementation without
+    the custom-op dispatch (kernels/_eager.py), anything else goes through the registered op.
+    gated_head_ce_sgd_ is not here: it mutates its weight, whose version counter the dispatcher
+    keeps."""
+    gated_head_fwd = EagerOp(gated_head_fwd, _setup_gated_head, _backward_gated_head)
+    gated_head_ce_fwd = EagerOp(gated_head_ce_fwd, _setup_gated_head_ce, _backward_gated_head_ce)
+    gated_head_bwd = EagerOp(gated_head_bwd)
+    gated_head_ce_bwd = EagerOp(gated_head_ce_bwd)
 
 
 def interpreted() -> bool:

@@ -68,7 +68,10 @@ def test_launch_runs_the_kernel():
 
 
 @gpu
-def test_cached_launches_follow_every_change_of_specialisation(monkeypatch):
+@pytest.mark.parametrize("cxx", [True, False], ids=["cxx-launch", "python-launch"])
+def test_cached_launches_follow_every_change_of_specialisation(monkeypatch, cxx):
+    """Both cached launches: the C++ one (csrc/triton_launch.cpp), and the Python one it falls back on."""
+    monkeypatch.setattr(_launch, "_CXX_ENABLED", [cxx and _launch._CXX_ENABLED[0]])
     runs = []
     real_run = type(_axpby_kernel).run
 
@@ -102,6 +105,34 @@ def test_cached_launches_follow_every_change_of_specialisation(monkeypatch):
     assert len(runs) == first, "repeated call signatures never go through Triton again"
 
 
+def _cxx_built() -> bool:
+    import anml_fast._C as ext
+    return bool(getattr(ext, "WITH_CUDA", 0))
+
+
+@gpu
+def test_cxx_launch_serves_repeated_calls(monkeypatch):
+    """Where the extension was built with CUDA, a repeated call is launched from C++: Triton's
+    path (kernel.run) and the Python cache's launcher are not touched."""
+    if not _cxx_built():
+        pytest.skip("anml_fast._C was built without CUDA: the launches stay in Python")
+    assert _launch._CXX_ENABLED[0] and _launch._cxx() is not None
+    x, y = torch.randn(300, device="cuda"), torch.randn(300, device="cuda")
+    _run(x, y, 100, 0.5, -2.0, 1, 32)
+    _run(x[1:], y, 1, 0.5, -2.0, 3, 32, square=True, by_name=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("left the C++ launch")
+    monkeypatch.setattr(type(_axpby_kernel), "run", refuse)
+    monkeypatch.setattr(_launch, "_arg_key", refuse)
+    hits = _launch._cxx().triton_launch_stats()[0]
+    for _ in range(3):
+        for args, kw in (((x, y, 100, 1.5, -2.0, 1, 32), {}), ((x[1:], y, 1, 0.5, 4.0, 3, 32), dict(square=True, by_name=True))):
+            out, want = _run(*args, **kw)
+            torch.testing.assert_close(out, want)
+    assert _launch._cxx().triton_launch_stats()[0] == hits + 6
+
+
 @gpu
 def test_cached_launch_is_captured_by_cuda_graphs():
     x, y = torch.randn(100, device="cuda"), torch.randn(100, device="cuda")
@@ -132,6 +163,17 @@ def test_a_launch_hook_takes_tritons_path(monkeypatch):
         out, want = _run(x, y, 100, 0.5, -2.0, 1, 32)
         torch.testing.assert_close(out, want)
     assert len(seen) == 3
+
+
+def test_the_environment_keeps_the_launches_in_python():
+    """ANML_FAST_CXX_LAUNCH=0, read at import, turns the C++ launch off (the Python cache stays)."""
+    code = ("import sys, anml_fast.ops.conv_valid; "
+            "m = sys.modules[sys.modules['anml_fast.ops.conv_valid']._kernels().launch.__module__]; "
+            "print(m._CXX_ENABLED[0], m._ENABLED[0])")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "ANML_FAST_CXX_LAUNCH": "0"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[-2:] == ["False", "True"], out
 
 
 def test_the_environment_turns_the_cache_off():

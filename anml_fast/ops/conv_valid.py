@@ -37,14 +37,17 @@ def _kernels():
     return _triton.require(_KERNELS, _IMPORT_ERROR, "convolution ops are")
 
 
+kernels = _kernels  # for the fused inner step (anml_fast/training/inner_step.py), which calls them directly
+
+
 def conv_valid(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return _kernels().conv_valid(x, weight)
+    return _kernels().direct.conv_valid(x, weight)
 
 
 def conv_valid_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool,
                         weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        return _kernels().conv_valid_backward(grad_y, x, weight, bool(input_grad), bool(weight_grad))
+        return _kernels().direct.conv_valid_backward(grad_y, x, weight, bool(input_grad), bool(weight_grad))
 
 
 def conv_valid_input_grad_norm_backward(grad_y: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
@@ -54,7 +57,7 @@ def conv_valid_input_grad_norm_backward(grad_y: torch.Tensor, weight: torch.Tens
     """The input grad, then the previous block's plane-norm backward, in one launch (mean and rstd
     as anml_fast::plane_norm returned them)."""
     with torch.no_grad():
-        return _kernels().conv_valid_input_grad_norm_backward(grad_y, weight, y, mean, rstd, norm_weight,
+        return _kernels().direct.conv_valid_input_grad_norm_backward(grad_y, weight, y, mean, rstd, norm_weight,
                                                               norm_bias, bool(pool))
 
 
@@ -62,13 +65,13 @@ def conv_valid_plane_norm(x: torch.Tensor, weight: torch.Tensor, norm_weight: to
                           pool: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, y, mean, rstd): the convolution and the next block's plane norm in one launch. Its
     autograd differentiates the twin (the inner loop runs its own backward ops)."""
-    return _kernels().conv_valid_plane_norm(x, weight, norm_weight, norm_bias, bool(pool))
+    return _kernels().direct.conv_valid_plane_norm(x, weight, norm_weight, norm_bias, bool(pool))
 
 
 def conv_valid_sgd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lr: float) -> torch.Tensor:
     """Like an optimizer step, outside autograd."""
     with torch.no_grad():
-        return _kernels().conv_valid_sgd(grad_y, x, weight, float(lr))
+        return _kernels().direct.conv_valid_sgd(grad_y, x, weight, float(lr))
 
 
 def _self_test(device: torch.device) -> str | None:

@@ -49,9 +49,11 @@ def _kernels():
 def gated_head(h: torch.Tensor, gate_logits: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor) -> torch.Tensor:
     """logits = (h * sigmoid(gate_logits)) @ weight^T + bias, for h of shape [..., F]."""
+    if h.dim() == 2 and gate_logits.dim() == 2:  # as the models call it: no reshapes (host time at batch 1)
+        return _kernels().direct.gated_head_fwd(h, gate_logits, weight, bias)
     lead = h.shape[:-1]
-    logits = _kernels().gated_head_fwd(h.reshape(-1, h.shape[-1]),
-                                       gate_logits.reshape(-1, gate_logits.shape[-1]), weight, bias)
+    logits = _kernels().direct.gated_head_fwd(h.reshape(-1, h.shape[-1]),
+                                              gate_logits.reshape(-1, gate_logits.shape[-1]), weight, bias)
     return logits.reshape(*lead, weight.shape[0])
 
 
@@ -59,7 +61,7 @@ def gated_head_cross_entropy(h: torch.Tensor, gate_logits: torch.Tensor, weight:
                              bias: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over rows of cross_entropy(gated_head(h, gate_logits, weight, bias), target), fused:
     the [B, O] logits are kept for the backward, dlogits never exists in memory."""
-    loss, _, _ = _kernels().gated_head_ce_fwd(h, gate_logits, weight, bias, target)
+    loss, _, _ = _kernels().direct.gated_head_ce_fwd(h, gate_logits, weight, bias, target)
     return loss
 
 

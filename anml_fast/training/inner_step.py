@@ -73,13 +73,14 @@ def pln_sgd_step_fused(net: ANML, fixed: Params, pln: Params, x: torch.Tensor, y
     (the inner loop's steps after the first: saves copying the 9 MB head every step).
     `fused_norm_blocks`: overrides FUSED_NORM_BLOCKS (the same step either way, to float rounding)."""
     fused_norm = FUSED_NORM_BLOCKS if fused_norm_blocks is None else fused_norm_blocks
+    conv = ops._conv_valid_triton.kernels().direct  # the Triton ops without the custom-op dispatch when eager
     saved, a = [], x
     for i in (1, 2, 3):
         w, gamma, beta = pln[f"pln.conv{i}.weight"], pln[f"pln.norm{i}.weight"], pln[f"pln.norm{i}.bias"]
         if i in fused_norm:
-            out, conv_out, mean, rstd = torch.ops.anml_fast.conv_valid_plane_norm(a, w, gamma, beta, i < 3)
+            out, conv_out, mean, rstd = conv.conv_valid_plane_norm(a, w, gamma, beta, i < 3)
         else:
-            conv_out = torch.ops.anml_fast.conv_valid(a, w)
+            conv_out = conv.conv_valid(a, w)
             out, mean, rstd = torch.ops.anml_fast.plane_norm(conv_out, gamma, beta, i < 3)
         saved.append((a, conv_out, mean, rstd))
         a = out
@@ -96,9 +97,9 @@ def pln_sgd_step_fused(net: ANML, fixed: Params, pln: Params, x: torch.Tensor, y
         norm_grads = [gnw, gnb] + norm_grads
         if i > 1:  # conv i's input grad carried on through norm i-1 in the same launch
             _, conv_out, mean, rstd = saved[i - 2]
-            gy, gnw, gnb = torch.ops.anml_fast.conv_valid_input_grad_norm_backward(
+            gy, gnw, gnb = conv.conv_valid_input_grad_norm_backward(
                 gy_i, w, conv_out, mean, rstd, pln[f"pln.norm{i - 1}.weight"], pln[f"pln.norm{i - 1}.bias"], True)
-        new[f"pln.conv{i}.weight"] = torch.ops.anml_fast.conv_valid_sgd(gy_i, saved[i - 1][0], w, lr)
+        new[f"pln.conv{i}.weight"] = conv.conv_valid_sgd(gy_i, saved[i - 1][0], w, lr)
         # The conv bias's gradient is exactly zero (the norm subtracts each plane's mean, bias and
         # all), so its SGD step leaves it as it is.
         new[f"pln.conv{i}.bias"] = pln[f"pln.conv{i}.bias"]
