@@ -19,8 +19,23 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.library import triton_op as _torch_triton_op
 
 ENABLED = [os.environ.get("ANML_FAST_EAGER_DIRECT", "1") != "0"]
+
+
+def triton_op(name: str, *, mutates_args):
+    """torch.library.triton_op, keeping the undecorated implementation as `op.implementation`.
+
+    torch registers the implementation inside a switch that turns wrap_triton's tracing off
+    (a context manager, about 1 us a call on the CPU machine); the direct path does not need it:
+    its launches are plain eager ones (kernels/_launch.py takes wrap_triton only for traced
+    calls, or with a profiler's launch hook, where it still works, through torch's HOP)."""
+    def register(fn):
+        op = _torch_triton_op(name, mutates_args=mutates_args)(fn)
+        op.implementation = fn
+        return op
+    return register
 
 
 def _plain(args) -> bool:
@@ -55,8 +70,8 @@ class EagerOp:
 
     def __init__(self, op, setup=None, backward=None):
         self.op = op
-        # the op's implementation as torch registered it (its wrap_triton switch included)
-        self.impl = getattr(op, "_init_fn", None)
+        # the undecorated implementation (triton_op above), else the one torch registered
+        self.impl = getattr(op, "implementation", None) or getattr(op, "_init_fn", None)
         self.function = None if backward is None or self.impl is None else \
             _function(f"{op._name}_eager", self.impl, setup, backward)
 

@@ -49,10 +49,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from ._counters import MAX_TILES, counters, last_to_arrive, reset
-from ._eager import EagerOp
+from ._eager import EagerOp, triton_op
 from ._launch import launch
 from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter, pdl_launch_dependents, pdl_wait

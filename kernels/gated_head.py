@@ -45,11 +45,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from . import gated_head_step
 from ._counters import counters, last_to_arrive, reset
-from ._eager import EagerOp
+from ._eager import EagerOp, triton_op
 from ._launch import launch
 from ._pdl import launch_args as pdl_args
 from ._pdl import pdl_enter
@@ -536,15 +535,19 @@ def _check_inputs(h, gate_logits, weight, bias, target=None):
     if weight.dim() != 2 or weight.shape[1] != h.shape[1] or bias.shape != (weight.shape[0],):
         raise ValueError(f"gated head: weight must be [O, F={h.shape[1]}] and bias [O], got "
                          f"{tuple(weight.shape)} and {tuple(bias.shape)}")
-    if h.dtype not in SUPPORTED_DTYPES or any(t.dtype != h.dtype for t in (gate_logits, weight, bias)):
+    dtype = h.dtype
+    if dtype not in SUPPORTED_DTYPES or not (gate_logits.dtype == dtype and weight.dtype == dtype
+                                             and bias.dtype == dtype):
         raise TypeError(f"gated head: the Triton ops take float32 or float64, all alike; got "
                         f"{h.dtype}, {gate_logits.dtype}, {weight.dtype}, {bias.dtype} "
                         f"(use the plain-PyTorch backend for other dtypes)")
     if target is not None and (target.shape != (h.shape[0],) or target.dtype != torch.int64):
         raise ValueError(f"gated head: target must be int64 [B={h.shape[0]}], got "
                          f"{target.dtype} {tuple(target.shape)}")
-    devices = {t.device for t in (h, gate_logits, weight, bias) + ((target,) if target is not None else ())}
-    if len(devices) != 1:
+    device = h.device
+    if not (gate_logits.device == device and weight.device == device and bias.device == device
+            and (target is None or target.device == device)):
+        devices = {t.device for t in (h, gate_logits, weight, bias) + ((target,) if target is not None else ())}
         raise ValueError(f"gated head: all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
