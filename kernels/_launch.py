@@ -79,9 +79,11 @@ MAX_SIGNATURES = 256  # a kernel's cached call signatures (a handful in practice
 
 class _Known:
     """A kernel's parameters as `launch` needs them, and its compiled kernels by call key."""
-    __slots__ = ("cache", "constexpr", "runtime", "params", "cxx")
+    __slots__ = ("kernel", "cache", "constexpr", "runtime", "params", "cxx")
 
     def __init__(self, kernel):
+        # held, so that the kernel's id, the key here and in C++, is never another kernel's
+        self.kernel = kernel
         self.cache: dict = {}
         self.params = [(p.name, p.is_constexpr) for p in kernel.params]
         self.constexpr = tuple(c for _, c in self.params)
