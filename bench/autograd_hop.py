@@ -1,0 +1,86 @@
+"""Where an eager forward + backward of a batch-1 Triton op spends its host time (conv2).
+
+The eager forward + backward rows of bench/host_cost.py lose to the twin while the op's own
+forward and backward calls win. This times, in one run, host us a call (no synchronise per call,
+medians of 5 rounds):
+  twin fwd+bwd                          the twin through autograd
+  compiled fwd+bwd                      the compiled op through autograd (its backward is Python)
+  ..., no engine threads                the same under torch.autograd.set_multithreading_enabled(False):
+                                        the backward runs on the calling thread, not the engine's
+                                        CUDA device thread
+  manual fwd + backward op              the op's forward and backward called directly, no autograd
+  fwd with grad (Function)              the forward alone through the autograd.Function
+each with the C++ launch and with the Python launch (kernels/_launch.py).
+
+    python3 bench/autograd_hop.py [--out FILE.json]
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from anml_fast import ops
+
+
+def per_call_us(fn, calls: int = 400) -> float:
+    for _ in range(30):
+        fn()
+    torch.cuda.synchronize()
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls // 5):
+            fn()
+        torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - start) / (calls // 5) * 1e6)
+    return statistics.median(rounds)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="write the figures to this JSON file")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("autograd_hop.py: needs a CUDA GPU")
+    ops.available()
+    kernels = sys.modules["anml_fast.ops.conv_valid"]._kernels()
+    launch = sys.modules[kernels.launch.__module__]
+    x = torch.randn(1, 256, 13, 13, device="cuda")  # conv2's input at batch 1
+    w = torch.randn(256, 256, 3, 3, device="cuda") * 0.02
+    gy = torch.randn(1, 256, 11, 11, device="cuda")
+    x_leaf, w_leaf = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def forward_backward(backend):
+        def call():
+            x_leaf.grad = w_leaf.grad = None
+            ops.conv_valid(x_leaf, w_leaf, backend=backend).backward(gy)
+        return call
+
+    def manual():
+        with torch.no_grad():
+            kernels.direct.conv_valid(x, w)
+            kernels.direct.conv_valid_backward(gy, x, w, True, True)
+
+    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for cxx in (True, False):
+        launch._CXX_ENABLED[0] = cxx
+        tag = "cxx launch" if cxx else "python launch"
+        res["twin fwd+bwd"] = per_call_us(forward_backward("torch"))
+        res[f"{tag}: compiled fwd+bwd"] = per_call_us(forward_backward("compiled"))
+        with torch.autograd.set_multithreading_enabled(False):
+            res[f"{tag}: compiled fwd+bwd, no engine threads"] = per_call_us(forward_backward("compiled"))
+            res["twin fwd+bwd, no engine threads"] = per_call_us(forward_backward("torch"))
+        res[f"{tag}: manual fwd + backward op"] = per_call_us(manual)
+        res[f"{tag}: fwd with grad (Function)"] = per_call_us(lambda: ops.conv_valid(x_leaf, w_leaf, backend="compiled"))
+    for k, v in res.items():
+        print(f"{k:50s} {v:8.1f}" if isinstance(v, float) else f"{k}: {v}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
