@@ -10,7 +10,9 @@ medians of 5 rounds):
                                         CUDA device thread
   manual fwd + backward op              the op's forward and backward called directly, no autograd
   fwd with grad (Function)              the forward alone through the autograd.Function
-each with the C++ launch and with the Python launch (kernels/_launch.py).
+each with the C++ launch and with the Python launch (kernels/_launch.py); and, to tell the
+engine's cost of any Python backward from this op's, an identity autograd.Function on a CUDA
+tensor (its backward returns the grad) with and without the engine's threads.
 
     python3 bench/autograd_hop.py [--out FILE.json]
 """
@@ -37,6 +39,16 @@ def per_call_us(fn, calls: int = 400) -> float:
         torch.cuda.synchronize()
         rounds.append((time.perf_counter() - start) / (calls // 5) * 1e6)
     return statistics.median(rounds)
+
+
+class _Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
 
 
 def main():
@@ -75,6 +87,21 @@ def main():
             res["twin fwd+bwd, no engine threads"] = per_call_us(forward_backward("torch"))
         res[f"{tag}: manual fwd + backward op"] = per_call_us(manual)
         res[f"{tag}: fwd with grad (Function)"] = per_call_us(lambda: ops.conv_valid(x_leaf, w_leaf, backend="compiled"))
+    t_leaf = torch.randn(16, device="cuda", requires_grad=True)
+    ones = torch.ones(16, device="cuda")
+
+    def identity():
+        t_leaf.grad = None
+        _Identity.apply(t_leaf).backward(ones)
+
+    def view_only():  # the same graph with a C++ backward node (view) in place of the Python one
+        t_leaf.grad = None
+        t_leaf.view_as(t_leaf).backward(ones)
+    res["identity Function fwd+bwd"] = per_call_us(identity)
+    res["view (C++ node) fwd+bwd"] = per_call_us(view_only)
+    with torch.autograd.set_multithreading_enabled(False):
+        res["identity Function fwd+bwd, no engine threads"] = per_call_us(identity)
+        res["view (C++ node) fwd+bwd, no engine threads"] = per_call_us(view_only)
     for k, v in res.items():
         print(f"{k:50s} {v:8.1f}" if isinstance(v, float) else f"{k}: {v}")
     if args.out:

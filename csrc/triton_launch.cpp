@@ -173,7 +173,7 @@ bool call_key(int64_t kernel_id, const Kernel& k, PyObject* args, PyObject* kwar
       return false;
     }
   }
-  if (kwargs != nullptr && kwargs != Py_None) {
+  {
     PyObject *name, *v;
     Py_ssize_t pos = 0;
     while (PyDict_Next(kwargs, &pos, &name, &v)) {
@@ -296,7 +296,7 @@ PyObject* triton_register(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
 // triton_launch(kernel_id, grid: tuple, args: tuple, kwargs: dict) -> int
 //   1: launched; 0: no recipe for this call yet; -1: not a call for this launcher (Triton's path)
 PyObject* triton_launch(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
-  if (argc != 4 || !PyTuple_Check(argv[1]) || !PyTuple_Check(argv[2])) {
+  if (argc != 4 || !PyTuple_Check(argv[1]) || !PyTuple_Check(argv[2]) || !PyDict_Check(argv[3])) {
     PyErr_SetString(PyExc_TypeError, "triton_launch(kernel_id, grid: tuple, args: tuple, kwargs: dict)");
     return nullptr;
   }
