@@ -69,18 +69,21 @@ constexpr size_t kMaxSignatures = 256;  // per kernel, as kernels/_launch.py's M
 std::unordered_map<int64_t, Kernel> g_kernels;
 uint64_t g_hits = 0;
 
+// A driver function by name (through the runtime, so the extension needs no -lcuda), or null.
+void* driver_entry(const char* name) {
+  void* p = nullptr;
+  cudaDriverEntryPointQueryResult found;
+  if (cudaGetDriverEntryPointByVersion(name, &p, 12000, cudaEnableDefault, &found) != cudaSuccess ||
+      found != cudaDriverEntryPointSuccess) {
+    return nullptr;
+  }
+  return p;
+}
+
 using LaunchEx = CUresult (*)(const CUlaunchConfig*, CUfunction, void**, void**);
 
 LaunchEx launch_ex() {
-  static LaunchEx fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuLaunchKernelEx", &p, 12000, cudaEnableDefault, &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      return static_cast<LaunchEx>(nullptr);
-    }
-    return reinterpret_cast<LaunchEx>(p);
-  }();
+  static LaunchEx fn = reinterpret_cast<LaunchEx>(driver_entry("cuLaunchKernelEx"));
   return fn;
 }
 
@@ -88,15 +91,7 @@ LaunchEx launch_ex() {
 // kernels/gated_head_step.py looks for, as it does in Triton's own launcher's errors).
 std::string error_string(CUresult r) {
   using ErrorString = CUresult (*)(CUresult, const char**);
-  static ErrorString fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuGetErrorString", &p, 12000, cudaEnableDefault, &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      return static_cast<ErrorString>(nullptr);
-    }
-    return reinterpret_cast<ErrorString>(p);
-  }();
+  static ErrorString fn = reinterpret_cast<ErrorString>(driver_entry("cuGetErrorString"));
   const char* text = nullptr;
   if (fn != nullptr && fn(r, &text) == CUDA_SUCCESS && text != nullptr) {
     return text;

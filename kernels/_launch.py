@@ -39,12 +39,12 @@ except ImportError:  # older Triton: no launch hooks to honour here, and no fast
 
 # Triton 3.3 and later hand the launcher every argument, constexprs included (this relies on it).
 # ANML_FAST_CACHED_LAUNCH=0 (read at import) sends every launch down Triton's own path.
-_ENABLED = [_knobs is not None and not _INTERPRETED
-            and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 3)
+_TRITON = tuple(int(v) for v in triton.__version__.split(".")[:2])
+_ENABLED = [_knobs is not None and not _INTERPRETED and _TRITON >= (3, 3)
             and os.environ.get("ANML_FAST_CACHED_LAUNCH", "1") != "0"]
 # The C++ launch (read at import): the Triton versions whose launcher's parameter layout
 # (the kernel's runtime parameters, then its scratch pointers) csrc/triton_launch.cpp repeats.
-_CXX_ENABLED = [_ENABLED[0] and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
+_CXX_ENABLED = [_ENABLED[0] and _TRITON < (3, 9)
                 and os.environ.get("ANML_FAST_CXX_LAUNCH", "1") != "0"]
 _CXX: list = []  # [anml_fast._C's launch functions, or None], resolved at the first launch
 
@@ -79,13 +79,14 @@ MAX_SIGNATURES = 256  # a kernel's cached call signatures (a handful in practice
 
 class _Known:
     """A kernel's parameters as `launch` needs them, and its compiled kernels by call key."""
-    __slots__ = ("kernel", "cache", "constexpr", "runtime", "params", "cxx")
+    __slots__ = ("kernel", "cache", "constexpr", "runtime", "params", "defaults", "cxx")
 
     def __init__(self, kernel):
         # held, so that the kernel's id, the key here and in C++, is never another kernel's
         self.kernel = kernel
         self.cache: dict = {}
         self.params = [(p.name, p.is_constexpr) for p in kernel.params]
+        self.defaults = {n: p.default for n, p in kernel.signature.parameters.items()}
         self.constexpr = tuple(c for _, c in self.params)
         # the rest, constexprs and launch options (num_warps, launch_pdl, ...), enter the key by value
         self.runtime = frozenset(n for n, c in self.params if not c)
@@ -101,17 +102,16 @@ _CXX_KIND = {"i1": 1, "i8": 1, "u1": 1, "u8": 1, "i16": 2, "u16": 2, "i32": 3, "
              "fp32": 5, "f32": 5, "fp64": 6}
 
 
-def _cxx_register(ext, kernel, compiled, args, kwargs) -> bool:
+def _cxx_register(known: "_Known", compiled, args, kwargs) -> bool:
     """Store `compiled`'s launch recipe in C++ for calls like this one; False where that launcher
     cannot take it (clusters, scratch memory, instrumentation, a parameter type it does not pack)."""
-    meta = compiled.metadata
+    kernel, meta = known.kernel, compiled.metadata
     if (getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0)
             or getattr(meta, "num_ctas", 1) != 1 or getattr(meta, "instrumentation_mode", "")):
         return False
     # the scratch pointers Triton's launcher appends after the kernel's parameters
     nulls = 2 if hasattr(meta, "profile_scratch_size") else (1 if hasattr(meta, "global_scratch_size") else 0)
     signature = compiled.src.signature
-    defaults = {n: p.default for n, p in kernel.signature.parameters.items()}
     sources = {n: len(args) + j for j, n in enumerate(kwargs)}
     params = []
     for i, p in enumerate(kernel.params):
@@ -124,10 +124,10 @@ def _cxx_register(ext, kernel, compiled, args, kwargs) -> bool:
         if kind is None:
             return False
         source = i if i < len(args) else sources.get(p.name, -1)
-        params.append((kind, source, defaults[p.name] if source < 0 else None))
-    return ext.triton_register(id(kernel), args, kwargs, compiled.function,
-                               (meta.num_warps, 1, meta.shared, bool(meta.launch_pdl),
-                                bool(getattr(meta, "launch_cooperative_grid", False))), nulls, tuple(params))
+        params.append((kind, source, known.defaults[p.name] if source < 0 else None))
+    return known.cxx.triton_register(id(kernel), args, kwargs, compiled.function,
+                                     (meta.num_warps, 1, meta.shared, bool(meta.launch_pdl),
+                                      bool(getattr(meta, "launch_cooperative_grid", False))), nulls, tuple(params))
 
 
 _KERNELS: dict[int, _Known] = {}
@@ -190,17 +190,16 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
             known.cache.clear()
         # the launcher takes every parameter, constexprs included, in the kernel's order: where
         # each of those after the positional ones comes from (by name, or its default)
-        defaults = {n: p.default for n, p in kernel.signature.parameters.items()}
-        recipe = tuple((n in kwargs, n, defaults[n]) for n, _ in known.params[len(args):])
+        recipe = tuple((n in kwargs, n, known.defaults[n]) for n, _ in known.params[len(args):])
         # [compiled, recipe, whether C++ took its recipe (None: not offered yet)]. C++ forgets
         # recipes past MAX_SIGNATURES too, and a hit here then offers it again
         known.cache[key] = [compiled, recipe, None]
         if cxx is not None:
-            known.cache[key][2] = _cxx_register(cxx, kernel, compiled, args, kwargs)
+            known.cache[key][2] = _cxx_register(known, compiled, args, kwargs)
         return
     compiled, recipe, cxx_took = entry
     if cxx is not None and cxx_took is not False:
-        entry[2] = _cxx_register(cxx, kernel, compiled, args, kwargs)
+        entry[2] = _cxx_register(known, compiled, args, kwargs)
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     compiled.run(grid[0], g1, g2, torch._C._cuda_getCurrentRawStream(device), compiled.function,
