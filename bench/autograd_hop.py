@@ -9,8 +9,10 @@ medians of 5 rounds):
                                         the backward runs on the calling thread, not the engine's
                                         CUDA device thread
   manual fwd + backward op              the op's forward and backward called directly, no autograd
-  fwd with grad (Function)              the forward alone through the autograd.Function
-each with the C++ launch and with the Python launch (kernels/_launch.py); and, to tell the
+  fwd with grad                         the forward alone, recording its autograd node
+each with plans (kernels/_plan.py: the op's call replayed from C++, and, through autograd, a C++
+node whose backward runs the backward op's plan), with the C++ launch alone, and with the Python
+launch (kernels/_launch.py); and, to tell the
 engine's cost of any Python backward from this op's, an identity autograd.Function on a CUDA
 tensor (its backward returns the grad) with and without the engine's threads.
 
@@ -77,16 +79,16 @@ def main():
             kernels.direct.conv_valid_backward(gy, x, w, True, True)
 
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for cxx in (True, False):
-        launch._CXX_ENABLED[0] = cxx
-        tag = "cxx launch" if cxx else "python launch"
+    plan = sys.modules[launch.__name__.replace("_launch", "_plan")]
+    for tag, cxx, plans in (("plans", True, True), ("cxx launch", True, False), ("python launch", False, False)):
+        launch._CXX_ENABLED[0], plan.ENABLED[0] = cxx, plans
         res["twin fwd+bwd"] = per_call_us(forward_backward("torch"))
         res[f"{tag}: compiled fwd+bwd"] = per_call_us(forward_backward("compiled"))
         with torch.autograd.set_multithreading_enabled(False):
             res[f"{tag}: compiled fwd+bwd, no engine threads"] = per_call_us(forward_backward("compiled"))
             res["twin fwd+bwd, no engine threads"] = per_call_us(forward_backward("torch"))
         res[f"{tag}: manual fwd + backward op"] = per_call_us(manual)
-        res[f"{tag}: fwd with grad (Function)"] = per_call_us(lambda: ops.conv_valid(x_leaf, w_leaf, backend="compiled"))
+        res[f"{tag}: fwd with grad"] = per_call_us(lambda: ops.conv_valid(x_leaf, w_leaf, backend="compiled"))
     t_leaf = torch.randn(16, device="cuda", requires_grad=True)
     ones = torch.ones(16, device="cuda")
 

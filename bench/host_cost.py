@@ -8,8 +8,10 @@ ROUNDS rounds: the host's times drift by 10-30% over seconds):
 for these implementations (IMPLS), each a setting of the package's eager path:
   twin            the plain-PyTorch twin
   compiled        the compiled op as it runs by default: a plain eager call skips torch's custom-op
-                  dispatch (kernels/_eager.py) and its Triton launches go from C++
-                  (csrc/triton_launch.cpp) once compiled
+                  dispatch (kernels/_eager.py), is replayed from its recorded plan where C++ holds
+                  one (kernels/_plan.py, csrc/triton_plan.cpp), and its Triton launches go from
+                  C++ (csrc/triton_launch.cpp) once compiled
+  no_plans        the same without plans: the op's Python runs every call
   python_launch   the same, with the launches through kernels/_launch.py's Python cache
   dispatched      the compiled op through torch's custom-op dispatch, C++ launches
   before          through the dispatch and the Python cache: the package before both
@@ -33,17 +35,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import card_slug  # noqa: E402
 
 from anml_fast import ops  # noqa: E402
-from anml_fast.kernels import _eager, _launch  # noqa: E402
+from anml_fast.kernels import _eager, _launch, _plan  # noqa: E402
 
-# implementation -> (the twin?, direct eager calls, C++ launch, cached launch)
-IMPLS = {"twin": (True, True, True, True), "compiled": (False, True, True, True),
-         "python_launch": (False, True, False, True), "dispatched": (False, False, True, True),
-         "before": (False, False, False, True), "triton_path": (False, False, False, False)}
+# implementation -> (the twin?, direct eager calls, C++ launch, cached launch, plans)
+IMPLS = {"twin": (True, True, True, True, True), "compiled": (False, True, True, True, True),
+         "no_plans": (False, True, True, True, False),
+         "python_launch": (False, True, False, True, False), "dispatched": (False, False, True, True, False),
+         "before": (False, False, False, True, False), "triton_path": (False, False, False, False, False)}
 
 
 def _set(impl: str) -> None:
-    _, direct, cxx, cached = IMPLS[impl]
+    _, direct, cxx, cached, plans = IMPLS[impl]
     _eager.ENABLED[0], _launch._CXX_ENABLED[0], _launch._ENABLED[0] = direct, cxx and CXX_BUILT, cached
+    _plan.ENABLED[0] = plans
 
 
 ROUNDS = 5  # turns each implementation takes (interleaved); medians reported
@@ -131,7 +135,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     help="folder for host-cost-<card>.json and .md (default: bench/results)")
     ap.add_argument("--calls", type=int, default=1000, help="calls a measurement (default 1000)")
-    ap.add_argument("--impls", default="twin,compiled,python_launch,dispatched,before",
+    ap.add_argument("--impls", default="twin,compiled,no_plans,python_launch,before",
                     help="comma-separated implementations to time, twin and compiled among them "
                          f"(default: all but triton_path; any of {', '.join(IMPLS)})")
     args = ap.parse_args()
@@ -177,8 +181,9 @@ def main():
              "", "`python3 bench/host_cost.py`. us a call: host (no synchronise, many calls) / synced (each call "
              "ends with torch.cuda.synchronize()). Each figure is the median of "
              f"{ROUNDS} rounds in which the implementations take turns. Implementations (bench/host_cost.py says "
-             "more): `compiled` is the package's default (direct eager calls, C++ launches); `python_launch` its "
-             "launches through the Python cache; `dispatched` through torch's custom-op dispatch; `before` both "
+             "more): `compiled` is the package's default (direct eager calls, plans replayed from C++, C++ "
+             "launches); `no_plans` the same without plans; `python_launch` neither plans nor C++ launches; "
+             "`dispatched` through torch's custom-op dispatch; `before` both "
              "(the package at cd1ce7b); `triton_path` dispatched, every launch through Triton's "
              "`kernel[grid](...)`." + ("" if CXX_BUILT else " **The extension here has no C++ launch: every "
                                         "launch went through Python.**"), "",

@@ -7,6 +7,7 @@
 
 #ifdef ANML_FAST_WITH_CUDA
 int anml_fast_add_triton_launch(PyObject* module);  // csrc/triton_launch.cpp
+int anml_fast_add_triton_plan(PyObject* module);    // csrc/triton_plan.cpp
 #endif
 
 extern "C" {
@@ -38,7 +39,7 @@ PyObject* PyInit__C(void) {
     return nullptr;
   }
 #ifdef ANML_FAST_WITH_CUDA
-  if (anml_fast_add_triton_launch(module) != 0) {
+  if (anml_fast_add_triton_launch(module) != 0 || anml_fast_add_triton_plan(module) != 0) {
     Py_DECREF(module);
     return nullptr;
   }

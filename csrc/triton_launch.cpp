@@ -23,51 +23,19 @@
 #include <cuda_runtime_api.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "triton_launch.h"
+
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
-namespace {
-
-enum Kind : int { kPtr = 0, kI8 = 1, kI16 = 2, kI32 = 3, kI64 = 4, kF32 = 5, kF64 = 6 };
-
-struct Param {
-  int kind;
-  int source;      // index into the call's values (positional, then keyword in call order); -1: constant
-  int64_t ivalue;  // the constant, for source -1
-  double fvalue;
-};
-
-struct Entry {
-  CUfunction function;
-  int num_warps, shared;
-  bool pdl, cooperative;
-  int null_params;  // the trailing scratch pointers Triton's launcher appends (always null here)
-  std::vector<Param> params;
-};
-
-struct KeyHash {
-  size_t operator()(const std::vector<int64_t>& k) const noexcept {
-    uint64_t h = 1469598103934665603ull;
-    for (int64_t v : k) {
-      h ^= static_cast<uint64_t>(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
-    }
-    return static_cast<size_t>(h);
-  }
-};
-
-struct Kernel {
-  std::vector<char> constexpr_positional;  // per parameter in order: constexpr?
-  PyObject* runtime_names = nullptr;       // frozenset of the runtime parameters' names (owned)
-  std::unordered_map<std::vector<int64_t>, Entry, KeyHash> cache;
-};
+namespace anml_fast_triton {
 
 constexpr size_t kMaxSignatures = 256;  // per kernel, as kernels/_launch.py's MAX_SIGNATURES
 
 std::unordered_map<int64_t, Kernel> g_kernels;
-uint64_t g_hits = 0;
 
 // A driver function by name (through the runtime, so the extension needs no -lcuda), or null.
 void* driver_entry(const char* name) {
@@ -205,6 +173,56 @@ bool as_i64(PyObject* v, int64_t& out) {
   return !(out == -1 && PyErr_Occurred());
 }
 
+// Launches `e` on `stream` with its parameters' bits in slots (params, then the null scratch pointers).
+CUresult launch_packed(const Entry& e, const unsigned grid[3], std::vector<uint64_t>& slots, CUstream stream) {
+  std::vector<void*> params(slots.size());
+  for (size_t i = 0; i < slots.size(); ++i) {
+    params[i] = &slots[i];
+  }
+  CUlaunchAttribute attrs[2];
+  unsigned n_attrs = 0;
+  if (e.pdl) {
+    attrs[n_attrs].id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attrs[n_attrs++].value.programmaticStreamSerializationAllowed = 1;
+  }
+  if (e.cooperative) {
+    attrs[n_attrs].id = CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+    attrs[n_attrs++].value.cooperative = 1;
+  }
+  CUlaunchConfig config{};
+  config.gridDimX = grid[0];
+  config.gridDimY = grid[1];
+  config.gridDimZ = grid[2];
+  config.blockDimX = 32 * e.num_warps;
+  config.blockDimY = 1;
+  config.blockDimZ = 1;
+  config.sharedMemBytes = e.shared;
+  config.hStream = stream;
+  config.attrs = attrs;
+  config.numAttrs = n_attrs;
+  return launch_ex()(&config, e.function, params.data(), nullptr);
+}
+
+// Packs one parameter of kind `kind` (an integer or pointer x, or a float f) into its slot.
+void pack(int kind, int64_t x, double f, uint64_t& slot) {
+  switch (kind) {
+    case kF32: { float y = static_cast<float>(f); std::memcpy(&slot, &y, sizeof y); break; }
+    case kF64: std::memcpy(&slot, &f, sizeof f); break;
+    case kI8: { int8_t y = static_cast<int8_t>(x); std::memcpy(&slot, &y, sizeof y); break; }
+    case kI16: { int16_t y = static_cast<int16_t>(x); std::memcpy(&slot, &y, sizeof y); break; }
+    case kI32: { int32_t y = static_cast<int32_t>(x); std::memcpy(&slot, &y, sizeof y); break; }
+    default: std::memcpy(&slot, &x, sizeof x);  // pointers and 64-bit integers
+  }
+}
+
+}  // namespace anml_fast_triton
+
+namespace {
+
+using namespace anml_fast_triton;
+
+uint64_t g_hits = 0;
+
 // triton_kernel(kernel_id, constexpr_positional: tuple[bool], runtime_names: frozenset) -> None
 PyObject* triton_kernel(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   if (argc != 3 || !PyTuple_Check(argv[1]) || !PyFrozenSet_Check(argv[2])) {
@@ -327,63 +345,25 @@ PyObject* triton_launch(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
     ++g_hits;
     return PyLong_FromLong(1);
   }
-  const size_t n = e.params.size() + e.null_params;
-  std::vector<uint64_t> slots(n, 0);
-  std::vector<void*> params(n);
+  std::vector<uint64_t> slots(e.params.size() + e.null_params, 0);  // the scratch pointers stay null
   for (size_t i = 0; i < e.params.size(); ++i) {
     const Param& p = e.params[i];
     PyObject* v = p.source >= 0 ? values[p.source] : nullptr;
-    void* slot = &slots[i];
-    params[i] = slot;
-    if (p.kind == kF32 || p.kind == kF64) {
-      double x = v == nullptr ? p.fvalue : PyFloat_AsDouble(v);
-      if (p.kind == kF32) {
-        float f = static_cast<float>(x);
-        std::memcpy(slot, &f, sizeof f);
-      } else {
-        std::memcpy(slot, &x, sizeof x);
-      }
-      continue;
-    }
     int64_t x = p.ivalue;
-    if (v != nullptr && !as_i64(v, x)) {
+    double f = p.fvalue;
+    if (p.kind == kF32 || p.kind == kF64) {
+      if (v != nullptr) {
+        f = PyFloat_AsDouble(v);
+      }
+    } else if (v != nullptr && !as_i64(v, x)) {
       return nullptr;
     }
-    switch (p.kind) {
-      case kI8: { int8_t y = static_cast<int8_t>(x); std::memcpy(slot, &y, sizeof y); break; }
-      case kI16: { int16_t y = static_cast<int16_t>(x); std::memcpy(slot, &y, sizeof y); break; }
-      case kI32: { int32_t y = static_cast<int32_t>(x); std::memcpy(slot, &y, sizeof y); break; }
-      default: std::memcpy(slot, &x, sizeof x);  // pointers and 64-bit integers
-    }
-  }
-  for (size_t i = e.params.size(); i < n; ++i) {
-    params[i] = &slots[i];  // null scratch pointers
+    pack(p.kind, x, f, slots[i]);
   }
   if (PyErr_Occurred()) {
     return nullptr;
   }
-  CUlaunchAttribute attrs[2];
-  unsigned n_attrs = 0;
-  if (e.pdl) {
-    attrs[n_attrs].id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attrs[n_attrs++].value.programmaticStreamSerializationAllowed = 1;
-  }
-  if (e.cooperative) {
-    attrs[n_attrs].id = CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
-    attrs[n_attrs++].value.cooperative = 1;
-  }
-  CUlaunchConfig config{};
-  config.gridDimX = grid[0];
-  config.gridDimY = grid[1];
-  config.gridDimZ = grid[2];
-  config.blockDimX = 32 * e.num_warps;
-  config.blockDimY = 1;
-  config.blockDimZ = 1;
-  config.sharedMemBytes = e.shared;
-  config.hStream = c10::cuda::getCurrentCUDAStream(device).stream();
-  config.attrs = attrs;
-  config.numAttrs = n_attrs;
-  CUresult r = launch_ex()(&config, e.function, params.data(), nullptr);
+  CUresult r = launch_packed(e, grid, slots, c10::cuda::getCurrentCUDAStream(device).stream());
   if (r != CUDA_SUCCESS) {
     PyErr_Format(PyExc_RuntimeError, "anml_fast: launching a cached Triton kernel failed: %s (CUresult %d)",
                  error_string(r).c_str(), static_cast<int>(r));

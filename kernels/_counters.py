@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._plan import persistent
+
 MAX_TILES = 1024  # counters of an eager launch; more than this get fresh zeros of their own
 RESERVE_COUNTERS = 1 << 20  # 4 MiB a device: about a thousand captured launches
 _EAGER: dict = {}
@@ -76,5 +78,6 @@ def counters(like: torch.Tensor, tiles: int) -> torch.Tensor:
                                                         else torch.cuda.current_device())
                if dev.type == "cuda" else 0)
         if key not in _EAGER:
-            _EAGER[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=dev)
+            # persistent: a recorded call's plan (kernels/_plan.py) may point its launches at it
+            _EAGER[key] = persistent(torch.zeros(MAX_TILES, dtype=torch.int32, device=dev))
         return _EAGER[key]

@@ -13,6 +13,13 @@ functional tensors, opcheck, vmap) goes through the registered op. The registere
 torch.compile, CUDA graphs of compiled code and opcheck see; the values are the same either way.
 ANML_FAST_EAGER_DIRECT=0 in the environment (read at import) sends every call through the
 registered op.
+
+A direct call is served by its plan where C++ holds one (kernels/_plan.py): the implementation's
+allocations and launches replayed without its Python. An op given `plan_backward` (one output,
+every argument a tensor, a backward that is one call of another EagerOp) is recorded, where a grad
+is wanted, by a C++ autograd node whose backward runs the backward op's plan on the engine's
+thread without calling Python: a Python backward there cost conv2's forward + backward about
+100 us of host time on an H200 machine (2026-11-29, bench/autograd_hop.py).
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ import os
 
 import torch
 from torch.library import triton_op as _torch_triton_op
+
+from . import _plan
 
 ENABLED = [os.environ.get("ANML_FAST_EAGER_DIRECT", "1") != "0"]
 
@@ -51,10 +60,11 @@ def _direct(args) -> bool:
             and _plain(args))
 
 
-def _function(name: str, impl, setup, backward) -> type:
-    """An autograd.Function running `impl` with the op's registered setup_context and backward."""
+def _function(name: str, run, setup, backward) -> type:
+    """An autograd.Function running `run` (the implementation) with the op's registered
+    setup_context and backward."""
     def forward(ctx, *args):
-        out = impl(*args)
+        out = run(args)
         setup(ctx, args, out)
         return out
 
@@ -62,18 +72,56 @@ def _function(name: str, impl, setup, backward) -> type:
                                                     "backward": staticmethod(backward)})
 
 
+class _Context:
+    """What a registered backward reads of its ctx, for the C++ node's Python fallback."""
+    __slots__ = ("saved_tensors", "needs_input_grad")
+
+    def __init__(self, saved, needs):
+        self.saved_tensors, self.needs_input_grad = saved, needs
+
+
 class EagerOp:
     """Calls `op` (a torch.library.triton_op): directly when the call is plain eager, else through
     the dispatcher. `setup` and `backward` are what the op was given in register_autograd (None
     for an op without autograd, which then needs no grad to take the direct path)."""
-    __slots__ = ("op", "impl", "function")
+    __slots__ = ("op", "impl", "function", "plan_id", "grad_spec", "_backward")
 
     def __init__(self, op, setup=None, backward=None):
         self.op = op
         # the undecorated implementation (triton_op above), else the one torch registered
         self.impl = getattr(op, "implementation", None) or getattr(op, "_init_fn", None)
         self.function = None if backward is None or self.impl is None else \
-            _function(f"{op._name}_eager", self.impl, setup, backward)
+            _function(f"{op._name}_eager", self._run, setup, backward)
+        self.plan_id = _plan.new_id()
+        self.grad_spec = None  # [spec args, grad_of, its id in C++ or None until registered]
+        self._backward = backward
+
+    def plan_backward(self, backward_op: "EagerOp", args: tuple, grad_of: tuple) -> None:
+        """Lets C++ run this op's backward as one call of `backward_op` (see csrc/triton_plan.cpp,
+        GradSpec): `args` per argument of it, (0, k) the output's grad k, (1, i) forward input i,
+        (2, mask) whether any input in the bit mask needs its grad; `grad_of` per forward input,
+        the backward op's output that is its grad (-1: none). The registered backward must compute
+        exactly that; it still runs where the plan cannot (and for second-order graphs)."""
+        self.grad_spec = [backward_op, tuple(args), tuple(grad_of), None]
+
+    def _spec_id(self, e):
+        spec = self.grad_spec
+        if spec[3] is None:
+            backward = self._backward
+            spec[3] = e.plan_grad_spec(spec[0].plan_id, spec[1], spec[2],
+                                       lambda saved, needs, grad: backward(_Context(saved, needs), grad))
+        return spec[3]
+
+    def _run(self, args):
+        e = _plan.ext()
+        if e is None:
+            return self.impl(*args)
+        out = e.plan_run(self.plan_id, args)
+        if type(out) is not int:
+            return out
+        if out == 0:
+            return _plan.record(e, self.plan_id, self.impl, args)
+        return self.impl(*args)
 
     def __call__(self, *args):
         if self.impl is None or not _direct(args):
@@ -81,5 +129,11 @@ class EagerOp:
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             if self.function is None:
                 return self.op(*args)  # the dispatcher says what a grad through it means
+            if self.grad_spec is not None:
+                e = _plan.ext()
+                if e is not None:
+                    out = e.plan_autograd(self.plan_id, args, self._spec_id(e))
+                    if type(out) is not int:
+                        return out
             return self.function.apply(*args)
-        return self.impl(*args)
+        return self._run(args)

@@ -47,6 +47,8 @@ _ENABLED = [_knobs is not None and not _INTERPRETED and _TRITON >= (3, 3)
 _CXX_ENABLED = [_ENABLED[0] and _TRITON < (3, 9)
                 and os.environ.get("ANML_FAST_CXX_LAUNCH", "1") != "0"]
 _CXX: list = []  # [anml_fast._C's launch functions, or None], resolved at the first launch
+# The plan recording in progress on this process's eager path (kernels/_plan.py), or None
+_RECORDING: list = [None]
 
 
 def _cxx():
@@ -151,6 +153,9 @@ def _plain(args) -> bool:
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """`kernel[grid](*args, **kwargs)` (arguments positional or by name, constexprs and launch
     options such as num_warps by name)."""
+    rec = _RECORDING[0]
+    if rec is not None:
+        rec.launches.append((kernel, grid, args, kwargs))
     if not (_ENABLED[0] and not _hooked(_knobs.runtime.launch_enter_hook)
             and not _hooked(_knobs.runtime.launch_exit_hook) and not torch.compiler.is_compiling()):
         wrap_triton(kernel)[grid](*args, **kwargs)

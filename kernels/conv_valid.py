@@ -1123,6 +1123,11 @@ class direct:
     conv_valid_input_grad_norm_backward = EagerOp(conv_valid_input_grad_norm_backward)
 
 
+# _backward's first-order grads as one conv_valid_backward call (grad_y, x, weight, x's grad
+# wanted, weight's grad wanted) -> (grad_x, grad_w), which C++ runs from its plan
+direct.conv_valid.plan_backward(direct.conv_valid_backward, ((0, 0), (1, 0), (1, 1), (2, 0b01), (2, 0b10)), (0, 1))
+
+
 def interpreted() -> bool:
     """Whether these kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
     return type(_conv_fwd_kernel).__name__ == "InterpretedFunction"

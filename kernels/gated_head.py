@@ -896,6 +896,13 @@ class direct:
     gated_head_ce_bwd = EagerOp(gated_head_ce_bwd)
 
 
+# _backward_gated_head's first-order grads as one gated_head_bwd call (grad, h, gate_logits,
+# weight, h's or gate_logits' grad wanted, weight's or bias's grad wanted) -> (dh, dz, dw, db),
+# which C++ runs from its plan
+direct.gated_head_fwd.plan_backward(direct.gated_head_bwd, ((0, 0), (1, 0), (1, 1), (1, 2), (2, 0b0011), (2, 0b1100)),
+                                    (0, 1, 2, 3))
+
+
 def interpreted() -> bool:
     """Whether these kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
     return type(_gated_head_fwd_kernel).__name__ == "InterpretedFunction"

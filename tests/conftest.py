@@ -34,6 +34,17 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
+def _fresh_plans():
+    """No op-call plan (kernels/_plan.py) outlives a test: tests change kernel modules' constants
+    (tile tables, thresholds) that a plan would have read when it was recorded."""
+    yield
+    import sys
+    plan = sys.modules.get("anml_fast.kernels._plan")
+    if plan is not None:
+        plan.clear()
+
+
+@pytest.fixture(autouse=True)
 def _ieee_float32_convolutions():
     """float32 convolutions in IEEE float32 unless a test asks for TF32: PyTorch's default lets
     cuDNN use TF32 (a 10-bit mantissa), and the Triton convolutions follow the same flag, so the

@@ -1,0 +1,705 @@
+// An op's whole eager call replayed from C++: its output allocations and its Triton launches
+// (kernels/_plan.py records them; kernels/_eager.py calls here first).
+//
+// With each launch already in C++ (csrc/triton_launch.cpp), an eager batch-1 op still spent most
+// of its host time in its own Python: input checks, output allocation, the tile choice, the
+// keyword arguments of each launch (conv2's forward: about 45 us on an H200 machine against 33 us
+// for cuDNN's whole call). That Python is a function of what the plan key below holds: the
+// arguments' dtypes, shapes, strides, 16-byte alignment and scalar values, the device and stream,
+// and the two global switches the kernels read (TF32 for float32 convolutions, PDL). So a call
+// with a key seen before can skip it: allocate the same outputs and scratch, and launch the same
+// recipes with the new tensors' pointers in place of the recorded ones.
+//
+// A plan is used only once two recordings of its key agree exactly (the same launches, grids,
+// constants and allocations): kernels/_plan.py refuses to record a call that does anything but
+// allocate and launch (a fill, a copy, a cuBLAS product, a view of an input), or that passes a
+// kernel a tensor other than an input, a fresh allocation or a registered persistent buffer
+// (the arrival counters). A key whose recordings do not agree is refused for good.
+//
+// The autograd half: `plan_autograd` runs an op's forward plan and records a C++ autograd node
+// whose backward runs the backward op's plan, on the engine's device thread without the GIL.
+// Where that plan is missing, or a second-order graph is wanted (grad mode on in the backward),
+// the node calls the op's Python backward.
+#ifdef ANML_FAST_WITH_CUDA
+
+#include <Python.h>
+
+#include <ATen/Context.h>
+#include <ATen/ops/empty_strided.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <variant>
+#include <vector>
+
+#include "triton_launch.h"
+
+namespace {
+
+using namespace anml_fast_triton;
+
+// One argument of an op call, as the plan key and the bindings see it.
+struct Arg {
+  enum Type { kTensor, kBool, kInt, kFloat, kNone } type;
+  at::Tensor tensor;
+  int64_t i = 0;
+  double f = 0.0;
+};
+
+// Where a launch parameter's value comes from.
+struct Binding {
+  int src;        // 0: the constant below; 1: input `index`'s pointer; 2: allocation `index`'s pointer
+  int index;
+  int64_t ivalue;
+  double fvalue;
+  bool operator==(const Binding& o) const {
+    return src == o.src && index == o.index && ivalue == o.ivalue &&
+           (src != 0 || std::memcmp(&fvalue, &o.fvalue, sizeof fvalue) == 0);
+  }
+};
+
+struct PlanLaunch {
+  Entry entry;
+  unsigned grid[3];
+  std::vector<Binding> params;  // one per entry.params
+  bool operator==(const PlanLaunch& o) const {
+    return entry.function == o.entry.function && entry.num_warps == o.entry.num_warps &&
+           entry.shared == o.entry.shared && entry.pdl == o.entry.pdl && entry.cooperative == o.entry.cooperative &&
+           entry.null_params == o.entry.null_params && grid[0] == o.grid[0] && grid[1] == o.grid[1] &&
+           grid[2] == o.grid[2] && params == o.params;
+  }
+};
+
+struct Alloc {
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  bool operator==(const Alloc& o) const { return sizes == o.sizes && strides == o.strides && dtype == o.dtype; }
+};
+
+struct Plan {
+  int state = 0;  // 0: awaiting a (second) recording; 1: confirmed; -1: refused
+  int failures = 0;
+  bool recorded = false;  // holds one recording
+  std::vector<Alloc> allocs;
+  std::vector<PlanLaunch> launches;
+  std::vector<int> outputs;  // allocation indices
+  bool tuple_out = false;
+  std::vector<at::Tensor> keep;  // the persistent buffers its constants point into
+  bool same(const Plan& o) const {
+    return allocs == o.allocs && launches == o.launches && outputs == o.outputs && tuple_out == o.tuple_out;
+  }
+};
+
+constexpr int kMaxFailures = 3;      // unrecordable calls of a key before it is refused
+constexpr size_t kMaxPlans = 4096;   // all ops together; past it the table starts afresh
+
+std::mutex g_mutex;  // the backward's plans run on autograd's device threads without the GIL
+std::unordered_map<std::vector<int64_t>, Plan, KeyHash> g_plans;
+uint64_t g_plan_hits = 0;
+bool g_enabled = true;
+
+bool pdl_enabled() {  // kernels/_pdl.py's switch, read at each launch there too
+  const char* v = std::getenv("ANML_FAST_PDL");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+// The key of a call of op `op` with these arguments; false: not a call a plan may serve
+// (a non-CUDA tensor, an argument type plans do not know, a stream being captured).
+bool plan_key(int64_t op, const std::vector<Arg>& args, std::vector<int64_t>& key, int& device) {
+  key.reserve(8 + 12 * args.size());
+  key.push_back(op);
+  int tensor_device = -1;
+  for (const Arg& a : args) {
+    key.push_back(a.type);
+    switch (a.type) {
+      case Arg::kTensor: {
+        const at::Tensor& t = a.tensor;
+        if (!t.defined() || !t.is_cuda()) {
+          return false;
+        }
+        int d = t.get_device();
+        if (tensor_device >= 0 && d != tensor_device) {
+          return false;
+        }
+        tensor_device = d;
+        key.push_back(static_cast<int64_t>(t.scalar_type()));
+        key.push_back(t.dim());
+        for (int64_t s : t.sizes()) key.push_back(s);
+        for (int64_t s : t.strides()) key.push_back(s);
+        key.push_back((reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0);
+        // which earlier argument it shares its address with, if any: a recording binds each
+        // launch's tensor to one argument
+        int64_t alias = -1;
+        for (size_t j = 0; &args[j] != &a; ++j) {
+          if (args[j].type == Arg::kTensor && args[j].tensor.data_ptr() == t.data_ptr()) {
+            alias = static_cast<int64_t>(j);
+            break;
+          }
+        }
+        key.push_back(alias);
+        break;
+      }
+      case Arg::kBool:
+      case Arg::kInt:
+        key.push_back(a.i);
+        break;
+      case Arg::kFloat: {
+        int64_t bits;
+        std::memcpy(&bits, &a.f, sizeof bits);
+        key.push_back(bits);
+        break;
+      }
+      case Arg::kNone:
+        break;
+    }
+  }
+  device = c10::cuda::current_device();
+  if (tensor_device < 0 || tensor_device != device) {
+    return false;
+  }
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    return false;  // a capture takes counters of its own (kernels/_counters.py): Python's path
+  }
+  key.push_back(device);
+  key.push_back(c10::cuda::getCurrentCUDAStream(device).id());
+  key.push_back(at::globalContext().allowTF32CuDNN());
+  key.push_back(pdl_enabled());
+  return true;
+}
+
+bool to_args(PyObject* tuple, std::vector<Arg>& args) {
+  Py_ssize_t n = PyTuple_GET_SIZE(tuple);
+  args.resize(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* v = PyTuple_GET_ITEM(tuple, i);
+    Arg& a = args[i];
+    if (THPVariable_CheckExact(v)) {
+      a.type = Arg::kTensor;
+      a.tensor = THPVariable_Unpack(v);
+    } else if (PyBool_Check(v)) {
+      a.type = Arg::kBool;
+      a.i = v == Py_True;
+    } else if (PyLong_CheckExact(v)) {
+      int overflow = 0;
+      a.type = Arg::kInt;
+      a.i = PyLong_AsLongLongAndOverflow(v, &overflow);
+      if (overflow != 0) {
+        return false;
+      }
+    } else if (PyFloat_CheckExact(v)) {
+      a.type = Arg::kFloat;
+      a.f = PyFloat_AS_DOUBLE(v);
+    } else if (v == Py_None) {
+      a.type = Arg::kNone;
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Runs the confirmed plan `p` on `args`: its allocations, then its launches. False with `error`
+// set when a launch fails (outputs are then not to be used).
+bool run_plan(const Plan& p, const std::vector<Arg>& args, int device, std::vector<at::Tensor>& outs,
+              std::string& error) {
+  std::vector<at::Tensor> allocs;
+  allocs.reserve(p.allocs.size());
+  auto options = at::TensorOptions().device(at::kCUDA, device);
+  for (const Alloc& a : p.allocs) {
+    allocs.push_back(at::empty_strided(a.sizes, a.strides, options.dtype(a.dtype)));
+  }
+  CUstream stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  std::vector<uint64_t> slots;
+  for (const PlanLaunch& l : p.launches) {
+    if (l.grid[0] == 0 || l.grid[1] == 0 || l.grid[2] == 0) {
+      continue;  // as Triton's launcher: nothing to run
+    }
+    slots.assign(l.params.size() + l.entry.null_params, 0);
+    for (size_t i = 0; i < l.params.size(); ++i) {
+      const Binding& b = l.params[i];
+      int64_t x = b.ivalue;
+      if (b.src == 1) {
+        x = reinterpret_cast<int64_t>(args[b.index].tensor.data_ptr());
+      } else if (b.src == 2) {
+        x = reinterpret_cast<int64_t>(allocs[b.index].data_ptr());
+      }
+      pack(l.entry.params[i].kind, x, b.fvalue, slots[i]);
+    }
+    CUresult r = launch_packed(l.entry, l.grid, slots, stream);
+    if (r != CUDA_SUCCESS) {
+      error = "anml_fast: launching a planned Triton kernel failed: " + error_string(r);
+      return false;
+    }
+  }
+  outs.clear();
+  for (int i : p.outputs) {
+    outs.push_back(allocs[i]);
+  }
+  return true;
+}
+
+// 1: ran, outputs in `outs`; 0: no confirmed plan for this key yet (record this call); -1: no plan
+// will serve this call (Python's path, unrecorded); -2: a launch failed (`error`).
+int try_plan(int64_t op, const std::vector<Arg>& args, std::vector<at::Tensor>& outs, bool& tuple_out,
+             std::string& error) {
+  std::vector<int64_t> key;
+  int device = 0;
+  if (!g_enabled || !plan_key(op, args, key, device)) {
+    return -1;
+  }
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_plans.find(key);
+  if (it == g_plans.end() || it->second.state == 0) {
+    return 0;
+  }
+  if (it->second.state < 0) {
+    return -1;
+  }
+  tuple_out = it->second.tuple_out;
+  if (!run_plan(it->second, args, device, outs, error)) {
+    return -2;
+  }
+  ++g_plan_hits;
+  return 1;
+}
+
+PyObject* wrap_outputs(const std::vector<at::Tensor>& outs, bool tuple_out) {
+  if (!tuple_out) {
+    return THPVariable_Wrap(outs.at(0));
+  }
+  PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(outs.size()));
+  if (t == nullptr) {
+    return nullptr;
+  }
+  for (size_t i = 0; i < outs.size(); ++i) {
+    PyObject* o = THPVariable_Wrap(outs[i]);
+    if (o == nullptr) {
+      Py_DECREF(t);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), o);
+  }
+  return t;
+}
+
+// plan_run(op_id, args: tuple) -> the op's outputs, or 0 (record this call) or -1 (Python, unrecorded)
+PyObject* plan_run(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  if (argc != 2 || !PyTuple_Check(argv[1])) {
+    PyErr_SetString(PyExc_TypeError, "plan_run(op_id, args: tuple)");
+    return nullptr;
+  }
+  int64_t op = PyLong_AsLongLong(argv[0]);
+  if (op == -1 && PyErr_Occurred()) {
+    return nullptr;
+  }
+  std::vector<Arg> args;
+  if (!to_args(argv[1], args)) {
+    PyErr_Clear();
+    return PyLong_FromLong(-1);
+  }
+  std::vector<at::Tensor> outs;
+  bool tuple_out = false;
+  std::string error;
+  int state = try_plan(op, args, outs, tuple_out, error);
+  if (state == -2) {
+    PyErr_SetString(PyExc_RuntimeError, error.c_str());
+    return nullptr;
+  }
+  if (state != 1) {
+    return PyLong_FromLong(state);
+  }
+  return wrap_outputs(outs, tuple_out);
+}
+
+// plan_store(op_id, args, ok, launches, allocs, outputs, tuple_out, keep) -> state
+//   launches: tuple of (kernel_id, grid, args, kwargs, binds), binds one (src, index) per value
+//   (positional, then keyword in call order); allocs: the recorded call's allocated tensors;
+//   outputs: allocation indices; keep: the persistent tensors its constants point into.
+//   ok False: the call could not be recorded. Returns the key's state: 1 confirmed, 0 awaiting a
+//   second recording, -1 refused (or not a plannable call).
+PyObject* plan_store(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  if (argc != 8 || !PyTuple_Check(argv[1]) || !PyTuple_Check(argv[3]) || !PyTuple_Check(argv[4]) ||
+      !PyTuple_Check(argv[5]) || !PyTuple_Check(argv[7])) {
+    PyErr_SetString(PyExc_TypeError,
+                    "plan_store(op_id, args: tuple, ok, launches: tuple, allocs: tuple, outputs: tuple, tuple_out, keep: tuple)");
+    return nullptr;
+  }
+  int64_t op = PyLong_AsLongLong(argv[0]);
+  if (op == -1 && PyErr_Occurred()) {
+    return nullptr;
+  }
+  std::vector<Arg> args;
+  std::vector<int64_t> key;
+  int device = 0;
+  if (!to_args(argv[1], args) || !plan_key(op, args, key, device)) {
+    PyErr_Clear();
+    return PyLong_FromLong(-1);
+  }
+  Plan p;
+  bool ok = PyObject_IsTrue(argv[2]) == 1;
+  for (Py_ssize_t i = 0; ok && i < PyTuple_GET_SIZE(argv[4]); ++i) {
+    PyObject* v = PyTuple_GET_ITEM(argv[4], i);
+    if (!THPVariable_CheckExact(v)) {
+      ok = false;
+      break;
+    }
+    const at::Tensor& t = THPVariable_Unpack(v);
+    p.allocs.push_back(Alloc{t.sizes().vec(), t.strides().vec(), t.scalar_type()});
+  }
+  for (Py_ssize_t i = 0; ok && i < PyTuple_GET_SIZE(argv[5]); ++i) {
+    long j = PyLong_AsLong(PyTuple_GET_ITEM(argv[5], i));
+    ok = j >= 0 && j < static_cast<long>(p.allocs.size());
+    p.outputs.push_back(static_cast<int>(j));
+  }
+  p.tuple_out = PyObject_IsTrue(argv[6]) == 1;
+  for (Py_ssize_t i = 0; ok && i < PyTuple_GET_SIZE(argv[7]); ++i) {
+    PyObject* v = PyTuple_GET_ITEM(argv[7], i);
+    ok = THPVariable_CheckExact(v);
+    if (ok) {
+      p.keep.push_back(THPVariable_Unpack(v));
+    }
+  }
+  for (Py_ssize_t i = 0; ok && i < PyTuple_GET_SIZE(argv[3]); ++i) {
+    PyObject *kid, *grid, *largs, *lkwargs, *binds;
+    if (!PyArg_ParseTuple(PyTuple_GET_ITEM(argv[3], i), "OO!O!O!O!", &kid, &PyTuple_Type, &grid, &PyTuple_Type,
+                          &largs, &PyDict_Type, &lkwargs, &PyTuple_Type, &binds)) {
+      return nullptr;
+    }
+    int64_t kernel_id = PyLong_AsLongLong(kid);
+    auto kit = g_kernels.find(kernel_id);
+    std::vector<int64_t> lkey;
+    std::vector<PyObject*> values;
+    if (kit == g_kernels.end() || !call_key(kernel_id, kit->second, largs, lkwargs, device, lkey, values) ||
+        PyTuple_GET_SIZE(binds) != static_cast<Py_ssize_t>(values.size())) {
+      ok = false;
+      break;
+    }
+    auto eit = kit->second.cache.find(lkey);
+    if (eit == kit->second.cache.end()) {
+      ok = false;  // its recipe is not in C++ (yet): the next recording may find it
+      break;
+    }
+    PlanLaunch l;
+    l.entry = eit->second;
+    l.grid[0] = l.grid[1] = l.grid[2] = 1;
+    for (Py_ssize_t d = 0; d < PyTuple_GET_SIZE(grid) && d < 3; ++d) {
+      long g = PyLong_AsLong(PyTuple_GET_ITEM(grid, d));
+      if (g < 0) {
+        ok = false;
+      }
+      l.grid[d] = static_cast<unsigned>(g);
+    }
+    for (const Param& prm : l.entry.params) {
+      Binding b{0, 0, prm.ivalue, prm.fvalue};
+      if (prm.source >= 0) {
+        int src = 0, index = 0;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(binds, prm.source), "ii", &src, &index)) {
+          return nullptr;
+        }
+        b.src = src;
+        b.index = index;
+        if (src == 0) {  // a constant: a scalar, None, or a persistent tensor's pointer
+          PyObject* v = values[prm.source];
+          if (prm.kind == kF32 || prm.kind == kF64) {
+            b.fvalue = PyFloat_AsDouble(v);
+          } else if (!as_i64(v, b.ivalue)) {
+            PyErr_Clear();
+            ok = false;
+          }
+          b.index = 0;
+        } else if ((src == 1 && (index >= static_cast<int>(args.size()) || args[index].type != Arg::kTensor)) ||
+                   (src == 2 && index >= static_cast<int>(p.allocs.size())) || src < 0 || src > 2) {
+          ok = false;
+        }
+      }
+      if (b.src != 0) {
+        b.ivalue = 0;
+        b.fvalue = 0.0;
+      }
+      l.params.push_back(b);
+    }
+    p.launches.push_back(std::move(l));
+  }
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    ok = false;
+  }
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_plans.find(key);
+  if (it == g_plans.end()) {
+    if (g_plans.size() >= kMaxPlans) {
+      g_plans.clear();
+    }
+    it = g_plans.emplace(std::move(key), Plan{}).first;
+  }
+  Plan& held = it->second;
+  if (held.state != 0) {
+    return PyLong_FromLong(held.state);
+  }
+  if (!ok) {
+    if (++held.failures >= kMaxFailures) {
+      held.state = -1;
+    }
+    return PyLong_FromLong(held.state);
+  }
+  if (!held.recorded) {
+    int failures = held.failures;
+    held = std::move(p);
+    held.failures = failures;
+    held.recorded = true;
+    return PyLong_FromLong(0);
+  }
+  if (held.same(p)) {
+    held.state = 1;
+    held.keep = std::move(p.keep);
+  } else {
+    held.state = -1;  // two recordings disagree: something outside the key steers this op
+  }
+  return PyLong_FromLong(held.state);
+}
+
+// plan_stats() -> (calls served by plans, confirmed, awaiting confirmation, refused)
+PyObject* plan_stats(PyObject*, PyObject*) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  unsigned long long counts[3] = {0, 0, 0};
+  for (const auto& kv : g_plans) {
+    counts[kv.second.state == 1 ? 0 : (kv.second.state == 0 ? 1 : 2)]++;
+  }
+  return Py_BuildValue("(KKKK)", static_cast<unsigned long long>(g_plan_hits), counts[0], counts[1], counts[2]);
+}
+
+PyObject* plan_clear(PyObject*, PyObject*) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_plans.clear();
+  Py_RETURN_NONE;
+}
+
+// plan_enable(on: bool) -> the previous setting
+PyObject* plan_enable(PyObject*, PyObject* on) {
+  bool was = g_enabled;
+  g_enabled = PyObject_IsTrue(on) == 1;
+  return PyBool_FromLong(was);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Autograd: a C++ node for ops whose forward and backward both have plans.
+// ---------------------------------------------------------------------------------------------
+
+// How an op's backward op is called from its saved inputs and the grad of its one output.
+struct GradSpec {
+  int64_t backward_op;
+  // per backward-op argument: (0, k) the output's grad; (1, i) forward input i; (2, mask) a bool,
+  // whether any forward input in the bit mask needs its grad
+  std::vector<std::pair<int, int64_t>> args;
+  std::vector<int> grad_of;  // per forward input: the backward op's output that is its grad, or -1
+  PyObject* fallback;        // fallback(saved: tuple, needs: tuple, grad) -> tuple of grads (owned)
+};
+
+std::vector<GradSpec> g_specs;
+std::mutex g_specs_mutex;
+
+struct PlannedFunction : public torch::autograd::Function<PlannedFunction> {
+  static thread_local std::vector<at::Tensor>* pending;  // the forward plan's outputs
+
+  // the inputs as a TensorList: Function::apply takes those (not a std::vector) as tensor inputs
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList inputs,
+                                                int64_t spec) {
+    ctx->save_for_backward(inputs.vec());
+    ctx->saved_data["spec"] = spec;
+    return *pending;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const GradSpec* s;
+    {
+      std::lock_guard<std::mutex> lock(g_specs_mutex);
+      s = &g_specs.at(static_cast<size_t>(ctx->saved_data["spec"].toInt()));
+    }
+    auto saved = ctx->get_saved_variables();
+    std::vector<bool> needs(saved.size());
+    for (size_t i = 0; i < saved.size(); ++i) {
+      needs[i] = ctx->needs_input_grad(i);
+    }
+    torch::autograd::variable_list result(saved.size() + 1);  // + the spec's slot
+    if (!at::GradMode::is_enabled()) {
+      std::vector<Arg> args(s->args.size());
+      for (size_t j = 0; j < s->args.size(); ++j) {
+        auto [code, v] = s->args[j];
+        if (code == 0) {
+          args[j].type = Arg::kTensor;
+          args[j].tensor = grads.at(static_cast<size_t>(v));
+        } else if (code == 1) {
+          args[j].type = Arg::kTensor;
+          args[j].tensor = saved.at(static_cast<size_t>(v));
+        } else {
+          bool any = false;
+          for (size_t i = 0; i < needs.size(); ++i) {
+            any = any || (((v >> i) & 1) && needs[i]);
+          }
+          args[j].type = Arg::kBool;
+          args[j].i = any;
+        }
+      }
+      std::vector<at::Tensor> outs;
+      bool tuple_out = false;
+      std::string error;
+      int state = try_plan(s->backward_op, args, outs, tuple_out, error);
+      TORCH_CHECK(state != -2, error);
+      if (state == 1) {
+        for (size_t i = 0; i < saved.size(); ++i) {
+          if (needs[i] && s->grad_of[i] >= 0) {
+            result[i] = outs.at(static_cast<size_t>(s->grad_of[i]));
+          }
+        }
+        return result;
+      }
+    }
+    // the op's Python backward: it records the backward op's plan, or builds the second-order graph
+    pybind11::gil_scoped_acquire gil;
+    PyObject* saved_t = PyTuple_New(static_cast<Py_ssize_t>(saved.size()));
+    PyObject* needs_t = PyTuple_New(static_cast<Py_ssize_t>(saved.size()));
+    for (size_t i = 0; i < saved.size(); ++i) {
+      PyTuple_SET_ITEM(saved_t, static_cast<Py_ssize_t>(i), THPVariable_Wrap(saved[i]));
+      PyTuple_SET_ITEM(needs_t, static_cast<Py_ssize_t>(i), PyBool_FromLong(needs[i]));
+    }
+    PyObject* grad = THPVariable_Wrap(grads.at(0));
+    PyObject* r = PyObject_CallFunctionObjArgs(s->fallback, saved_t, needs_t, grad, nullptr);
+    Py_DECREF(saved_t);
+    Py_DECREF(needs_t);
+    Py_DECREF(grad);
+    if (r == nullptr) {
+      python_error err;
+      err.persist();
+      throw std::move(err);
+    }
+    bool bad = !PyTuple_Check(r) || PyTuple_GET_SIZE(r) < static_cast<Py_ssize_t>(saved.size());
+    for (size_t i = 0; !bad && i < saved.size(); ++i) {
+      PyObject* g = PyTuple_GET_ITEM(r, static_cast<Py_ssize_t>(i));
+      if (THPVariable_Check(g)) {
+        result[i] = THPVariable_Unpack(g);
+      } else if (g != Py_None) {
+        bad = true;
+      }
+    }
+    Py_DECREF(r);
+    TORCH_CHECK(!bad, "anml_fast: a planned op's Python backward must return a tuple of grads or None per input");
+    return result;
+  }
+};
+
+thread_local std::vector<at::Tensor>* PlannedFunction::pending = nullptr;
+
+// plan_grad_spec(backward_op_id, args: tuple of (code, value), grad_of: tuple, fallback) -> spec id
+PyObject* plan_grad_spec(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  if (argc != 4 || !PyTuple_Check(argv[1]) || !PyTuple_Check(argv[2]) || !PyCallable_Check(argv[3])) {
+    PyErr_SetString(PyExc_TypeError, "plan_grad_spec(backward_op_id, args: tuple, grad_of: tuple, fallback)");
+    return nullptr;
+  }
+  GradSpec s;
+  s.backward_op = PyLong_AsLongLong(argv[0]);
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(argv[1]); ++i) {
+    int code = 0;
+    long long v = 0;
+    if (!PyArg_ParseTuple(PyTuple_GET_ITEM(argv[1], i), "iL", &code, &v)) {
+      return nullptr;
+    }
+    s.args.emplace_back(code, v);
+  }
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(argv[2]); ++i) {
+    s.grad_of.push_back(static_cast<int>(PyLong_AsLong(PyTuple_GET_ITEM(argv[2], i))));
+  }
+  if (PyErr_Occurred()) {
+    return nullptr;
+  }
+  Py_INCREF(argv[3]);  // held for the life of the process, as the spec
+  s.fallback = argv[3];
+  std::lock_guard<std::mutex> lock(g_specs_mutex);
+  g_specs.push_back(std::move(s));
+  return PyLong_FromSize_t(g_specs.size() - 1);
+}
+
+// plan_autograd(op_id, args: tuple of tensors, spec_id) -> the output with a C++ grad_fn, or 0 / -1
+// as plan_run (the caller then takes its Python path)
+PyObject* plan_autograd(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  if (argc != 3 || !PyTuple_Check(argv[1])) {
+    PyErr_SetString(PyExc_TypeError, "plan_autograd(op_id, args: tuple, spec_id)");
+    return nullptr;
+  }
+  int64_t op = PyLong_AsLongLong(argv[0]);
+  int64_t spec = PyLong_AsLongLong(argv[2]);
+  if (PyErr_Occurred()) {
+    return nullptr;
+  }
+  std::vector<Arg> args;
+  if (!to_args(argv[1], args)) {
+    PyErr_Clear();
+    return PyLong_FromLong(-1);
+  }
+  torch::autograd::variable_list inputs;
+  for (const Arg& a : args) {
+    if (a.type != Arg::kTensor) {
+      return PyLong_FromLong(-1);
+    }
+    inputs.push_back(a.tensor);
+  }
+  std::vector<at::Tensor> outs;
+  bool tuple_out = false;
+  std::string error;
+  int state;
+  {
+    at::AutoGradMode no_grad(false);
+    state = try_plan(op, args, outs, tuple_out, error);
+  }
+  if (state == -2) {
+    PyErr_SetString(PyExc_RuntimeError, error.c_str());
+    return nullptr;
+  }
+  if (state != 1) {
+    return PyLong_FromLong(state);
+  }
+  if (tuple_out || outs.size() != 1) {
+    return PyLong_FromLong(-1);  // one output only (the specs' ops)
+  }
+  torch::autograd::variable_list result;
+  PlannedFunction::pending = &outs;
+  try {
+    result = PlannedFunction::apply(at::TensorList(inputs), spec);
+  } catch (...) {
+    PlannedFunction::pending = nullptr;
+    throw;
+  }
+  PlannedFunction::pending = nullptr;
+  return THPVariable_Wrap(result.at(0));
+}
+
+PyMethodDef kMethods[] = {
+    {"plan_run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_run)), METH_FASTCALL,
+     "Run an op's call from its confirmed plan: its outputs, or 0 (record this call) or -1 (no plan serves it)."},
+    {"plan_store", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_store)), METH_FASTCALL,
+     "Store a recorded call's plan; two agreeing recordings confirm it. Returns 1, 0 or -1."},
+    {"plan_stats", plan_stats, METH_NOARGS, "(calls served by plans, confirmed, awaiting confirmation, refused)"},
+    {"plan_clear", plan_clear, METH_NOARGS, "Forget every plan."},
+    {"plan_enable", plan_enable, METH_O, "Turn plans on or off; returns the previous setting."},
+    {"plan_grad_spec", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_grad_spec)), METH_FASTCALL,
+     "Register how an op's backward op is called from its saved inputs; returns the spec's id."},
+    {"plan_autograd", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_autograd)), METH_FASTCALL,
+     "Run an op's forward plan under a C++ autograd node whose backward runs the backward op's plan."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+int anml_fast_add_triton_plan(PyObject* module) {
+  return PyModule_AddFunctions(module, kMethods);
+}
+
+#endif  // ANML_FAST_WITH_CUDA
