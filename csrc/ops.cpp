@@ -5,6 +5,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+int anml_fast_add_conv_block_autograd(PyObject* module);  // csrc/conv_block_autograd.cpp
 #ifdef ANML_FAST_WITH_CUDA
 int anml_fast_add_triton_launch(PyObject* module);  // csrc/triton_launch.cpp
 int anml_fast_add_triton_plan(PyObject* module);    // csrc/triton_plan.cpp
@@ -13,8 +14,9 @@ int anml_fast_add_triton_plan(PyObject* module);    // csrc/triton_plan.cpp
 extern "C" {
 // `import anml_fast._C` only has to load this shared object: loading runs the static
 // registrations below and in the kernel files. The ops are called through torch.ops.anml_fast,
-// where the dispatcher, fake tensors and autograd see them; the module's own functions (CUDA
-// builds only) are kernels/_launch.py's C++ launch of compiled Triton kernels.
+// where the dispatcher, fake tensors and autograd see them. The module's own functions:
+// set_second_order (conv_block's C++ autograd calls it for second-order grads), and in CUDA
+// builds kernels/_launch.py's C++ launch of compiled Triton kernels and kernels/_plan.py's plans.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
@@ -35,6 +37,10 @@ PyObject* PyInit__C(void) {
   const long with_cuda = 0;
 #endif
   if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  if (anml_fast_add_conv_block_autograd(module) != 0) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -174,6 +174,31 @@ def test_second_order_matches_twin():
         assert_close(ours, twin, atol=1e-10, rtol=1e-9, what=name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_autograd_is_a_cpp_node_whose_errors_reach_python(device):
+    """The ops' autograd is C++ (csrc/conv_block_autograd.cpp): no Python node in the graph, and an
+    error in the second-order hook it calls comes back to Python as that error (in a subprocess:
+    a C++ exception that crossed libraries badly would abort the process, not fail a test)."""
+    code = f"""
+import sys, torch, anml_fast.ops as o
+cb = sys.modules["anml_fast.ops.conv_block"]
+x, w = torch.randn(1, 3, 8, 8, device="{device}"), torch.randn(4, 3, 3, 3, device="{device}")
+b, nw, nb = (torch.randn(4, device="{device}") for _ in range(3))
+leaves = [t.requires_grad_() for t in (x, w, b, nw, nb)]
+out = cb.conv_block(*leaves, True)
+assert type(out.grad_fn).__name__ == "CppFunction", out.grad_fn
+def broken(*args):
+    raise ValueError("second-order hook failed")
+cb._ext.load().set_second_order(broken)
+try:
+    torch.autograd.grad(out.sum(), [x], create_graph=True)
+except ValueError as e:
+    print("raised:", e)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "raised: second-order hook failed" in run.stdout, run.stdout + run.stderr
+
+
 def test_bias_has_no_effect_and_no_gradient():
     x, w, b, nw, nb = make_inputs(2, 3, 4, 6, 6, dtype=torch.float64)
     b.requires_grad_()

@@ -7,6 +7,7 @@ stream, a CUDA-graph capture); the C++ autograd node giving other grads than the
 backward, or none for second order. The recorder's rules run on the CPU (CI); the replays need
 the CUDA build of the extension and a GPU.
 """
+import subprocess
 import sys
 
 import pytest
@@ -265,3 +266,30 @@ def test_unplannable_calls_stay_correct():
     for _ in range(5):
         assert torch.equal(CONV.direct.conv_valid(xt, w), want)
     assert _plan.stats()["refused"] >= 1
+
+
+@gpu
+def test_an_error_in_the_nodes_python_backward_reaches_python():
+    """The C++ node calls the op's Python backward for second-order graphs; its error must come back
+    as that error (in a subprocess: a C++ exception that crossed libraries badly would abort)."""
+    _ext_or_skip()
+    code = """
+import sys, torch, anml_fast.ops as ops
+K = sys.modules["anml_fast.ops.conv_valid"]._kernels()
+x = torch.randn(1, 4, 6, 6, device="cuda", dtype=torch.float64, requires_grad=True)
+w = torch.randn(3, 4, 3, 3, device="cuda", dtype=torch.float64, requires_grad=True)
+for _ in range(3):
+    y = ops.conv_valid(x, w, backend="compiled")
+assert "Planned" in y.grad_fn.name(), y.grad_fn.name()
+def broken(*args):
+    raise ValueError("python backward failed")
+K.direct.conv_valid.grad_spec[3] = None  # re-register the spec with the broken backward
+K.direct.conv_valid._backward = broken
+y = ops.conv_valid(x, w, backend="compiled")
+try:
+    torch.autograd.grad(y.sum(), [x], create_graph=True)
+except ValueError as e:
+    print("raised:", e)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "raised: python backward failed" in run.stdout, run.stdout + run.stderr

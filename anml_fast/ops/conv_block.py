@@ -149,27 +149,6 @@ def _register() -> None:
         return (grad_x, grad_weight, grad_bias, torch.empty_like(norm_weight),
                 torch.empty_like(norm_bias))
 
-    def _setup_context(ctx, inputs, output):
-        x, weight, bias, norm_weight, norm_bias, pool = inputs
-        _, conv_out, mean, rstd = output
-        ctx.pool = bool(pool)
-        ctx.mark_non_differentiable(conv_out, mean, rstd)
-        ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias, conv_out, mean, rstd)
-
-    def _backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_rstd):
-        x, weight, bias, norm_weight, norm_bias, conv_out, mean, rstd = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:5]
-        if torch.is_grad_enabled():
-            # create_graph=True: build the graph of the gradient itself, through the twin.
-            return _twin_backward(grad_out, (x, weight, bias, norm_weight, norm_bias), needs,
-                                  ctx.pool)
-        grads = torch.ops.anml_fast.conv_block_backward(
-            grad_out, x, weight, conv_out, mean, rstd, norm_weight, norm_bias, ctx.pool,
-            [needs[0], needs[1], needs[2]])
-        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,)
-
-    torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
-
     @torch.library.register_fake(_NORM_OP)
     def _plane_norm_fake(y, norm_weight, norm_bias, pool):
         n, c, h, w = y.shape
@@ -182,27 +161,20 @@ def _register() -> None:
         return (torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(norm_weight),
                 torch.empty_like(norm_bias))
 
-    def _setup_norm(ctx, inputs, output):
-        y, norm_weight, norm_bias, pool = inputs
-        _, mean, rstd = output
-        ctx.pool = bool(pool)
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(y, norm_weight, norm_bias, mean, rstd)
+    # Autograd is C++ (csrc/conv_block_autograd.cpp: the engine calls no Python for a first-order
+    # backward); its second-order grads come from the twins, here.
+    _ext.load().set_second_order(_second_order)
 
-    def _backward_norm(ctx, grad_out, _grad_mean, _grad_rstd):
-        y, norm_weight, norm_bias, mean, rstd = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: through the twin, as conv_block's backward
-            wanted = [t for t, need in zip((y, norm_weight, norm_bias), needs) if need]
-            with torch.enable_grad():
-                grads = iter(torch.autograd.grad(reference.plane_norm(y, norm_weight, norm_bias, ctx.pool),
-                                                 wanted, grad_out, create_graph=True))
-            return tuple(next(grads) if need else None for need in needs) + (None,)
-        grads = torch.ops.anml_fast.plane_norm_backward(grad_out, y, mean, rstd, norm_weight, norm_bias,
-                                                        ctx.pool)
-        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,)
 
-    torch.library.register_autograd(_NORM_OP, _backward_norm, setup_context=_setup_norm)
+def _second_order(op: str, inputs: tuple, needs: tuple, pool: bool, grad_out: torch.Tensor) -> tuple:
+    """create_graph=True: the grads of conv_block or plane_norm taken through the twin, as a graph
+    that autograd can differentiate again (None where an input needs none)."""
+    if op == "conv_block":
+        return _twin_backward(grad_out, inputs, needs, pool)[:5]
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(reference.plane_norm(*inputs, pool), wanted, grad_out, create_graph=True))
+    return tuple(next(grads) if need else None for need in needs)
 
 
 def _twin_backward(grad_out, inputs, needs, pool):
