@@ -5,7 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
-int anml_fast_add_conv_block_autograd(PyObject* module);  // csrc/conv_block_autograd.cpp
+int anml_fast_add_conv_block_autograd(PyObject* module);   // csrc/conv_block_autograd.cpp
+int anml_fast_add_multi_tensor_autograd(PyObject* module);  // csrc/multi_tensor_autograd.cpp
 #ifdef ANML_FAST_WITH_CUDA
 int anml_fast_add_triton_launch(PyObject* module);  // csrc/triton_launch.cpp
 int anml_fast_add_triton_plan(PyObject* module);    // csrc/triton_plan.cpp
@@ -15,7 +16,8 @@ extern "C" {
 // `import anml_fast._C` only has to load this shared object: loading runs the static
 // registrations below and in the kernel files. The ops are called through torch.ops.anml_fast,
 // where the dispatcher, fake tensors and autograd see them. The module's own functions:
-// set_second_order (conv_block's C++ autograd calls it for second-order grads), and in CUDA
+// set_second_order (conv_block's C++ autograd calls it for second-order grads),
+// check_update_args (the multi-tensor updates' checks, as a message), and in CUDA
 // builds kernels/_launch.py's C++ launch of compiled Triton kernels and kernels/_plan.py's plans.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
@@ -40,7 +42,7 @@ PyObject* PyInit__C(void) {
     Py_DECREF(module);
     return nullptr;
   }
-  if (anml_fast_add_conv_block_autograd(module) != 0) {
+  if (anml_fast_add_conv_block_autograd(module) != 0 || anml_fast_add_multi_tensor_autograd(module) != 0) {
     Py_DECREF(module);
     return nullptr;
   }

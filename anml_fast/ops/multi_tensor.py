@@ -29,9 +29,23 @@ def _require() -> None:
                            "use backend='torch'")
 
 
-def _check_lists(op: str, params, **others) -> None:
-    """The C++ op's argument checks, in Python: see ops/conv_block.py's check_args for why."""
-    for what, lst in others.items():
+def _check_lists(op: str, *lists) -> None:
+    """The C++ op's argument checks (csrc/multi_tensor.cpp), returned as a message and raised here:
+    a C++ exception that crosses into Python aborts the process on some builds (see
+    ops/conv_block.py's check_args). Traced by torch.compile, the same checks in Python (a C
+    function would break the graph)."""
+    if torch.compiler.is_compiling():
+        _check_lists_traced(op, *lists)
+        return
+    problem = _ext.load().check_update_args(op, *lists)
+    if problem is not None:
+        raise RuntimeError(problem)
+
+
+def _check_lists_traced(op: str, params, *others) -> None:
+    names = ("grads", "exp_avgs", "exp_avg_sqs")
+    others = [o for o in others if not isinstance(o, int)]  # adam's step is checked by its caller
+    for what, lst in zip(names, others):
         if len(lst) != len(params):
             raise RuntimeError(f"{op}: {len(params)} params but {len(lst)} {what}")
     for i, p in enumerate(params):
@@ -39,7 +53,7 @@ def _check_lists(op: str, params, **others) -> None:
             raise RuntimeError(f"{op}: params[{i}] must be floating point, got {p.dtype}")
         if p.device != params[0].device:
             raise RuntimeError(f"{op}: params[{i}] is on {p.device} but params[0] is on {params[0].device}")
-        for what, lst in others.items():
+        for what, lst in zip(names, others):
             t = lst[i]
             if t.shape != p.shape:
                 raise RuntimeError(f"{op}: {what}[{i}] has shape {tuple(t.shape)} but params[{i}] has {tuple(p.shape)}")
@@ -54,7 +68,7 @@ def sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float)
     _require()
     if not params:  # no tensor to pick a device from
         return []
-    _check_lists("sgd_update", params, grads=grads)
+    _check_lists("sgd_update", params, grads)
     return torch.ops.anml_fast.sgd_update(params, grads, float(lr))
 
 
@@ -67,7 +81,7 @@ def adam_update_(params: list[torch.Tensor], grads: list[torch.Tensor],
         return
     if int(step) < 1:
         raise RuntimeError(f"adam_update_: step counts from 1, got {step}")
-    _check_lists("adam_update_", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    _check_lists("adam_update_", params, grads, exp_avgs, exp_avg_sqs, int(step))
     torch.ops.anml_fast.adam_update_(params, grads, exp_avgs, exp_avg_sqs, int(step), float(lr),
                                      float(beta1), float(beta2), float(eps))
 
@@ -82,16 +96,7 @@ def _register() -> None:
                           eps=1e-8):
         return None
 
-    def _sgd_setup_context(ctx, inputs, output):
-        ctx.lr = inputs[2]
-
-    # Plain ATen arithmetic, so that it is itself differentiable (second-order inner loops).
-    def _sgd_backward(ctx, grad_outs):
-        grad_params = list(grad_outs)
-        grad_grads = [None if g is None else g * -ctx.lr for g in grad_outs]
-        return grad_params, grad_grads, None
-
-    torch.library.register_autograd(_SGD_OP, _sgd_backward, setup_context=_sgd_setup_context)
+    # sgd_update's autograd is C++ (csrc/multi_tensor_autograd.cpp): dp_i = dout_i, dg_i = -lr dout_i.
 
 
 if _LOADED:
