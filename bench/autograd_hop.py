@@ -81,7 +81,8 @@ def main():
     res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__}
     plan = sys.modules[launch.__name__.replace("_launch", "_plan")]
     for tag, cxx, plans in (("plans", True, True), ("cxx launch", True, False), ("python launch", False, False)):
-        launch._CXX_ENABLED[0], plan.ENABLED[0] = cxx, plans
+        launch._CXX_ENABLED[0] = cxx
+        plan.enable(plans)
         res["twin fwd+bwd"] = per_call_us(forward_backward("torch"))
         res[f"{tag}: compiled fwd+bwd"] = per_call_us(forward_backward("compiled"))
         with torch.autograd.set_multithreading_enabled(False):

@@ -47,7 +47,7 @@ IMPLS = {"twin": (True, True, True, True, True), "compiled": (False, True, True,
 def _set(impl: str) -> None:
     _, direct, cxx, cached, plans = IMPLS[impl]
     _eager.ENABLED[0], _launch._CXX_ENABLED[0], _launch._ENABLED[0] = direct, cxx and CXX_BUILT, cached
-    _plan.ENABLED[0] = plans
+    _plan.enable(plans)
 
 
 ROUNDS = 5  # turns each implementation takes (interleaved); medians reported

@@ -43,10 +43,12 @@ variable_list second_order(const char* op, const variable_list& inputs, const st
     PyTuple_SET_ITEM(nd, static_cast<Py_ssize_t>(i), PyBool_FromLong(needs[i]));
   }
   PyObject* g = THPVariable_Wrap(grad);
-  PyObject* r = PyObject_CallFunction(g_second_order, "sOOOO", op, in, nd, pool ? Py_True : Py_False, g);
-  Py_DECREF(in);
-  Py_DECREF(nd);
-  Py_DECREF(g);
+  PyObject* r = in != nullptr && nd != nullptr && g != nullptr
+                    ? PyObject_CallFunction(g_second_order, "sOOOO", op, in, nd, pool ? Py_True : Py_False, g)
+                    : nullptr;
+  Py_XDECREF(in);
+  Py_XDECREF(nd);
+  Py_XDECREF(g);
   if (r == nullptr) {
     python_error err;
     err.persist();

@@ -92,7 +92,11 @@ PyObject* check_update_args(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
     PyErr_SetString(PyExc_TypeError, "check_update_args(op, params, grads, ...)");
     return nullptr;
   }
-  const std::string op = PyUnicode_AsUTF8(argv[0]);
+  const char* name = PyUnicode_AsUTF8(argv[0]);
+  if (name == nullptr) {
+    return nullptr;
+  }
+  const std::string op = name;
   const bool adam = op == "adam_update_";
   if (!(op == "sgd_update" && argc == 3) && !(adam && argc == 6)) {
     PyErr_SetString(PyExc_TypeError, "check_update_args: sgd_update takes (params, grads); adam_update_ "

@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda.h>
 #include <cuda_runtime_api.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include "triton_launch.h"
@@ -69,6 +70,16 @@ std::string error_string(CUresult r) {
 
 // Python's hash of a constexpr or launch option, tagged by type (hash(1) == hash(True) == hash(1.0)).
 bool value_code(PyObject* v, std::vector<int64_t>& key) {
+  if (PyLong_CheckExact(v)) {  // by value: Python's hash(-1) == hash(-2)
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow == 0 && !(x == -1 && PyErr_Occurred())) {
+      key.push_back(reinterpret_cast<intptr_t>(Py_TYPE(v)));
+      key.push_back(static_cast<int64_t>(x));
+      return true;
+    }
+    PyErr_Clear();
+  }
   Py_hash_t h = PyObject_Hash(v);
   if (h == -1) {  // unhashable
     PyErr_Clear();
@@ -248,6 +259,7 @@ PyObject* triton_kernel(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
 // triton_register(kernel_id, args, kwargs, function, (num_warps, num_ctas, shared, pdl, cooperative),
 //                 null_params, params: tuple of (kind, source, default)) -> bool
 PyObject* triton_register(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  HANDLE_TH_ERRORS
   if (argc != 7 || !PyTuple_Check(argv[1]) || !PyDict_Check(argv[2]) || !PyTuple_Check(argv[4]) ||
       !PyTuple_Check(argv[6])) {
     PyErr_SetString(PyExc_TypeError,
@@ -304,11 +316,13 @@ PyObject* triton_register(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   }
   k.cache[std::move(key)] = std::move(e);
   Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
 }
 
 // triton_launch(kernel_id, grid: tuple, args: tuple, kwargs: dict) -> int
 //   1: launched; 0: no recipe for this call yet; -1: not a call for this launcher (Triton's path)
 PyObject* triton_launch(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  HANDLE_TH_ERRORS
   if (argc != 4 || !PyTuple_Check(argv[1]) || !PyTuple_Check(argv[2]) || !PyDict_Check(argv[3])) {
     PyErr_SetString(PyExc_TypeError, "triton_launch(kernel_id, grid: tuple, args: tuple, kwargs: dict)");
     return nullptr;
@@ -371,6 +385,7 @@ PyObject* triton_launch(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   }
   ++g_hits;
   return PyLong_FromLong(1);
+  END_HANDLE_TH_ERRORS
 }
 
 // triton_launch_stats() -> (launches from the cache, recipes held)

@@ -25,16 +25,21 @@
 #include <Python.h>
 
 #include <ATen/Context.h>
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/ops/empty_strided.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
 #include <variant>
@@ -101,10 +106,13 @@ struct Plan {
 constexpr int kMaxFailures = 3;      // unrecordable calls of a key before it is refused
 constexpr size_t kMaxPlans = 4096;   // all ops together; past it the table starts afresh
 
-std::mutex g_mutex;  // the backward's plans run on autograd's device threads without the GIL
-std::unordered_map<std::vector<int64_t>, Plan, KeyHash> g_plans;
-uint64_t g_plan_hits = 0;
-bool g_enabled = true;
+// The table's lock (the backward's plans are looked up on autograd's device threads, without the
+// GIL). A plan runs after the lock is released, from a shared pointer: its allocations may call
+// back into Python (a memory-history recorder), which must not wait on a thread holding the lock.
+std::mutex g_mutex;
+std::unordered_map<std::vector<int64_t>, std::shared_ptr<Plan>, KeyHash> g_plans;
+std::atomic<uint64_t> g_plan_hits{0};
+std::atomic<bool> g_enabled{true};
 
 bool pdl_enabled() {  // kernels/_pdl.py's switch, read at each launch there too
   const char* v = std::getenv("ANML_FAST_PDL");
@@ -122,7 +130,9 @@ bool plan_key(int64_t op, const std::vector<Arg>& args, std::vector<int64_t>& ke
     switch (a.type) {
       case Arg::kTensor: {
         const at::Tensor& t = a.tensor;
-        if (!t.defined() || !t.is_cuda()) {
+        // a plain CUDA tensor: not a Python subclass (its dispatch is Python's), not sparse
+        if (!t.defined() || !t.is_cuda() || t.layout() != at::kStrided ||
+            t.key_set().has(c10::DispatchKey::Python)) {
           return false;
         }
         int d = t.get_device();
@@ -160,6 +170,11 @@ bool plan_key(int64_t op, const std::vector<Arg>& args, std::vector<int64_t>& ke
       case Arg::kNone:
         break;
     }
+  }
+  // A torch-function or dispatch mode (which autograd carries over to its threads) must see
+  // the call: Python's path
+  if (at::impl::PythonTorchFunctionTLS::stack_len() > 0 || c10::impl::TorchDispatchModeTLS::stack_len() > 0) {
+    return false;
   }
   device = c10::cuda::current_device();
   if (tensor_device < 0 || tensor_device != device) {
@@ -247,27 +262,35 @@ bool run_plan(const Plan& p, const std::vector<Arg>& args, int device, std::vect
 }
 
 // 1: ran, outputs in `outs`; 0: no confirmed plan for this key yet (record this call); -1: no plan
-// will serve this call (Python's path, unrecorded); -2: a launch failed (`error`).
+// will serve this call (Python's path, unrecorded); -2: a launch failed (`error`). `single`: only
+// a plan of one output (not a tuple) may serve it.
 int try_plan(int64_t op, const std::vector<Arg>& args, std::vector<at::Tensor>& outs, bool& tuple_out,
-             std::string& error) {
+             std::string& error, bool single = false) {
   std::vector<int64_t> key;
   int device = 0;
-  if (!g_enabled || !plan_key(op, args, key, device)) {
+  if (!g_enabled.load(std::memory_order_relaxed) || !plan_key(op, args, key, device)) {
     return -1;
   }
-  std::lock_guard<std::mutex> lock(g_mutex);
-  auto it = g_plans.find(key);
-  if (it == g_plans.end() || it->second.state == 0) {
-    return 0;
+  std::shared_ptr<const Plan> plan;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_plans.find(key);
+    if (it == g_plans.end() || it->second->state == 0) {
+      return 0;
+    }
+    if (it->second->state < 0) {
+      return -1;
+    }
+    plan = it->second;
   }
-  if (it->second.state < 0) {
+  if (single && (plan->tuple_out || plan->outputs.size() != 1)) {
     return -1;
   }
-  tuple_out = it->second.tuple_out;
-  if (!run_plan(it->second, args, device, outs, error)) {
+  tuple_out = plan->tuple_out;
+  if (!run_plan(*plan, args, device, outs, error)) {
     return -2;
   }
-  ++g_plan_hits;
+  g_plan_hits.fetch_add(1, std::memory_order_relaxed);
   return 1;
 }
 
@@ -292,6 +315,7 @@ PyObject* wrap_outputs(const std::vector<at::Tensor>& outs, bool tuple_out) {
 
 // plan_run(op_id, args: tuple) -> the op's outputs, or 0 (record this call) or -1 (Python, unrecorded)
 PyObject* plan_run(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  HANDLE_TH_ERRORS
   if (argc != 2 || !PyTuple_Check(argv[1])) {
     PyErr_SetString(PyExc_TypeError, "plan_run(op_id, args: tuple)");
     return nullptr;
@@ -317,6 +341,7 @@ PyObject* plan_run(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
     return PyLong_FromLong(state);
   }
   return wrap_outputs(outs, tuple_out);
+  END_HANDLE_TH_ERRORS
 }
 
 // plan_store(op_id, args, ok, launches, allocs, outputs, tuple_out, keep) -> state
@@ -326,6 +351,7 @@ PyObject* plan_run(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
 //   ok False: the call could not be recorded. Returns the key's state: 1 confirmed, 0 awaiting a
 //   second recording, -1 refused (or not a plannable call).
 PyObject* plan_store(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  HANDLE_TH_ERRORS
   if (argc != 8 || !PyTuple_Check(argv[1]) || !PyTuple_Check(argv[3]) || !PyTuple_Check(argv[4]) ||
       !PyTuple_Check(argv[5]) || !PyTuple_Check(argv[7])) {
     PyErr_SetString(PyExc_TypeError,
@@ -352,6 +378,10 @@ PyObject* plan_store(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
       break;
     }
     const at::Tensor& t = THPVariable_Unpack(v);
+    if (!t.is_cuda() || t.get_device() != device || t.layout() != at::kStrided) {
+      ok = false;  // a replay allocates on the current CUDA device only
+      break;
+    }
     p.allocs.push_back(Alloc{t.sizes().vec(), t.strides().vec(), t.scalar_type()});
   }
   for (Py_ssize_t i = 0; ok && i < PyTuple_GET_SIZE(argv[5]); ++i) {
@@ -438,32 +468,35 @@ PyObject* plan_store(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
     if (g_plans.size() >= kMaxPlans) {
       g_plans.clear();
     }
-    it = g_plans.emplace(std::move(key), Plan{}).first;
+    it = g_plans.emplace(std::move(key), std::make_shared<Plan>()).first;
   }
-  Plan& held = it->second;
+  // a held plan is replaced, never changed: a replay in progress keeps the one it started with
+  const Plan& held = *it->second;
   if (held.state != 0) {
     return PyLong_FromLong(held.state);
   }
+  auto next = std::make_shared<Plan>();
   if (!ok) {
-    if (++held.failures >= kMaxFailures) {
-      held.state = -1;
+    *next = held;
+    if (++next->failures >= kMaxFailures) {
+      next->state = -1;
     }
-    return PyLong_FromLong(held.state);
-  }
-  if (!held.recorded) {
-    int failures = held.failures;
-    held = std::move(p);
-    held.failures = failures;
-    held.recorded = true;
-    return PyLong_FromLong(0);
-  }
-  if (held.same(p)) {
-    held.state = 1;
-    held.keep = std::move(p.keep);
+  } else if (!held.recorded) {
+    *next = std::move(p);
+    next->failures = held.failures;
+    next->recorded = true;
   } else {
-    held.state = -1;  // two recordings disagree: something outside the key steers this op
+    *next = held;
+    if (held.same(p)) {
+      next->state = 1;
+      next->keep = std::move(p.keep);
+    } else {
+      next->state = -1;  // two recordings disagree: something outside the key steers this op
+    }
   }
-  return PyLong_FromLong(held.state);
+  it->second = std::move(next);
+  return PyLong_FromLong(it->second->state);
+  END_HANDLE_TH_ERRORS
 }
 
 // plan_stats() -> (calls served by plans, confirmed, awaiting confirmation, refused)
@@ -471,9 +504,10 @@ PyObject* plan_stats(PyObject*, PyObject*) {
   std::lock_guard<std::mutex> lock(g_mutex);
   unsigned long long counts[3] = {0, 0, 0};
   for (const auto& kv : g_plans) {
-    counts[kv.second.state == 1 ? 0 : (kv.second.state == 0 ? 1 : 2)]++;
+    counts[kv.second->state == 1 ? 0 : (kv.second->state == 0 ? 1 : 2)]++;
   }
-  return Py_BuildValue("(KKKK)", static_cast<unsigned long long>(g_plan_hits), counts[0], counts[1], counts[2]);
+  return Py_BuildValue("(KKKK)", static_cast<unsigned long long>(g_plan_hits.load()), counts[0], counts[1],
+                       counts[2]);
 }
 
 PyObject* plan_clear(PyObject*, PyObject*) {
@@ -484,8 +518,7 @@ PyObject* plan_clear(PyObject*, PyObject*) {
 
 // plan_enable(on: bool) -> the previous setting
 PyObject* plan_enable(PyObject*, PyObject* on) {
-  bool was = g_enabled;
-  g_enabled = PyObject_IsTrue(on) == 1;
+  bool was = g_enabled.exchange(PyObject_IsTrue(on) == 1);
   return PyBool_FromLong(was);
 }
 
@@ -503,7 +536,7 @@ struct GradSpec {
   PyObject* fallback;        // fallback(saved: tuple, needs: tuple, grad) -> tuple of grads (owned)
 };
 
-std::vector<GradSpec> g_specs;
+std::deque<GradSpec> g_specs;  // a deque: appending never moves the specs the backwards point to
 std::mutex g_specs_mutex;
 
 struct PlannedFunction : public torch::autograd::Function<PlannedFunction> {
@@ -525,6 +558,8 @@ struct PlannedFunction : public torch::autograd::Function<PlannedFunction> {
       s = &g_specs.at(static_cast<size_t>(ctx->saved_data["spec"].toInt()));
     }
     auto saved = ctx->get_saved_variables();
+    TORCH_CHECK(s->grad_of.size() == saved.size(), "anml_fast: a plan grad spec names ", s->grad_of.size(),
+                " inputs, the op saved ", saved.size());
     std::vector<bool> needs(saved.size());
     for (size_t i = 0; i < saved.size(); ++i) {
       needs[i] = ctx->needs_input_grad(i);
@@ -572,10 +607,12 @@ struct PlannedFunction : public torch::autograd::Function<PlannedFunction> {
       PyTuple_SET_ITEM(needs_t, static_cast<Py_ssize_t>(i), PyBool_FromLong(needs[i]));
     }
     PyObject* grad = THPVariable_Wrap(grads.at(0));
-    PyObject* r = PyObject_CallFunctionObjArgs(s->fallback, saved_t, needs_t, grad, nullptr);
-    Py_DECREF(saved_t);
-    Py_DECREF(needs_t);
-    Py_DECREF(grad);
+    PyObject* r = saved_t != nullptr && needs_t != nullptr && grad != nullptr
+                      ? PyObject_CallFunctionObjArgs(s->fallback, saved_t, needs_t, grad, nullptr)
+                      : nullptr;
+    Py_XDECREF(saved_t);
+    Py_XDECREF(needs_t);
+    Py_XDECREF(grad);
     if (r == nullptr) {
       python_error err;
       err.persist();
@@ -630,6 +667,7 @@ PyObject* plan_grad_spec(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
 // plan_autograd(op_id, args: tuple of tensors, spec_id) -> the output with a C++ grad_fn, or 0 / -1
 // as plan_run (the caller then takes its Python path)
 PyObject* plan_autograd(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  HANDLE_TH_ERRORS
   if (argc != 3 || !PyTuple_Check(argv[1])) {
     PyErr_SetString(PyExc_TypeError, "plan_autograd(op_id, args: tuple, spec_id)");
     return nullptr;
@@ -657,7 +695,7 @@ PyObject* plan_autograd(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   int state;
   {
     at::AutoGradMode no_grad(false);
-    state = try_plan(op, args, outs, tuple_out, error);
+    state = try_plan(op, args, outs, tuple_out, error, /*single=*/true);
   }
   if (state == -2) {
     PyErr_SetString(PyExc_RuntimeError, error.c_str());
@@ -665,9 +703,6 @@ PyObject* plan_autograd(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   }
   if (state != 1) {
     return PyLong_FromLong(state);
-  }
-  if (tuple_out || outs.size() != 1) {
-    return PyLong_FromLong(-1);  // one output only (the specs' ops)
   }
   torch::autograd::variable_list result;
   PlannedFunction::pending = &outs;
@@ -679,6 +714,7 @@ PyObject* plan_autograd(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   }
   PlannedFunction::pending = nullptr;
   return THPVariable_Wrap(result.at(0));
+  END_HANDLE_TH_ERRORS
 }
 
 PyMethodDef kMethods[] = {

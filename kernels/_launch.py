@@ -25,6 +25,7 @@ launcher had cost 30 us a launch). ANML_FAST_CXX_LAUNCH=0 keeps the launches in 
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -47,8 +48,8 @@ _ENABLED = [_knobs is not None and not _INTERPRETED and _TRITON >= (3, 3)
 _CXX_ENABLED = [_ENABLED[0] and _TRITON < (3, 9)
                 and os.environ.get("ANML_FAST_CXX_LAUNCH", "1") != "0"]
 _CXX: list = []  # [anml_fast._C's launch functions, or None], resolved at the first launch
-# The plan recording in progress on this process's eager path (kernels/_plan.py), or None
-_RECORDING: list = [None]
+# The plan recording in progress on this thread (kernels/_plan.py): `_RECORDING.rec`, else unset
+_RECORDING = threading.local()
 
 
 def _cxx():
@@ -153,7 +154,7 @@ def _plain(args) -> bool:
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """`kernel[grid](*args, **kwargs)` (arguments positional or by name, constexprs and launch
     options such as num_warps by name)."""
-    rec = _RECORDING[0]
+    rec = getattr(_RECORDING, "rec", None)
     if rec is not None:
         rec.launches.append((kernel, grid, args, kwargs))
     if not (_ENABLED[0] and not _hooked(_knobs.runtime.launch_enter_hook)

@@ -35,7 +35,8 @@ from . import _launch
 ENABLED = [os.environ.get("ANML_FAST_PLANS", "1") != "0"]
 _EXT: list = []  # [anml_fast._C if it has the plan functions, else None]
 _IDS = itertools.count(1)
-_PERSISTENT: set[int] = set()  # storage addresses of buffers a plan may point into as constants
+# buffers a plan may point into as constants, by storage address; held, so that no address is reused
+_PERSISTENT: dict[int, torch.Tensor] = {}
 
 _ATEN = torch.ops.aten
 _ALLOCATIONS = frozenset((_ATEN.empty.memory_format, _ATEN.empty_like.default, _ATEN.new_empty.default,
@@ -43,12 +44,20 @@ _ALLOCATIONS = frozenset((_ATEN.empty.memory_format, _ATEN.empty_like.default, _
 
 
 def ext():
-    """anml_fast._C's plan functions, where they are built, plans are on and the launches go
-    through C++ (kernels/_launch.py); else None."""
+    """anml_fast._C's plan functions, where they are built, plans are on, the launches go through
+    C++ (kernels/_launch.py) and no Triton launch hook (a profiler) is set; else None."""
     if not _EXT:
         cxx = _launch._cxx()
         _EXT.append(cxx if cxx is not None and hasattr(cxx, "plan_run") else None)
-    return _EXT[0] if ENABLED[0] and _launch._CXX_ENABLED[0] else None
+    if not (ENABLED[0] and _launch._CXX_ENABLED[0]) or _hooked():
+        return None
+    return _EXT[0]
+
+
+def _hooked() -> bool:
+    knobs = _launch._knobs
+    return knobs is not None and (_launch._hooked(knobs.runtime.launch_enter_hook)
+                                  or _launch._hooked(knobs.runtime.launch_exit_hook))
 
 
 def new_id() -> int:
@@ -59,7 +68,7 @@ def new_id() -> int:
 def persistent(t: torch.Tensor) -> torch.Tensor:
     """Marks `t`'s storage as a buffer that lives for the process and that a plan may bind as a
     constant (a launch's views of it included); returns `t`."""
-    _PERSISTENT.add(t.untyped_storage().data_ptr())
+    _PERSISTENT[t.untyped_storage().data_ptr()] = t
     return t
 
 
@@ -71,9 +80,13 @@ def clear() -> None:
 
 
 def enable(on: bool) -> bool:
-    """Turns plans on or off for this process; returns the previous setting."""
+    """Turns plans on or off for this process (the C++ autograd nodes' backwards included);
+    returns the previous setting."""
     was = ENABLED[0]
     ENABLED[0] = bool(on)
+    e = _EXT[0] if _EXT else None
+    if e is not None:
+        e.plan_enable(ENABLED[0])
     return was
 
 
@@ -121,20 +134,19 @@ def _is_persistent(t: torch.Tensor) -> bool:
 def record(e, op_id: int, impl, args: tuple):
     """Runs `impl(*args)` and offers the call to C++ as a plan of op `op_id`; returns its outputs."""
     rec = _Recording()
-    _launch._RECORDING[0] = rec
+    _launch._RECORDING.rec = rec
     try:
         with rec:
             out = impl(*args)
     finally:
-        _launch._RECORDING[0] = None
+        _launch._RECORDING.rec = None
     ok, launches, outputs, keep = rec.ok, (), (), []
     if ok:
         try:
             launches, outputs = _bind(rec, args, out, keep)
         except _Unplannable:
             ok = False
-    e.plan_store(op_id, args, ok, launches, tuple(rec.allocations), outputs, isinstance(out, (tuple, list)),
-                 tuple(keep))
+    e.plan_store(op_id, args, ok, launches, tuple(rec.allocations), outputs, isinstance(out, tuple), tuple(keep))
     return out
 
 
@@ -163,7 +175,9 @@ def _bind(rec: _Recording, args: tuple, out, keep: list):
     launches = tuple((id(kernel), tuple(grid), largs, lkwargs,
                       tuple(source(v) for v in itertools.chain(largs, lkwargs.values())))
                      for kernel, grid, largs, lkwargs in rec.launches)
-    outs = out if isinstance(out, (tuple, list)) else (out,)
+    if isinstance(out, list):
+        raise _Unplannable  # a replay returns tuples
+    outs = out if isinstance(out, tuple) else (out,)
     outputs = []
     for t in outs:
         j = allocated.get(id(t)) if type(t) is torch.Tensor else None

@@ -41,7 +41,7 @@ class _Kernel:
 
 def _recorded(impl, *args, monkeypatch):
     def no_launch(kernel, grid, *a, **k):
-        rec = _launch._RECORDING[0]
+        rec = _launch._RECORDING.rec
         rec.launches.append((kernel, grid, a, k))
     monkeypatch.setattr(_launch, "launch", no_launch)
     store = _Store()
@@ -93,7 +93,7 @@ def test_calls_that_do_more_than_allocate_and_launch_are_not_recorded(what, monk
 
 def test_the_recording_switch_is_off_outside_a_recording(monkeypatch):
     _recorded(lambda launch, x: torch.empty_like(x), torch.randn(2), monkeypatch=monkeypatch)
-    assert _launch._RECORDING[0] is None
+    assert getattr(_launch._RECORDING, "rec", None) is None
 
 
 # ---------------------------------------------------------------------------------------------
