@@ -1,4 +1,6 @@
-"""Host time of eager batch-1 calls: each op and the whole PLN inner step, fused against the twin.
+"""Host time of eager calls: each batch-1 op (the Triton ops, the C++ conv block through autograd,
+the PLN's SGD step), the meta-loss's batch-84 head, and the whole PLN inner step, fused against
+the twin.
 
 At batch 1 an eager call is bound by the host (Python, the dispatcher, the launch), not the card.
 For each call this times, on one GPU and in one run (the implementations taking turns, medians of
@@ -121,6 +123,22 @@ def cases():
         lambda be: ops.conv_valid(x2_leaf, w2_leaf, backend=be).backward(gy2))
     yield "conv_valid_backward (conv2)", both(lambda be: ops.conv_valid_backward(gy2, x2, w2, True, True, backend=be))
     yield "conv_valid_sgd (conv2)", both(lambda be: ops.conv_valid_sgd(gy2, x2, w2_step, 0.0, backend=be))
+    # the C++ ops (csrc/): conv block 2 at batch 1 through autograd, the PLN's SGD step, and the
+    # meta-loss's batch-84 head (cuBLAS inside the op: no plan takes it)
+    cb = [t.requires_grad_() for t in (x2.clone(), w2.clone(), torch.zeros(256, device=dev),
+                                       torch.ones(256, device=dev), torch.zeros(256, device=dev))]
+    yield "conv_block forward + backward (block 2)", both(
+        lambda be: ops.conv_block(*cb, True, backend=be).square().sum().backward())
+    from anml_fast.models import ModelConfig, build, select
+    net = build(ModelConfig())
+    shapes = {spec.name: spec.shape for spec in net.param_specs()}
+    pln = [torch.randn(shapes[n], device=dev, generator=g) for n in select(net.init_params().keys(), ["pln"])]
+    pln_grads = [torch.randn_like(t) for t in pln]
+    yield "sgd_update (PLN, 14 tensors)", both(lambda be: ops.sgd_update(pln, pln_grads, 0.1, backend=be))
+    h84, z84 = torch.randn(84, F, device=dev, generator=g), torch.randn(84, F, device=dev, generator=g)
+    y84 = torch.randint(0, O, (84,), device=dev, generator=g)
+    yield "gated_head_cross_entropy (batch 84)", both(
+        lambda be: ops.gated_head_cross_entropy(h84, z84, W, b, y84, backend=be))
 
     from bench_inner_step import _step  # the benchmark's own step builder
     twin, pln_t = _step("twin")
