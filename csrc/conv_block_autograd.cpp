@@ -18,7 +18,10 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include "python_grads.h"
+
 #include <array>
+#include <string>
 #include <tuple>
 
 namespace {
@@ -34,39 +37,10 @@ variable_list second_order(const char* op, const variable_list& inputs, const st
   pybind11::gil_scoped_acquire gil;
   TORCH_CHECK(g_second_order != nullptr, "anml_fast: ", op, "'s second-order backward is not registered "
               "(anml_fast.ops.conv_block registers it at import)");
-  PyObject* in = PyTuple_New(static_cast<Py_ssize_t>(inputs.size()));
-  PyObject* nd = PyTuple_New(static_cast<Py_ssize_t>(needs.size()));
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    PyTuple_SET_ITEM(in, static_cast<Py_ssize_t>(i), THPVariable_Wrap(inputs[i]));
-  }
-  for (size_t i = 0; i < needs.size(); ++i) {
-    PyTuple_SET_ITEM(nd, static_cast<Py_ssize_t>(i), PyBool_FromLong(needs[i]));
-  }
-  PyObject* g = THPVariable_Wrap(grad);
-  PyObject* r = in != nullptr && nd != nullptr && g != nullptr
-                    ? PyObject_CallFunction(g_second_order, "sOOOO", op, in, nd, pool ? Py_True : Py_False, g)
-                    : nullptr;
-  Py_XDECREF(in);
-  Py_XDECREF(nd);
-  Py_XDECREF(g);
-  if (r == nullptr) {
-    python_error err;
-    err.persist();
-    throw std::move(err);
-  }
-  variable_list out(needs.size());
-  bool bad = !PyTuple_Check(r) || PyTuple_GET_SIZE(r) < static_cast<Py_ssize_t>(needs.size());
-  for (size_t i = 0; !bad && i < needs.size(); ++i) {
-    PyObject* v = PyTuple_GET_ITEM(r, static_cast<Py_ssize_t>(i));
-    if (THPVariable_Check(v)) {
-      out[i] = THPVariable_Unpack(v);
-    } else if (v != Py_None) {
-      bad = true;
-    }
-  }
-  Py_DECREF(r);
-  TORCH_CHECK(!bad, "anml_fast: ", op, "'s second-order backward must return a grad or None per input");
-  return out;
+  PyObject* args = Py_BuildValue("(sNNON)", op, anml_fast::tensor_tuple(inputs), anml_fast::bool_tuple(needs),
+                                  pool ? Py_True : Py_False, THPVariable_Wrap(grad));
+  const std::string what = std::string(op) + "'s second-order backward";
+  return anml_fast::call_python_grads(g_second_order, args, needs.size(), what.c_str());
 }
 
 using Four = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

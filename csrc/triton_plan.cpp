@@ -45,6 +45,7 @@
 #include <variant>
 #include <vector>
 
+#include "python_grads.h"
 #include "triton_launch.h"
 
 namespace {
@@ -600,35 +601,10 @@ struct PlannedFunction : public torch::autograd::Function<PlannedFunction> {
     }
     // the op's Python backward: it records the backward op's plan, or builds the second-order graph
     pybind11::gil_scoped_acquire gil;
-    PyObject* saved_t = PyTuple_New(static_cast<Py_ssize_t>(saved.size()));
-    PyObject* needs_t = PyTuple_New(static_cast<Py_ssize_t>(saved.size()));
-    for (size_t i = 0; i < saved.size(); ++i) {
-      PyTuple_SET_ITEM(saved_t, static_cast<Py_ssize_t>(i), THPVariable_Wrap(saved[i]));
-      PyTuple_SET_ITEM(needs_t, static_cast<Py_ssize_t>(i), PyBool_FromLong(needs[i]));
-    }
-    PyObject* grad = THPVariable_Wrap(grads.at(0));
-    PyObject* r = saved_t != nullptr && needs_t != nullptr && grad != nullptr
-                      ? PyObject_CallFunctionObjArgs(s->fallback, saved_t, needs_t, grad, nullptr)
-                      : nullptr;
-    Py_XDECREF(saved_t);
-    Py_XDECREF(needs_t);
-    Py_XDECREF(grad);
-    if (r == nullptr) {
-      python_error err;
-      err.persist();
-      throw std::move(err);
-    }
-    bool bad = !PyTuple_Check(r) || PyTuple_GET_SIZE(r) < static_cast<Py_ssize_t>(saved.size());
-    for (size_t i = 0; !bad && i < saved.size(); ++i) {
-      PyObject* g = PyTuple_GET_ITEM(r, static_cast<Py_ssize_t>(i));
-      if (THPVariable_Check(g)) {
-        result[i] = THPVariable_Unpack(g);
-      } else if (g != Py_None) {
-        bad = true;
-      }
-    }
-    Py_DECREF(r);
-    TORCH_CHECK(!bad, "anml_fast: a planned op's Python backward must return a tuple of grads or None per input");
+    PyObject* args = Py_BuildValue("(NNN)", anml_fast::tensor_tuple(saved), anml_fast::bool_tuple(needs),
+                                   THPVariable_Wrap(grads.at(0)));
+    auto g = anml_fast::call_python_grads(s->fallback, args, saved.size(), "a planned op's Python backward");
+    std::copy(g.begin(), g.end(), result.begin());
     return result;
   }
 };

@@ -144,6 +144,12 @@ def _hooked(hook) -> bool:
     return bool(calls) if calls is not None else True
 
 
+def hooks_set() -> bool:
+    """Whether Triton's launch enter or exit hook is set (a profiler): launches then take Triton's path."""
+    return _knobs is not None and (_hooked(_knobs.runtime.launch_enter_hook)
+                                   or _hooked(_knobs.runtime.launch_exit_hook))
+
+
 def _plain(args) -> bool:
     for a in args:
         if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or not a.is_cuda):
@@ -157,8 +163,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     rec = getattr(_RECORDING, "rec", None)
     if rec is not None:
         rec.launches.append((kernel, grid, args, kwargs))
-    if not (_ENABLED[0] and not _hooked(_knobs.runtime.launch_enter_hook)
-            and not _hooked(_knobs.runtime.launch_exit_hook) and not torch.compiler.is_compiling()):
+    if not (_ENABLED[0] and not hooks_set() and not torch.compiler.is_compiling()):
         wrap_triton(kernel)[grid](*args, **kwargs)
         return
     known = _KERNELS.get(id(kernel))

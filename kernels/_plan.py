@@ -43,21 +43,25 @@ _ALLOCATIONS = frozenset((_ATEN.empty.memory_format, _ATEN.empty_like.default, _
                           _ATEN.empty_strided.default, _ATEN.new_empty_strided.default))
 
 
-def ext():
-    """anml_fast._C's plan functions, where they are built, plans are on, the launches go through
-    C++ (kernels/_launch.py) and no Triton launch hook (a profiler) is set; else None."""
+def _built():
+    """anml_fast._C where it was built with the plan functions, else None."""
     if not _EXT:
         cxx = _launch._cxx()
         _EXT.append(cxx if cxx is not None and hasattr(cxx, "plan_run") else None)
-    if not (ENABLED[0] and _launch._CXX_ENABLED[0]) or _hooked():
-        return None
     return _EXT[0]
 
 
-def _hooked() -> bool:
-    knobs = _launch._knobs
-    return knobs is not None and (_launch._hooked(knobs.runtime.launch_enter_hook)
-                                  or _launch._hooked(knobs.runtime.launch_exit_hook))
+def _loaded():
+    """What _built() found, without loading the extension if nothing has asked yet."""
+    return _EXT[0] if _EXT else None
+
+
+def ext():
+    """anml_fast._C's plan functions, where they are built, plans are on, the launches go through
+    C++ (kernels/_launch.py) and no Triton launch hook (a profiler) is set; else None."""
+    if not (ENABLED[0] and _launch._CXX_ENABLED[0]) or _launch.hooks_set():
+        return None
+    return _built()
 
 
 def new_id() -> int:
@@ -74,7 +78,7 @@ def persistent(t: torch.Tensor) -> torch.Tensor:
 
 def clear() -> None:
     """Forgets every plan (after changing a kernel module's constants)."""
-    e = _EXT[0] if _EXT else None
+    e = _loaded()
     if e is not None:
         e.plan_clear()
 
@@ -84,7 +88,7 @@ def enable(on: bool) -> bool:
     returns the previous setting."""
     was = ENABLED[0]
     ENABLED[0] = bool(on)
-    e = _EXT[0] if _EXT else None
+    e = _loaded()
     if e is not None:
         e.plan_enable(ENABLED[0])
     return was
@@ -92,7 +96,7 @@ def enable(on: bool) -> bool:
 
 def stats() -> dict:
     """Calls served by plans, and the keys confirmed, awaiting a second recording, or refused."""
-    e = ext() or (_EXT[0] if _EXT else None)
+    e = _built()
     if e is None:
         return {"served": 0, "confirmed": 0, "pending": 0, "refused": 0}
     served, confirmed, pending, refused = e.plan_stats()
