@@ -6,59 +6,96 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string>
+#include <utility>
+
 #include "multi_tensor.h"
 
 namespace anml_fast {
 
 namespace {
 
-void check_same_layout(const char* op, const char* what, at::TensorList lists_a,
-                       at::TensorList lists_b, int64_t i) {
+// The checks build a message rather than throw: the Python wrappers ask for it first
+// (check_update_args), because on some builds a C++ exception thrown in this extension crashes the
+// process instead of reaching Python (seen on the GPU machine's torch 2.11 image).
+std::string same_layout_problem(const char* op, const char* what, at::TensorList lists_a,
+                                at::TensorList lists_b, size_t i) {
   const at::Tensor& a = lists_a[i];
   const at::Tensor& b = lists_b[i];
-  TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", what, "[", i, "] has shape ", b.sizes(),
-              " but params[", i, "] has ", a.sizes());
-  TORCH_CHECK(a.device() == b.device(), op, ": ", what, "[", i, "] is on ", b.device(),
-              " but params[", i, "] is on ", a.device());
-  TORCH_CHECK(at::isFloatingType(b.scalar_type()), op, ": ", what, "[", i,
-              "] must be floating point, got ", b.scalar_type());
+  if (a.sizes() != b.sizes()) {
+    return c10::str(op, ": ", what, "[", i, "] has shape ", b.sizes(), " but params[", i, "] has ",
+                    a.sizes());
+  }
+  if (a.device() != b.device()) {
+    return c10::str(op, ": ", what, "[", i, "] is on ", b.device(), " but params[", i, "] is on ",
+                    a.device());
+  }
+  if (!at::isFloatingType(b.scalar_type())) {
+    return c10::str(op, ": ", what, "[", i, "] must be floating point, got ", b.scalar_type());
+  }
+  return {};
 }
 
-void check_common(const char* op, at::TensorList params) {
+std::string common_problem(const char* op, at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(at::isFloatingType(params[i].scalar_type()), op, ": params[", i,
-                "] must be floating point, got ", params[i].scalar_type());
-    TORCH_CHECK(params[i].device() == params[0].device(), op, ": params[", i, "] is on ",
-                params[i].device(), " but params[0] is on ", params[0].device());
+    if (!at::isFloatingType(params[i].scalar_type())) {
+      return c10::str(op, ": params[", i, "] must be floating point, got ", params[i].scalar_type());
+    }
+    if (params[i].device() != params[0].device()) {
+      return c10::str(op, ": params[", i, "] is on ", params[i].device(), " but params[0] is on ",
+                      params[0].device());
+    }
   }
+  return {};
 }
 
 }  // namespace
 
-int64_t check_sgd_update_args(at::TensorList params, at::TensorList grads) {
-  TORCH_CHECK(params.size() == grads.size(), "sgd_update: ", params.size(), " params but ",
-              grads.size(), " grads");
-  check_common("sgd_update", params);
-  for (size_t i = 0; i < params.size(); ++i) {
-    check_same_layout("sgd_update", "grads", params, grads, i);
+std::string sgd_update_problem(at::TensorList params, at::TensorList grads) {
+  if (params.size() != grads.size()) {
+    return c10::str("sgd_update: ", params.size(), " params but ", grads.size(), " grads");
   }
+  std::string problem = common_problem("sgd_update", params);
+  for (size_t i = 0; problem.empty() && i < params.size(); ++i) {
+    problem = same_layout_problem("sgd_update", "grads", params, grads, i);
+  }
+  return problem;
+}
+
+std::string adam_update_problem(at::TensorList params, at::TensorList grads,
+                                at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                int64_t step) {
+  if (grads.size() != params.size() || exp_avgs.size() != params.size() ||
+      exp_avg_sqs.size() != params.size()) {
+    return c10::str("adam_update_: the four lists must have one length, got ", params.size(), ", ",
+                    grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size());
+  }
+  if (step < 1) {
+    return c10::str("adam_update_: step counts from 1, got ", step);
+  }
+  std::string problem = common_problem("adam_update_", params);
+  for (size_t i = 0; problem.empty() && i < params.size(); ++i) {
+    for (const auto& [what, list] : {std::pair<const char*, at::TensorList>{"grads", grads},
+                                     {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}) {
+      if (problem.empty()) {
+        problem = same_layout_problem("adam_update_", what, params, list, i);
+      }
+    }
+  }
+  return problem;
+}
+
+int64_t check_sgd_update_args(at::TensorList params, at::TensorList grads) {
+  const std::string problem = sgd_update_problem(params, grads);
+  TORCH_CHECK(problem.empty(), problem);
   return static_cast<int64_t>(params.size());
 }
 
 int64_t check_adam_update_args(at::TensorList params, at::TensorList grads,
                                at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                                int64_t step) {
-  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
-                  exp_avg_sqs.size() == params.size(),
-              "adam_update_: the four lists must have one length, got ", params.size(), ", ",
-              grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size());
-  TORCH_CHECK(step >= 1, "adam_update_: step counts from 1, got ", step);
-  check_common("adam_update_", params);
-  for (size_t i = 0; i < params.size(); ++i) {
-    check_same_layout("adam_update_", "grads", params, grads, i);
-    check_same_layout("adam_update_", "exp_avgs", params, exp_avgs, i);
-    check_same_layout("adam_update_", "exp_avg_sqs", params, exp_avg_sqs, i);
-  }
+  const std::string problem = adam_update_problem(params, grads, exp_avgs, exp_avg_sqs, step);
+  TORCH_CHECK(problem.empty(), problem);
   return static_cast<int64_t>(params.size());
 }
 

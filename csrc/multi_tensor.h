@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "conv_block_plane.h"  // ANML_HD
@@ -77,7 +78,11 @@ struct AdamStep {
   }
 };
 
-// Checks shared by both devices; returns the number of tensors.
+// Checks shared by both devices: the message of what is wrong, or empty.
+std::string sgd_update_problem(at::TensorList params, at::TensorList grads);
+std::string adam_update_problem(at::TensorList params, at::TensorList grads,
+                                at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step);
+// The same, thrown; returns the number of tensors.
 int64_t check_sgd_update_args(at::TensorList params, at::TensorList grads);
 int64_t check_adam_update_args(at::TensorList params, at::TensorList grads,
                                at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step);

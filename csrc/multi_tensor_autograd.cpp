@@ -4,9 +4,9 @@
 // custom-op autograd (each call, grads wanted or not), and its argument checks looped in Python
 // over the 14-28 tensors: on an H200 machine (2026-11-29, bench/bench_multi_tensor.py) the one
 // launch took 179 us of wall time against 74 us for the twin's torch._foreach_sub. Here the
-// autograd node is C++, and the checks are the C++ op's own, returned as a message instead of
-// thrown (a C++ exception crossing into Python aborts the process on some builds: see
-// anml_fast/ops/conv_block.py's check_args).
+// autograd node is C++, and the checks are the C++ op's own, returned as a message and never thrown
+// (on the GPU machine's torch image a C++ exception thrown here crashed the process, even caught
+// inside the extension: see csrc/multi_tensor.cpp).
 #include <Python.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -109,18 +109,18 @@ PyObject* check_update_args(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
       return nullptr;
     }
   }
-  try {
-    if (adam) {
-      int64_t step = PyLong_AsLongLong(argv[5]);
-      if (step == -1 && PyErr_Occurred()) {
-        return nullptr;
-      }
-      anml_fast::check_adam_update_args(lists[0], lists[1], lists[2], lists[3], step);
-    } else {
-      anml_fast::check_sgd_update_args(lists[0], lists[1]);
+  std::string problem;
+  if (adam) {
+    int64_t step = PyLong_AsLongLong(argv[5]);
+    if (step == -1 && PyErr_Occurred()) {
+      return nullptr;
     }
-  } catch (const c10::Error& e) {
-    return PyUnicode_FromString(e.what_without_backtrace());
+    problem = anml_fast::adam_update_problem(lists[0], lists[1], lists[2], lists[3], step);
+  } else {
+    problem = anml_fast::sgd_update_problem(lists[0], lists[1]);
+  }
+  if (!problem.empty()) {
+    return PyUnicode_FromString(problem.c_str());
   }
   Py_RETURN_NONE;
 }
