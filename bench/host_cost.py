@@ -123,8 +123,8 @@ def cases():
         lambda be: ops.conv_valid(x2_leaf, w2_leaf, backend=be).backward(gy2))
     yield "conv_valid_backward (conv2)", both(lambda be: ops.conv_valid_backward(gy2, x2, w2, True, True, backend=be))
     yield "conv_valid_sgd (conv2)", both(lambda be: ops.conv_valid_sgd(gy2, x2, w2_step, 0.0, backend=be))
-    # the C++ ops (csrc/): conv block 2 at batch 1 through autograd, the PLN's SGD step, and the
-    # meta-loss's batch-84 head (cuBLAS inside the op: no plan takes it)
+    # the C++ ops (csrc/): conv block 2 at batch 1 through autograd, the PLN's SGD step; then the
+    # meta-loss's batch-84 head (cuBLAS inside the op: its plans replay the products as ATen steps)
     cb = [t.requires_grad_() for t in (x2.clone(), w2.clone(), torch.zeros(256, device=dev),
                                        torch.ones(256, device=dev), torch.zeros(256, device=dev))]
     yield "conv_block forward + backward (block 2)", both(
@@ -139,6 +139,11 @@ def cases():
     y84 = torch.randint(0, O, (84,), device=dev, generator=g)
     yield "gated_head_cross_entropy (batch 84)", both(
         lambda be: ops.gated_head_cross_entropy(h84, z84, W, b, y84, backend=be))
+    h84_leaf, z84_leaf, w84_leaf = (t.clone().requires_grad_() for t in (h84, z84, W))
+    yield "gated_head_cross_entropy forward + backward (batch 84)", both(
+        lambda be: ops.gated_head_cross_entropy(h84_leaf, z84_leaf, w84_leaf, b, y84, backend=be).backward())
+    yield "gated_head forward + backward (batch 84)", both(
+        lambda be: ops.gated_head(h84_leaf, z84_leaf, w84_leaf, b, backend=be).backward(torch.ones(84, O, device=dev)))
 
     from bench_inner_step import _step  # the benchmark's own step builder
     twin, pln_t = _step("twin")
@@ -156,6 +161,9 @@ def main():
     ap.add_argument("--impls", default="twin,compiled,no_plans,python_launch,before",
                     help="comma-separated implementations to time, twin and compiled among them "
                          f"(default: all but triton_path; any of {', '.join(IMPLS)})")
+    ap.add_argument("--rows", default="",
+                    help="comma-separated parts of row names: time only the rows whose name holds one "
+                         "(default: every row)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("host_cost.py: needs a CUDA GPU")
@@ -170,7 +178,10 @@ def main():
     launch_only = launch_only_us(args.calls * 5)
     print("a launch alone: " + ", ".join(f"{k} {v:.1f} us" for k, v in launch_only.items()))
     rows = []
+    wanted = [w for w in args.rows.split(",") if w]
     for name, fns in cases():
+        if wanted and not any(w in name for w in wanted):
+            continue
         row = {"call": name}
         calls = args.calls if "inner step" not in name else args.calls // 10
         # the host's times drift by 10-30% over seconds: the implementations take turns, in

@@ -10,11 +10,12 @@
 // with a key seen before can skip it: allocate the same outputs and scratch, and launch the same
 // recipes with the new tensors' pointers in place of the recorded ones.
 //
-// A plan is used only once two recordings of its key agree exactly (the same launches, grids,
+// A plan is used only once two recordings of its key agree exactly (the same steps, grids,
 // constants and allocations): kernels/_plan.py refuses to record a call that does anything but
-// allocate and launch (a fill, a copy, a cuBLAS product, a view of an input), or that passes a
-// kernel a tensor other than an input, a fresh allocation or a registered persistent buffer
-// (the arrival counters). A key whose recordings do not agree is refused for good.
+// allocate, launch, and call a few ATen ops (its _STEPS: the cuBLAS products of the batch-84
+// head and their transposes, replayed here through the dispatcher), or that hands a kernel a
+// tensor other than an input, a fresh allocation, such an op's result or a registered persistent
+// buffer (the arrival counters). A key whose recordings do not agree is refused for good.
 //
 // The autograd half: `plan_autograd` runs an op's forward plan and records a C++ autograd node
 // whose backward runs the backward op's plan, on the engine's device thread without the GIL.
@@ -25,6 +26,9 @@
 #include <Python.h>
 
 #include <ATen/Context.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/ops/empty_strided.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -41,6 +45,8 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <unordered_map>
 #include <variant>
 #include <vector>
@@ -58,11 +64,22 @@ struct Arg {
   at::Tensor tensor;
   int64_t i = 0;
   double f = 0.0;
+  bool same_constant(const Arg& o) const {  // for non-tensors
+    return type == o.type && i == o.i && std::memcmp(&f, &o.f, sizeof f) == 0;
+  }
+  c10::IValue ivalue() const {
+    switch (type) {
+      case kBool: return c10::IValue(i != 0);
+      case kInt: return c10::IValue(i);
+      case kFloat: return c10::IValue(f);
+      default: return c10::IValue();
+    }
+  }
 };
 
 // Where a launch parameter's value comes from.
 struct Binding {
-  int src;        // 0: the constant below; 1: input `index`'s pointer; 2: allocation `index`'s pointer
+  int src;  // 0: the constant below; 1: input `index`; 2: allocation `index`; 3: ATen steps' result `index`
   int index;
   int64_t ivalue;
   double fvalue;
@@ -84,6 +101,30 @@ struct PlanLaunch {
   }
 };
 
+// An ATen op called through the dispatcher (kernels/_plan.py's _STEPS), below autograd as in the
+// op's implementation; its new results become the steps' results the later steps bind.
+struct AtenStep {
+  std::string name, overload;
+  std::optional<c10::OperatorHandle> op;
+  std::vector<Arg> constants;  // per schema argument (kNone where a tensor is bound)
+  std::vector<Binding> binds;  // per schema argument; src 0: the constant
+  std::vector<int> slots;      // per return: its index among the steps' results, -1 if already bound
+  bool operator==(const AtenStep& o) const {
+    if (name != o.name || overload != o.overload || binds != o.binds || slots != o.slots ||
+        constants.size() != o.constants.size()) {
+      return false;
+    }
+    for (size_t i = 0; i < constants.size(); ++i) {
+      if (!constants[i].same_constant(o.constants[i])) {
+        return false;
+      }
+    }
+    return true;
+  }
+};
+
+using Step = std::variant<PlanLaunch, AtenStep>;
+
 struct Alloc {
   std::vector<int64_t> sizes, strides;
   at::ScalarType dtype;
@@ -95,12 +136,12 @@ struct Plan {
   int failures = 0;
   bool recorded = false;  // holds one recording
   std::vector<Alloc> allocs;
-  std::vector<PlanLaunch> launches;
+  std::vector<Step> steps;   // in the recorded call's order
   std::vector<int> outputs;  // allocation indices
   bool tuple_out = false;
   std::vector<at::Tensor> keep;  // the persistent buffers its constants point into
   bool same(const Plan& o) const {
-    return allocs == o.allocs && launches == o.launches && outputs == o.outputs && tuple_out == o.tuple_out;
+    return allocs == o.allocs && steps == o.steps && outputs == o.outputs && tuple_out == o.tuple_out;
   }
 };
 
@@ -186,8 +227,13 @@ bool plan_key(int64_t op, const std::vector<Arg>& args, std::vector<int64_t>& ke
   }
   key.push_back(device);
   key.push_back(c10::cuda::getCurrentCUDAStream(device).id());
-  key.push_back(at::globalContext().allowTF32CuDNN());
+  auto& ctx = at::globalContext();
+  key.push_back(ctx.allowTF32CuDNN());
   key.push_back(pdl_enabled());
+  // the cuBLAS products' switches (ATen steps): TF32 and the half types' reduced-precision sums
+  key.push_back(ctx.allowTF32CuBLAS());
+  key.push_back(static_cast<int64_t>(ctx.allowFP16ReductionCuBLAS()));
+  key.push_back(static_cast<int64_t>(ctx.allowBF16ReductionCuBLAS()));
   return true;
 }
 
@@ -222,8 +268,8 @@ bool to_args(PyObject* tuple, std::vector<Arg>& args) {
   return true;
 }
 
-// Runs the confirmed plan `p` on `args`: its allocations, then its launches. False with `error`
-// set when a launch fails (outputs are then not to be used).
+// Runs the confirmed plan `p` on `args`: its allocations, then its steps in order. False with
+// `error` set when a launch fails (outputs are then not to be used).
 bool run_plan(const Plan& p, const std::vector<Arg>& args, int device, std::vector<at::Tensor>& outs,
               std::string& error) {
   std::vector<at::Tensor> allocs;
@@ -232,21 +278,43 @@ bool run_plan(const Plan& p, const std::vector<Arg>& args, int device, std::vect
   for (const Alloc& a : p.allocs) {
     allocs.push_back(at::empty_strided(a.sizes, a.strides, options.dtype(a.dtype)));
   }
+  std::vector<at::Tensor> made;  // the ATen steps' new results
+  auto tensor_of = [&](const Binding& b) -> const at::Tensor& {
+    return b.src == 1 ? args[b.index].tensor : (b.src == 2 ? allocs[b.index] : made[b.index]);
+  };
   CUstream stream = c10::cuda::getCurrentCUDAStream(device).stream();
   std::vector<uint64_t> slots;
-  for (const PlanLaunch& l : p.launches) {
+  torch::jit::Stack stack;
+  for (const Step& step : p.steps) {
+    if (const AtenStep* a = std::get_if<AtenStep>(&step)) {
+      stack.clear();
+      for (size_t i = 0; i < a->binds.size(); ++i) {
+        if (a->binds[i].src == 0) {
+          stack.push_back(a->constants[i].ivalue());
+        } else {
+          stack.emplace_back(tensor_of(a->binds[i]));
+        }
+      }
+      {
+        at::AutoDispatchBelowADInplaceOrView below;  // as inside the op's implementation
+        a->op->callBoxed(stack);
+      }
+      for (size_t r = 0; r < a->slots.size() && r < stack.size(); ++r) {
+        if (a->slots[r] >= 0) {
+          made.resize(std::max(made.size(), static_cast<size_t>(a->slots[r]) + 1));
+          made[a->slots[r]] = stack[r].toTensor();
+        }
+      }
+      continue;
+    }
+    const PlanLaunch& l = std::get<PlanLaunch>(step);
     if (l.grid[0] == 0 || l.grid[1] == 0 || l.grid[2] == 0) {
       continue;  // as Triton's launcher: nothing to run
     }
     slots.assign(l.params.size() + l.entry.null_params, 0);
     for (size_t i = 0; i < l.params.size(); ++i) {
       const Binding& b = l.params[i];
-      int64_t x = b.ivalue;
-      if (b.src == 1) {
-        x = reinterpret_cast<int64_t>(args[b.index].tensor.data_ptr());
-      } else if (b.src == 2) {
-        x = reinterpret_cast<int64_t>(allocs[b.index].data_ptr());
-      }
+      int64_t x = b.src == 0 ? b.ivalue : reinterpret_cast<int64_t>(tensor_of(b).data_ptr());
       pack(l.entry.params[i].kind, x, b.fvalue, slots[i]);
     }
     CUresult r = launch_packed(l.entry, l.grid, slots, stream);
@@ -345,9 +413,68 @@ PyObject* plan_run(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   END_HANDLE_TH_ERRORS
 }
 
-// plan_store(op_id, args, ok, launches, allocs, outputs, tuple_out, keep) -> state
-//   launches: tuple of (kernel_id, grid, args, kwargs, binds), binds one (src, index) per value
-//   (positional, then keyword in call order); allocs: the recorded call's allocated tensors;
+// One recorded ATen step (name, overload, values, binds, slots): values and binds one per schema
+// argument (a constant, or None where binds names a tensor), slots one per return. Appends it to
+// `steps`; false if it is not one a replay can make (unknown op, argument count or binding).
+template <typename BoundOk>
+bool parse_aten_step(PyObject* item, int& made, const BoundOk& bound_ok, std::vector<Step>& steps) {
+  PyObject* values = PyTuple_GET_ITEM(item, 2);
+  PyObject* binds = PyTuple_GET_ITEM(item, 3);
+  PyObject* slots = PyTuple_GET_ITEM(item, 4);
+  const char* name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(item, 0));
+  const char* overload = PyUnicode_Check(PyTuple_GET_ITEM(item, 1)) ? PyUnicode_AsUTF8(PyTuple_GET_ITEM(item, 1)) : nullptr;
+  if (name == nullptr || overload == nullptr || !PyTuple_Check(values) || !PyTuple_Check(binds) ||
+      !PyTuple_Check(slots) || PyTuple_GET_SIZE(values) != PyTuple_GET_SIZE(binds)) {
+    PyErr_Clear();
+    return false;
+  }
+  AtenStep a;
+  a.name = name;
+  a.overload = overload;
+  a.op = c10::Dispatcher::singleton().findOp(c10::OperatorName(a.name, a.overload));
+  if (!a.op.has_value() || a.op->schema().arguments().size() != static_cast<size_t>(PyTuple_GET_SIZE(values)) ||
+      a.op->schema().returns().size() != static_cast<size_t>(PyTuple_GET_SIZE(slots))) {
+    return false;
+  }
+  std::vector<Arg> constants;
+  if (!to_args(values, constants)) {
+    PyErr_Clear();
+    return false;
+  }
+  a.constants = std::move(constants);
+  for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(binds); ++k) {
+    int src = 0, index = 0;
+    if (!PyArg_ParseTuple(PyTuple_GET_ITEM(binds, k), "ii", &src, &index)) {
+      PyErr_Clear();
+      return false;
+    }
+    if (src == 0 ? a.constants[k].type == Arg::kTensor : !bound_ok(src, index)) {
+      return false;
+    }
+    a.binds.push_back(Binding{src, src == 0 ? 0 : index, 0, 0.0});
+  }
+  for (Py_ssize_t r = 0; r < PyTuple_GET_SIZE(slots); ++r) {
+    long slot = PyLong_AsLong(PyTuple_GET_ITEM(slots, r));
+    if (slot == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    if (slot >= 0) {
+      if (slot != made) {
+        return false;  // results are numbered in the order the steps make them
+      }
+      ++made;
+    }
+    a.slots.push_back(static_cast<int>(slot));
+  }
+  steps.emplace_back(std::move(a));
+  return true;
+}
+
+// plan_store(op_id, args, ok, steps, allocs, outputs, tuple_out, keep) -> state
+//   steps: tuple, in call order, of launches (kernel_id, grid, args, kwargs, binds), binds one
+//   (src, index) per value (positional, then keyword in call order), and ATen steps (see
+//   parse_aten_step); allocs: the recorded call's allocated tensors;
 //   outputs: allocation indices; keep: the persistent tensors its constants point into.
 //   ok False: the call could not be recorded. Returns the key's state: 1 confirmed, 0 awaiting a
 //   second recording, -1 refused (or not a plannable call).
@@ -356,7 +483,7 @@ PyObject* plan_store(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   if (argc != 8 || !PyTuple_Check(argv[1]) || !PyTuple_Check(argv[3]) || !PyTuple_Check(argv[4]) ||
       !PyTuple_Check(argv[5]) || !PyTuple_Check(argv[7])) {
     PyErr_SetString(PyExc_TypeError,
-                    "plan_store(op_id, args: tuple, ok, launches: tuple, allocs: tuple, outputs: tuple, tuple_out, keep: tuple)");
+                    "plan_store(op_id, args: tuple, ok, steps: tuple, allocs: tuple, outputs: tuple, tuple_out, keep: tuple)");
     return nullptr;
   }
   int64_t op = PyLong_AsLongLong(argv[0]);
@@ -398,9 +525,20 @@ PyObject* plan_store(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
       p.keep.push_back(THPVariable_Unpack(v));
     }
   }
+  int made = 0;  // the ATen steps' results so far: what a later step may bind
+  auto bound_ok = [&](int src, int index) {
+    return (src == 1 && index >= 0 && index < static_cast<int>(args.size()) && args[index].type == Arg::kTensor) ||
+           (src == 2 && index >= 0 && index < static_cast<int>(p.allocs.size())) ||
+           (src == 3 && index >= 0 && index < made);
+  };
   for (Py_ssize_t i = 0; ok && i < PyTuple_GET_SIZE(argv[3]); ++i) {
+    PyObject* item = PyTuple_GET_ITEM(argv[3], i);
+    if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 5 && PyUnicode_Check(PyTuple_GET_ITEM(item, 0))) {
+      ok = parse_aten_step(item, made, bound_ok, p.steps);
+      continue;
+    }
     PyObject *kid, *grid, *largs, *lkwargs, *binds;
-    if (!PyArg_ParseTuple(PyTuple_GET_ITEM(argv[3], i), "OO!O!O!O!", &kid, &PyTuple_Type, &grid, &PyTuple_Type,
+    if (!PyArg_ParseTuple(item, "OO!O!O!O!", &kid, &PyTuple_Type, &grid, &PyTuple_Type,
                           &largs, &PyDict_Type, &lkwargs, &PyTuple_Type, &binds)) {
       return nullptr;
     }
@@ -446,8 +584,7 @@ PyObject* plan_store(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
             ok = false;
           }
           b.index = 0;
-        } else if ((src == 1 && (index >= static_cast<int>(args.size()) || args[index].type != Arg::kTensor)) ||
-                   (src == 2 && index >= static_cast<int>(p.allocs.size())) || src < 0 || src > 2) {
+        } else if (!bound_ok(src, index)) {
           ok = false;
         }
       }
@@ -457,7 +594,7 @@ PyObject* plan_store(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
       }
       l.params.push_back(b);
     }
-    p.launches.push_back(std::move(l));
+    p.steps.emplace_back(std::move(l));
   }
   if (PyErr_Occurred()) {
     PyErr_Clear();

@@ -162,7 +162,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     options such as num_warps by name)."""
     rec = getattr(_RECORDING, "rec", None)
     if rec is not None:
-        rec.launches.append((kernel, grid, args, kwargs))
+        rec.steps.append((kernel, grid, args, kwargs))
     if not (_ENABLED[0] and not hooks_set() and not torch.compiler.is_compiling()):
         wrap_triton(kernel)[grid](*args, **kwargs)
         return

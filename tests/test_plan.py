@@ -31,7 +31,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 class _Store:
     """Stands in for the C++ plan table: keeps what `record` offers it."""
     def plan_store(self, op_id, args, ok, launches, allocs, outputs, tuple_out, keep):
-        self.offered = dict(ok=ok, launches=launches, allocs=allocs, outputs=outputs, tuple_out=tuple_out, keep=keep)
+        self.offered = dict(ok=ok, steps=launches, allocs=allocs, outputs=outputs, tuple_out=tuple_out, keep=keep)
         return 0
 
 
@@ -42,7 +42,7 @@ class _Kernel:
 def _recorded(impl, *args, monkeypatch):
     def no_launch(kernel, grid, *a, **k):
         rec = _launch._RECORDING.rec
-        rec.launches.append((kernel, grid, a, k))
+        rec.steps.append((kernel, grid, a, k))
     monkeypatch.setattr(_launch, "launch", no_launch)
     store = _Store()
     out = _plan.record(store, 1, lambda *a: impl(no_launch, *a), args)
@@ -62,7 +62,7 @@ def test_a_recording_binds_inputs_allocations_and_persistent_buffers(monkeypatch
 
     out, offered = _recorded(impl, x, w, monkeypatch=monkeypatch)
     assert offered["ok"] and offered["tuple_out"]
-    (kid, grid, _, _, binds), = offered["launches"]
+    (kid, grid, _, _, binds), = offered["steps"]
     assert kid == id(kernel) and grid == (2, 1)
     # x, w: inputs 0, 1; out: allocation 0; the scalars: constants; scratch: allocation 1;
     # the counters' view: a constant kept alive by the plan
@@ -71,7 +71,7 @@ def test_a_recording_binds_inputs_allocations_and_persistent_buffers(monkeypatch
     assert len(offered["keep"]) == 1 and offered["keep"][0].untyped_storage().data_ptr() == buffer.data_ptr()
 
 
-@pytest.mark.parametrize("what", ["fill", "input view", "foreign tensor", "output is an input", "copy"])
+@pytest.mark.parametrize("what", ["fill", "input view", "foreign tensor", "output is an input", "copy", "other aten op"])
 def test_calls_that_do_more_than_allocate_and_launch_are_not_recorded(what, monkeypatch):
     x = torch.randn(4, 4)
     foreign = torch.zeros(4)  # an unregistered tensor made before the call
@@ -81,14 +81,49 @@ def test_calls_that_do_more_than_allocate_and_launch_are_not_recorded(what, monk
         out = torch.empty_like(x)
         if what == "fill":
             out.zero_()
-        src = x.t() if what == "input view" else x
+        src = x[1:] if what == "input view" else x  # a slice: not one of the ATen steps
         launch(kernel, (1,), src, out, foreign if what == "foreign tensor" else out)
         if what == "copy":
             out.copy_(x)
+        if what == "other aten op":
+            torch.bmm(x[None], x[None])
         return x if what == "output is an input" else out
 
     _, offered = _recorded(impl, x, monkeypatch=monkeypatch)
     assert not offered["ok"]
+
+
+def test_aten_steps_are_recorded_in_order_with_their_results_bound(monkeypatch):
+    """The cuBLAS products (and the transposes that feed them) become steps C++ replays through
+    the dispatcher: every tensor bound to an input, an allocation or an earlier step's result, the
+    schema's defaults filled in, an out= result bound to its allocation."""
+    h, w, b = torch.randn(4, 6), torch.randn(3, 6), torch.randn(3)
+    kernel = _Kernel()
+
+    def impl(launch, h, w, b):
+        a = torch.empty_like(h)
+        launch(kernel, (1,), h, a)
+        logits = h.new_empty((4, 3))
+        torch.addmm(b, a, w.t(), out=logits)
+        da = torch.mm(logits, w)  # a result no allocation holds
+        launch(kernel, (2,), da, w.t())  # the same transpose again: bound to the first one's result
+        w.addmm_(logits.t(), a, alpha=-0.5)
+        return logits
+
+    with torch.no_grad():
+        out, offered = _recorded(impl, h, w, b, monkeypatch=monkeypatch)
+    assert offered["ok"] and offered["outputs"] == (1,)
+    steps = offered["steps"]
+    assert [s[0] if isinstance(s[0], str) else "launch" for s in steps] == [
+        "launch", "aten::t", "aten::addmm", "aten::mm", "launch", "aten::t", "aten::addmm_"]
+    assert steps[0][4] == ((1, 0), (2, 0))
+    assert steps[1][1:] == ("", (None,), ((1, 1),), (0,))  # w.t(): the steps' result 0
+    assert steps[2][1:] == ("out", (None, None, None, 1, 1, None),
+                            ((1, 2), (2, 0), (3, 0), (0, 0), (0, 0), (2, 1)), (-1,))
+    assert steps[3][3:] == (((2, 1), (1, 1)), (1,))  # da: result 1
+    assert steps[4][4] == ((3, 1), (3, 0))
+    assert steps[5][3:] == (((2, 1),), (2,))  # logits.t(): result 2
+    assert steps[6][1:] == ("", (None, None, None, 1, -0.5), ((1, 1), (3, 2), (2, 0), (0, 0), (0, 0)), (-1,))
 
 
 def test_the_recording_switch_is_off_outside_a_recording(monkeypatch):
@@ -255,6 +290,50 @@ def test_the_head_node_gives_the_python_backwards_grads():
         for a, b_ in zip(got, want):
             assert torch.equal(a, b_)
     assert "Planned" in fn.name()
+
+
+def _head84(seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    h, z = (torch.randn(84, 2304, device="cuda", generator=g) for _ in range(2))
+    w = torch.randn(1000, 2304, device="cuda", generator=g) * 0.02
+    b = torch.randn(1000, device="cuda", generator=g)
+    target = torch.randint(0, 1000, (84,), device="cuda", generator=g)
+    return h, z, w, b, target
+
+
+def _head84_ce_grads(h, z, w, b, target):
+    leaves = [t.clone().requires_grad_() for t in (h, z, w, b)]
+    loss = head_ops.gated_head_cross_entropy(*leaves, target)
+    loss.backward()
+    return [loss.detach()] + [t.grad for t in leaves]
+
+
+@gpu
+def test_batch84_head_replays_its_cublas_steps_and_follows_the_matmul_switch():
+    """The meta-loss's head calls cuBLAS inside the op: its plans replay those products through the
+    dispatcher. Bit for bit the Python path's, for the forward and the backward, under the matmul
+    TF32 switch off and on, flipped between calls (the switch is in the key)."""
+    _ext_or_skip()
+    inputs = _head84()
+    was = torch.backends.cuda.matmul.allow_tf32
+    try:
+        results = {}
+        for tf32 in (False, True, False, True):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            want = _python(lambda: _head84_ce_grads(*inputs))
+            before = _plan.stats()["served"]
+            for _ in range(3):
+                got = _head84_ce_grads(*inputs)
+                for a, b_ in zip(got, want):
+                    assert torch.equal(a, b_)
+            assert _plan.stats()["served"] > before
+            results[tf32] = got
+        assert not torch.equal(results[False][3], results[True][3])  # dW: TF32 products differ
+        logits_want = _python(lambda: head_ops.gated_head(*inputs[:4]))
+        for _ in range(3):
+            assert torch.equal(head_ops.gated_head(*inputs[:4]), logits_want)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
 
 
 @gpu

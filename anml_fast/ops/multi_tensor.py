@@ -69,6 +69,12 @@ def sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float)
     _require()
     if not params:  # no tensor to pick a device from
         return []
+    if not torch.compiler.is_compiling():
+        # checks and the dispatcher call in one C function: torch.ops' Python would parse both
+        # lists again (csrc/multi_tensor_autograd.cpp, sgd_update_eager)
+        out = _ext.load().sgd_update_eager(params, grads, float(lr))
+        if out is not None:
+            return out
     _check_lists("sgd_update", params, grads)
     return torch.ops.anml_fast.sgd_update(params, grads, float(lr))
 
