@@ -16,34 +16,43 @@ namespace anml_fast {
 namespace {
 
 // The checks build a message rather than throw: the Python wrappers ask for it first
-// (check_update_args), because on some builds a C++ exception thrown in this extension crashes the
-// process instead of reaching Python (seen on the GPU machine's torch 2.11 image).
+// (sgd_update_eager, check_update_args) and raise it themselves. The message is put together
+// without iostreams: on the GPU machine's torch image (torch 2.11, 2026-11-30) formatting a
+// number into a stream in this extension (c10::str, TORCH_CHECK's message) crashed the process.
+std::string shape_str(at::IntArrayRef sizes) {
+  std::string r = "[";
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    r += (k ? ", " : "") + std::to_string(sizes[k]);
+  }
+  return r + "]";
+}
+
 std::string same_layout_problem(const char* op, const char* what, at::TensorList lists_a,
                                 at::TensorList lists_b, size_t i) {
   const at::Tensor& a = lists_a[i];
   const at::Tensor& b = lists_b[i];
+  const std::string where = std::string(op) + ": " + what + "[" + std::to_string(i) + "] ";
+  const std::string param = " but params[" + std::to_string(i) + "] ";
   if (a.sizes() != b.sizes()) {
-    return c10::str(op, ": ", what, "[", i, "] has shape ", b.sizes(), " but params[", i, "] has ",
-                    a.sizes());
+    return where + "has shape " + shape_str(b.sizes()) + param + "has " + shape_str(a.sizes());
   }
   if (a.device() != b.device()) {
-    return c10::str(op, ": ", what, "[", i, "] is on ", b.device(), " but params[", i, "] is on ",
-                    a.device());
+    return where + "is on " + b.device().str() + param + "is on " + a.device().str();
   }
   if (!at::isFloatingType(b.scalar_type())) {
-    return c10::str(op, ": ", what, "[", i, "] must be floating point, got ", b.scalar_type());
+    return where + "must be floating point, got " + c10::toString(b.scalar_type());
   }
   return {};
 }
 
 std::string common_problem(const char* op, at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
+    const std::string where = std::string(op) + ": params[" + std::to_string(i) + "] ";
     if (!at::isFloatingType(params[i].scalar_type())) {
-      return c10::str(op, ": params[", i, "] must be floating point, got ", params[i].scalar_type());
+      return where + "must be floating point, got " + c10::toString(params[i].scalar_type());
     }
     if (params[i].device() != params[0].device()) {
-      return c10::str(op, ": params[", i, "] is on ", params[i].device(), " but params[0] is on ",
-                      params[0].device());
+      return where + "is on " + params[i].device().str() + " but params[0] is on " + params[0].device().str();
     }
   }
   return {};
@@ -53,7 +62,8 @@ std::string common_problem(const char* op, at::TensorList params) {
 
 std::string sgd_update_problem(at::TensorList params, at::TensorList grads) {
   if (params.size() != grads.size()) {
-    return c10::str("sgd_update: ", params.size(), " params but ", grads.size(), " grads");
+    return "sgd_update: " + std::to_string(params.size()) + " params but " + std::to_string(grads.size()) +
+           " grads";
   }
   std::string problem = common_problem("sgd_update", params);
   for (size_t i = 0; problem.empty() && i < params.size(); ++i) {
@@ -67,11 +77,12 @@ std::string adam_update_problem(at::TensorList params, at::TensorList grads,
                                 int64_t step) {
   if (grads.size() != params.size() || exp_avgs.size() != params.size() ||
       exp_avg_sqs.size() != params.size()) {
-    return c10::str("adam_update_: the four lists must have one length, got ", params.size(), ", ",
-                    grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size());
+    return "adam_update_: the four lists must have one length, got " + std::to_string(params.size()) + ", " +
+           std::to_string(grads.size()) + ", " + std::to_string(exp_avgs.size()) + ", " +
+           std::to_string(exp_avg_sqs.size());
   }
   if (step < 1) {
-    return c10::str("adam_update_: step counts from 1, got ", step);
+    return "adam_update_: step counts from 1, got " + std::to_string(step);
   }
   std::string problem = common_problem("adam_update_", params);
   for (size_t i = 0; problem.empty() && i < params.size(); ++i) {
@@ -87,7 +98,7 @@ std::string adam_update_problem(at::TensorList params, at::TensorList grads,
 
 int64_t check_sgd_update_args(at::TensorList params, at::TensorList grads) {
   const std::string problem = sgd_update_problem(params, grads);
-  TORCH_CHECK(problem.empty(), problem);
+  TORCH_CHECK(problem.empty(), problem.c_str());
   return static_cast<int64_t>(params.size());
 }
 
@@ -95,7 +106,7 @@ int64_t check_adam_update_args(at::TensorList params, at::TensorList grads,
                                at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                                int64_t step) {
   const std::string problem = adam_update_problem(params, grads, exp_avgs, exp_avg_sqs, step);
-  TORCH_CHECK(problem.empty(), problem);
+  TORCH_CHECK(problem.empty(), problem.c_str());
   return static_cast<int64_t>(params.size());
 }
 

@@ -4,9 +4,8 @@
 // custom-op autograd (each call, grads wanted or not), and its argument checks looped in Python
 // over the 14-28 tensors: on an H200 machine (2026-11-29, bench/bench_multi_tensor.py) the one
 // launch took 179 us of wall time against 74 us for the twin's torch._foreach_sub. Here the
-// autograd node is C++, and the checks are the C++ op's own, returned as a message and never thrown
-// (on the GPU machine's torch image a C++ exception thrown here crashed the process, even caught
-// inside the extension: see csrc/multi_tensor.cpp).
+// autograd node is C++, and the checks are the C++ op's own, returned as a message the Python
+// side raises (csrc/multi_tensor.cpp says why the message is built without iostreams).
 #include <Python.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>

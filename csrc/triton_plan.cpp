@@ -331,10 +331,9 @@ bool run_plan(const Plan& p, const std::vector<Arg>& args, int device, std::vect
 }
 
 // 1: ran, outputs in `outs`; 0: no confirmed plan for this key yet (record this call); -1: no plan
-// will serve this call (Python's path, unrecorded); -2: a launch failed (`error`). `single`: only
-// a plan of one output (not a tuple) may serve it.
+// will serve this call (Python's path, unrecorded); -2: a launch failed (`error`).
 int try_plan(int64_t op, const std::vector<Arg>& args, std::vector<at::Tensor>& outs, bool& tuple_out,
-             std::string& error, bool single = false) {
+             std::string& error) {
   std::vector<int64_t> key;
   int device = 0;
   if (!g_enabled.load(std::memory_order_relaxed) || !plan_key(op, args, key, device)) {
@@ -351,9 +350,6 @@ int try_plan(int64_t op, const std::vector<Arg>& args, std::vector<at::Tensor>& 
       return -1;
     }
     plan = it->second;
-  }
-  if (single && (plan->tuple_out || plan->outputs.size() != 1)) {
-    return -1;
   }
   tuple_out = plan->tuple_out;
   if (!run_plan(*plan, args, device, outs, error)) {
@@ -664,18 +660,25 @@ PyObject* plan_enable(PyObject*, PyObject* on) {
 // Autograd: a C++ node for ops whose forward and backward both have plans.
 // ---------------------------------------------------------------------------------------------
 
-// How an op's backward op is called from its saved inputs and the grad of its one output.
+// How an op's backward op is called from what its forward saved and the grads of its outputs.
 struct GradSpec {
   int64_t backward_op;
-  // per backward-op argument: (0, k) the output's grad; (1, i) forward input i; (2, mask) a bool,
-  // whether any forward input in the bit mask needs its grad
+  // per backward-op argument: (0, k) output k's grad; (1, i) saved tensor i (the forward's inputs,
+  // then its saved outputs); (2, mask) a bool, whether any forward input in the bit mask needs its grad
   std::vector<std::pair<int, int64_t>> args;
-  std::vector<int> grad_of;  // per forward input: the backward op's output that is its grad, or -1
-  PyObject* fallback;        // fallback(saved: tuple, needs: tuple, grad) -> tuple of grads (owned)
+  std::vector<int> grad_of;        // per forward input: the backward op's output that is its grad, or -1
+  std::vector<int> saved_outputs;  // forward outputs saved after the inputs (for the backward's use)
+  std::vector<int> nondiff;        // forward outputs that are not differentiable
+  PyObject* fallback;              // fallback(saved: tuple, needs: tuple, grads: tuple) -> grads (owned)
 };
 
 std::deque<GradSpec> g_specs;  // a deque: appending never moves the specs the backwards point to
 std::mutex g_specs_mutex;
+
+const GradSpec* spec_at(int64_t id) {
+  std::lock_guard<std::mutex> lock(g_specs_mutex);
+  return id >= 0 && static_cast<size_t>(id) < g_specs.size() ? &g_specs[static_cast<size_t>(id)] : nullptr;
+}
 
 struct PlannedFunction : public torch::autograd::Function<PlannedFunction> {
   static thread_local std::vector<at::Tensor>* pending;  // the forward plan's outputs
@@ -683,26 +686,36 @@ struct PlannedFunction : public torch::autograd::Function<PlannedFunction> {
   // the inputs as a TensorList: Function::apply takes those (not a std::vector) as tensor inputs
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList inputs,
                                                 int64_t spec) {
-    ctx->save_for_backward(inputs.vec());
+    const GradSpec* s = spec_at(spec);
+    std::vector<at::Tensor> saved = inputs.vec();
+    torch::autograd::variable_list nondiff;
+    for (int k : s->saved_outputs) {
+      saved.push_back(pending->at(static_cast<size_t>(k)));
+    }
+    for (int k : s->nondiff) {
+      nondiff.push_back(pending->at(static_cast<size_t>(k)));
+    }
+    ctx->save_for_backward(saved);
+    if (!nondiff.empty()) {
+      ctx->mark_non_differentiable(nondiff);
+    }
     ctx->saved_data["spec"] = spec;
+    ctx->saved_data["n"] = static_cast<int64_t>(inputs.size());
     return *pending;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const GradSpec* s;
-    {
-      std::lock_guard<std::mutex> lock(g_specs_mutex);
-      s = &g_specs.at(static_cast<size_t>(ctx->saved_data["spec"].toInt()));
-    }
+    const GradSpec* s = spec_at(ctx->saved_data["spec"].toInt());
+    const size_t n = static_cast<size_t>(ctx->saved_data["n"].toInt());  // the forward's inputs
     auto saved = ctx->get_saved_variables();
-    TORCH_CHECK(s->grad_of.size() == saved.size(), "anml_fast: a plan grad spec names ", s->grad_of.size(),
-                " inputs, the op saved ", saved.size());
-    std::vector<bool> needs(saved.size());
-    for (size_t i = 0; i < saved.size(); ++i) {
+    // (a spec registered by plan_grad_spec names as many inputs as the op has: this is a bug check)
+    TORCH_CHECK(s != nullptr && s->grad_of.size() == n, "anml_fast: a plan grad spec does not fit its op");
+    std::vector<bool> needs(n);
+    for (size_t i = 0; i < n; ++i) {
       needs[i] = ctx->needs_input_grad(i);
     }
-    torch::autograd::variable_list result(saved.size() + 1);  // + the spec's slot
+    torch::autograd::variable_list result(n + 1);  // + the spec's slot
     if (!at::GradMode::is_enabled()) {
       std::vector<Arg> args(s->args.size());
       for (size_t j = 0; j < s->args.size(); ++j) {
@@ -726,10 +739,10 @@ struct PlannedFunction : public torch::autograd::Function<PlannedFunction> {
       bool tuple_out = false;
       std::string error;
       int state = try_plan(s->backward_op, args, outs, tuple_out, error);
-      TORCH_CHECK(state != -2, error);
+      TORCH_CHECK(state != -2, error.c_str());
       if (state == 1) {
-        for (size_t i = 0; i < saved.size(); ++i) {
-          if (needs[i] && s->grad_of[i] >= 0) {
+        for (size_t i = 0; i < n; ++i) {
+          if (needs[i] && s->grad_of[i] >= 0 && static_cast<size_t>(s->grad_of[i]) < outs.size()) {
             result[i] = outs.at(static_cast<size_t>(s->grad_of[i]));
           }
         }
@@ -739,8 +752,8 @@ struct PlannedFunction : public torch::autograd::Function<PlannedFunction> {
     // the op's Python backward: it records the backward op's plan, or builds the second-order graph
     pybind11::gil_scoped_acquire gil;
     PyObject* args = Py_BuildValue("(NNN)", anml_fast::tensor_tuple(saved), anml_fast::bool_tuple(needs),
-                                   THPVariable_Wrap(grads.at(0)));
-    auto g = anml_fast::call_python_grads(s->fallback, args, saved.size(), "a planned op's Python backward");
+                                   anml_fast::tensor_tuple(grads));
+    auto g = anml_fast::call_python_grads(s->fallback, args, n, "a planned op's Python backward");
     std::copy(g.begin(), g.end(), result.begin());
     return result;
   }
@@ -748,10 +761,20 @@ struct PlannedFunction : public torch::autograd::Function<PlannedFunction> {
 
 thread_local std::vector<at::Tensor>* PlannedFunction::pending = nullptr;
 
-// plan_grad_spec(backward_op_id, args: tuple of (code, value), grad_of: tuple, fallback) -> spec id
+bool int_tuple(PyObject* t, std::vector<int>& out) {
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(t); ++i) {
+    out.push_back(static_cast<int>(PyLong_AsLong(PyTuple_GET_ITEM(t, i))));
+  }
+  return !PyErr_Occurred();
+}
+
+// plan_grad_spec(backward_op_id, args: tuple of (code, value), grad_of: tuple, saved_outputs: tuple,
+// nondiff: tuple, fallback) -> spec id
 PyObject* plan_grad_spec(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
-  if (argc != 4 || !PyTuple_Check(argv[1]) || !PyTuple_Check(argv[2]) || !PyCallable_Check(argv[3])) {
-    PyErr_SetString(PyExc_TypeError, "plan_grad_spec(backward_op_id, args: tuple, grad_of: tuple, fallback)");
+  if (argc != 6 || !PyTuple_Check(argv[1]) || !PyTuple_Check(argv[2]) || !PyTuple_Check(argv[3]) ||
+      !PyTuple_Check(argv[4]) || !PyCallable_Check(argv[5])) {
+    PyErr_SetString(PyExc_TypeError, "plan_grad_spec(backward_op_id, args: tuple, grad_of: tuple, "
+                                     "saved_outputs: tuple, nondiff: tuple, fallback)");
     return nullptr;
   }
   GradSpec s;
@@ -764,21 +787,18 @@ PyObject* plan_grad_spec(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
     }
     s.args.emplace_back(code, v);
   }
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(argv[2]); ++i) {
-    s.grad_of.push_back(static_cast<int>(PyLong_AsLong(PyTuple_GET_ITEM(argv[2], i))));
-  }
-  if (PyErr_Occurred()) {
+  if (!int_tuple(argv[2], s.grad_of) || !int_tuple(argv[3], s.saved_outputs) || !int_tuple(argv[4], s.nondiff)) {
     return nullptr;
   }
-  Py_INCREF(argv[3]);  // held for the life of the process, as the spec
-  s.fallback = argv[3];
+  Py_INCREF(argv[5]);  // held for the life of the process, as the spec
+  s.fallback = argv[5];
   std::lock_guard<std::mutex> lock(g_specs_mutex);
   g_specs.push_back(std::move(s));
   return PyLong_FromSize_t(g_specs.size() - 1);
 }
 
-// plan_autograd(op_id, args: tuple of tensors, spec_id) -> the output with a C++ grad_fn, or 0 / -1
-// as plan_run (the caller then takes its Python path)
+// plan_autograd(op_id, args: tuple of tensors, spec_id) -> the outputs (the differentiable ones
+// with a C++ grad_fn), or 0 / -1 as plan_run (the caller then takes its Python path)
 PyObject* plan_autograd(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   HANDLE_TH_ERRORS
   if (argc != 3 || !PyTuple_Check(argv[1])) {
@@ -802,13 +822,18 @@ PyObject* plan_autograd(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
     }
     inputs.push_back(a.tensor);
   }
+  const GradSpec* s = spec_at(spec);
+  if (s == nullptr) {
+    PyErr_SetString(PyExc_ValueError, "plan_autograd: no such grad spec");
+    return nullptr;
+  }
   std::vector<at::Tensor> outs;
   bool tuple_out = false;
   std::string error;
   int state;
   {
     at::AutoGradMode no_grad(false);
-    state = try_plan(op, args, outs, tuple_out, error, /*single=*/true);
+    state = try_plan(op, args, outs, tuple_out, error);
   }
   if (state == -2) {
     PyErr_SetString(PyExc_RuntimeError, error.c_str());
@@ -816,6 +841,14 @@ PyObject* plan_autograd(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   }
   if (state != 1) {
     return PyLong_FromLong(state);
+  }
+  for (const std::vector<int>* ks : {&s->saved_outputs, &s->nondiff}) {
+    for (int k : *ks) {
+      if (k < 0 || static_cast<size_t>(k) >= outs.size()) {
+        PyErr_SetString(PyExc_ValueError, "plan_autograd: the grad spec names an output the op does not have");
+        return nullptr;
+      }
+    }
   }
   torch::autograd::variable_list result;
   PlannedFunction::pending = &outs;
@@ -826,7 +859,7 @@ PyObject* plan_autograd(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
     throw;
   }
   PlannedFunction::pending = nullptr;
-  return THPVariable_Wrap(result.at(0));
+  return wrap_outputs(result, tuple_out);
   END_HANDLE_TH_ERRORS
 }
 

@@ -15,10 +15,10 @@ ANML_FAST_EAGER_DIRECT=0 in the environment (read at import) sends every call th
 registered op.
 
 A direct call is served by its plan where C++ holds one (kernels/_plan.py): the implementation's
-allocations and launches replayed without its Python. An op given `plan_backward` (one output,
-every argument a tensor, a backward that is one call of another EagerOp) is recorded, where a grad
-is wanted, by a C++ autograd node whose backward runs the backward op's plan on the engine's
-thread without calling Python: a Python backward there cost conv2's forward + backward about
+allocations and launches replayed without its Python. An op given `plan_backward` (every argument
+a tensor, a backward that is one call of another EagerOp) is recorded, where a grad is wanted, by
+a C++ autograd node whose backward runs the backward op's plan on the engine's thread without
+calling Python: a Python backward there cost conv2's forward + backward about
 100 us of host time on an H200 machine (2026-11-29, bench/autograd_hop.py).
 """
 from __future__ import annotations
@@ -96,20 +96,23 @@ class EagerOp:
         self.grad_spec = None  # [spec args, grad_of, its id in C++ or None until registered]
         self._backward = backward
 
-    def plan_backward(self, backward_op: "EagerOp", args: tuple, grad_of: tuple) -> None:
+    def plan_backward(self, backward_op: "EagerOp", args: tuple, grad_of: tuple,
+                      saved_outputs: tuple = (), nondiff: tuple = ()) -> None:
         """Lets C++ run this op's backward as one call of `backward_op` (see csrc/triton_plan.cpp,
-        GradSpec): `args` per argument of it, (0, k) the output's grad k, (1, i) forward input i,
-        (2, mask) whether any input in the bit mask needs its grad; `grad_of` per forward input,
-        the backward op's output that is its grad (-1: none). The registered backward must compute
-        exactly that; it still runs where the plan cannot (and for second-order graphs)."""
-        self.grad_spec = [backward_op, tuple(args), tuple(grad_of), None]
+        GradSpec): `args` per argument of it, (0, k) output k's grad, (1, i) saved tensor i (the
+        forward's inputs, then its `saved_outputs`), (2, mask) whether any input in the bit mask
+        needs its grad; `grad_of` per forward input, the backward op's output that is its grad
+        (-1: none); `nondiff`, the outputs that are not differentiable. The registered setup and
+        backward must save and compute exactly that (ctx.saved_tensors: the inputs, then
+        saved_outputs); the backward still runs where the plan cannot (and for second-order graphs)."""
+        self.grad_spec = [backward_op, tuple(args), tuple(grad_of), None, tuple(saved_outputs), tuple(nondiff)]
 
     def _spec_id(self, e):
         spec = self.grad_spec
         if spec[3] is None:
             backward = self._backward
-            spec[3] = e.plan_grad_spec(spec[0].plan_id, spec[1], spec[2],
-                                       lambda saved, needs, grad: backward(_Context(saved, needs), grad))
+            spec[3] = e.plan_grad_spec(spec[0].plan_id, spec[1], spec[2], spec[4], spec[5],
+                                       lambda saved, needs, grads: backward(_Context(saved, needs), *grads))
         return spec[3]
 
     def _run(self, args):

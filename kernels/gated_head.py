@@ -901,6 +901,12 @@ class direct:
 # which C++ runs from its plan
 direct.gated_head_fwd.plan_backward(direct.gated_head_bwd, ((0, 0), (1, 0), (1, 1), (1, 2), (2, 0b0011), (2, 0b1100)),
                                     (0, 1, 2, 3))
+# _backward_gated_head_ce's as one gated_head_ce_bwd call (grad_loss, h, gate_logits, weight,
+# logits, lse, target, the two wanted flags): logits and lse are saved after the five inputs, as
+# _setup_gated_head_ce saves them, and are not differentiable
+direct.gated_head_ce_fwd.plan_backward(
+    direct.gated_head_ce_bwd, ((0, 0), (1, 0), (1, 1), (1, 2), (1, 5), (1, 6), (1, 4), (2, 0b0011), (2, 0b1100)),
+    (0, 1, 2, 3, -1), saved_outputs=(1, 2), nondiff=(1, 2))
 
 
 def interpreted() -> bool:

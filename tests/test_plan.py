@@ -305,14 +305,15 @@ def _head84_ce_grads(h, z, w, b, target):
     leaves = [t.clone().requires_grad_() for t in (h, z, w, b)]
     loss = head_ops.gated_head_cross_entropy(*leaves, target)
     loss.backward()
-    return [loss.detach()] + [t.grad for t in leaves]
+    return [loss.detach()] + [t.grad for t in leaves], loss.grad_fn.name()
 
 
 @gpu
 def test_batch84_head_replays_its_cublas_steps_and_follows_the_matmul_switch():
     """The meta-loss's head calls cuBLAS inside the op: its plans replay those products through the
-    dispatcher. Bit for bit the Python path's, for the forward and the backward, under the matmul
-    TF32 switch off and on, flipped between calls (the switch is in the key)."""
+    dispatcher, under the C++ autograd node (three outputs, two of them saved for the backward and
+    not differentiable). Bit for bit the Python path's, for the forward and the backward, under the
+    matmul TF32 switch off and on, flipped between calls (the switch is in the key)."""
     _ext_or_skip()
     inputs = _head84()
     was = torch.backends.cuda.matmul.allow_tf32
@@ -320,13 +321,14 @@ def test_batch84_head_replays_its_cublas_steps_and_follows_the_matmul_switch():
         results = {}
         for tf32 in (False, True, False, True):
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            want = _python(lambda: _head84_ce_grads(*inputs))
+            want, _ = _python(lambda: _head84_ce_grads(*inputs))
             before = _plan.stats()["served"]
             for _ in range(3):
-                got = _head84_ce_grads(*inputs)
+                got, node = _head84_ce_grads(*inputs)
                 for a, b_ in zip(got, want):
                     assert torch.equal(a, b_)
             assert _plan.stats()["served"] > before
+            assert "Planned" in node  # the C++ node, with logits and lse saved and non-differentiable
             results[tf32] = got
         assert not torch.equal(results[False][3], results[True][3])  # dW: TF32 products differ
         logits_want = _python(lambda: head_ops.gated_head(*inputs[:4]))
@@ -334,6 +336,26 @@ def test_batch84_head_replays_its_cublas_steps_and_follows_the_matmul_switch():
             assert torch.equal(head_ops.gated_head(*inputs[:4]), logits_want)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = was
+
+
+@gpu
+def test_the_cross_entropy_node_builds_second_order_graphs_through_the_twin():
+    _ext_or_skip()
+    h, z, w, b, target = _head84()
+    h, z, w = (t[:rows, :40].double().contiguous() for t, rows in ((h, 6), (z, 6), (w, 7)))
+    b, target = b[:7].double(), target[:6] % 7
+    for _ in range(3):
+        leaves = [t.clone().requires_grad_() for t in (h, z, w, b)]
+        loss = head_ops.gated_head_cross_entropy(*leaves, target)
+    assert "Planned" in loss.grad_fn.name()
+    gh, = torch.autograd.grad(loss, leaves[0], create_graph=True)
+    gw2, = torch.autograd.grad((gh * gh).sum(), leaves[2])
+    twin = [t.clone().requires_grad_() for t in (h, z, w, b)]
+    twin_loss = torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(twin[0] * torch.sigmoid(twin[1]), twin[2], twin[3]), target)
+    gh_t, = torch.autograd.grad(twin_loss, twin[0], create_graph=True)
+    want, = torch.autograd.grad((gh_t * gh_t).sum(), twin[2])
+    torch.testing.assert_close(gw2, want)
 
 
 @gpu
