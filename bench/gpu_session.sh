@@ -3,7 +3,8 @@
 #   build the extension there, time chosen end-to-end rows first, alone on the card
 #   (E2E_ROWS=traj,protocol,...: bench/end_to_end.py, merged into bench/results/end-to-end-<card>.json),
 #   then with PROFILE=1 the kernel profiles of the meta-steps and the PLN inner step
-#   (bench/profile_meta_step.py), with HOST_COST=1 the eager calls' host time (bench/host_cost.py),
+#   (bench/profile_meta_step.py), with HOST_COST=1 the eager calls' host time (bench/host_cost.py;
+#   HOST_COST_ROWS=part,part... times only the rows whose names hold one),
 #   with BENCH=1
 #   every kernel benchmark (bench/run_all.py), then (unless TESTS=0) the whole test suite, GPU
 #   tests included, in TEST_GROUPS parallel pytest processes over the test files (the real-data
@@ -40,7 +41,7 @@ if [ "${PROFILE:-0}" = 1 ]; then  # where the meta-steps' time goes (bench/profi
   echo "profile_meta_step --inner-step exit $?"; head -70 "$OUT/profile-inner.log"
 fi
 if [ "${HOST_COST:-0}" = 1 ]; then  # eager batch-1 calls' host time (bench/host_cost.py)
-  timeout ${HOST_COST_S:-300} python3 bench/host_cost.py --out "$OUT" > "$OUT/host_cost.log" 2>&1
+  timeout ${HOST_COST_S:-300} python3 bench/host_cost.py --out "$OUT" --rows "${HOST_COST_ROWS:-}" > "$OUT/host_cost.log" 2>&1
   echo "host_cost exit $?"; tail -14 "$OUT/host_cost.log"
 fi
 if [ "${BENCH:-0}" = 1 ]; then
