@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -162,8 +163,9 @@ def main():
                     help="comma-separated implementations to time, twin and compiled among them "
                          f"(default: all but triton_path; any of {', '.join(IMPLS)})")
     ap.add_argument("--rows", default="",
-                    help="comma-separated parts of row names: time only the rows whose name holds one "
-                         "(default: every row)")
+                    help="comma-separated parts of row names: time only the rows whose name holds one, and "
+                         "keep the card's other rows from its earlier table in --out, marked with their "
+                         "run (default: every row, a new table)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("host_cost.py: needs a CUDA GPU")
@@ -201,12 +203,46 @@ def main():
         print(f"{name:34s} " + "  ".join(f"{k} {row[k]['host_us']:7.1f} / {row[k]['synced_us']:7.1f}"
                                         for k in impls), flush=True)
     meta = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "cxx_launch_built": CXX_BUILT,
-            "date": datetime.date.today().isoformat(), "launch_only_us": launch_only, "impls": impls, "rows": rows}
-    slug = card_slug(card)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"host-cost-{slug}.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    lines = [f"# Host time of eager batch-1 calls, {card} ({meta['date']}, torch {meta['torch']}, triton {meta['triton']})",
+            "date": datetime.date.today().isoformat(), "commit": _commit(), "launch_only_us": launch_only,
+            "impls": impls, "rows": rows}
+    path = os.path.join(args.out, f"host-cost-{card_slug(card)}.json")
+    if wanted and os.path.exists(path):
+        with open(path) as f:
+            meta = merge(meta, json.load(f))
+    print(write(meta, args.out))
+
+
+def _commit():
+    """The package's git commit, where the tree is a checkout (the device's copy may not be)."""
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _run_of(meta: dict) -> str:
+    return meta["date"] + (f" at {meta['commit']}" if meta.get("commit") else "")
+
+
+def merge(new: dict, old: dict) -> dict:
+    """A --rows run's table: its rows, then the rows of the card's earlier table (`old`) that it did
+    not time, each row keeping the run it came from (every ratio is still within one run)."""
+    if old.get("card") != new["card"] or old.get("impls") != new["impls"]:
+        return new  # not comparable: this run's rows alone
+    timed = {r["call"] for r in new["rows"]}
+    for r in new["rows"]:
+        r["run"] = _run_of(new)
+    kept = [dict(r, run=r.get("run", _run_of(old))) for r in old["rows"] if r["call"] not in timed]
+    return dict(new, rows=new["rows"] + kept)
+
+
+def write(meta: dict, out: str) -> str:
+    """Writes host-cost-<card>.json and .md into `out`; returns the markdown."""
+    card, impls, launch_only = meta["card"], meta["impls"], meta["launch_only_us"]
+    runs = sorted({r["run"] for r in meta["rows"] if "run" in r})
+    lines = [f"# Host time of eager batch-1 calls, {card} ({_run_of(meta)}, torch {meta['torch']}, triton {meta['triton']})",
              "", "`python3 bench/host_cost.py`. us a call: host (no synchronise, many calls) / synced (each call "
              "ends with torch.cuda.synchronize()). Each figure is the median of "
              f"{ROUNDS} rounds in which the implementations take turns. Implementations (bench/host_cost.py says "
@@ -214,20 +250,29 @@ def main():
              "launches); `no_plans` the same without plans; `python_launch` neither plans nor C++ launches; "
              "`dispatched` through torch's custom-op dispatch; `before` both "
              "(the package at cd1ce7b); `triton_path` dispatched, every launch through Triton's "
-             "`kernel[grid](...)`." + ("" if CXX_BUILT else " **The extension here has no C++ launch: every "
+             "`kernel[grid](...)`." + ("" if meta["cxx_launch_built"] else " **The extension here has no C++ launch: every "
                                         "launch went through Python.**"), "",
              "A launch alone (a 13-argument kernel that stores one value, host us a launch, no synchronise): " +
-             ", ".join(f"{k} {v:.1f}" for k, v in launch_only.items()) + ".", "",
-             "| call | " + " | ".join(impls) + " | compiled vs twin (synced) |",
-             "| --- | " + " | ".join("---:" for _ in impls) + " | ---: |"]
-    for r in rows:
+             ", ".join(f"{k} {v:.1f}" for k, v in launch_only.items()) + ".", ""]
+    if len(runs) > 1:
+        lines += ["Rows from more than one run (`--rows` times some rows and keeps the others): the run "
+                  "column says which; each row's figures come from one run.", ""]
+    run_col = len(runs) > 1
+    lines += ["| call | " + " | ".join(impls) + " | compiled vs twin (synced) |" + (" run |" if run_col else ""),
+              "| --- | " + " | ".join("---:" for _ in impls) + " | ---: |" + (" --- |" if run_col else "")]
+    for r in meta["rows"]:
         cell = lambda k: f"{r[k]['host_us']:.1f} / {r[k]['synced_us']:.1f}"
         lines.append(f"| {r['call']} | " + " | ".join(cell(k) for k in impls) +
-                     f" | {r['twin']['synced_us'] / r['compiled']['synced_us']:.2f}x |")
-    with open(os.path.join(args.out, f"host-cost-{slug}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+                     f" | {r['twin']['synced_us'] / r['compiled']['synced_us']:.2f}x |" +
+                     (f" {r.get('run', '')} |" if run_col else ""))
+    slug = card_slug(card)
+    os.makedirs(out, exist_ok=True)
+    for ext, text in (("json", json.dumps(meta, indent=1)), ("md", "\n".join(lines) + "\n")):
+        target = os.path.join(out, f"host-cost-{slug}.{ext}")
+        with open(target + ".tmp", "w") as f:  # atomically: a crash keeps the earlier table
+            f.write(text)
+        os.replace(target + ".tmp", target)
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
