@@ -63,6 +63,16 @@ struct SgdUpdateFunction : public torch::autograd::Function<SgdUpdateFunction> {
   }
 };
 
+// whether any tensor carries a forward-mode tangent (Function::apply refuses those: no jvp)
+bool any_tangent(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) {
+    if (t._fw_grad(/*level=*/0).defined()) {
+      return true;
+    }
+  }
+  return false;
+}
+
 bool any_requires_grad(at::TensorList tensors) {
   for (const at::Tensor& t : tensors) {
     if (t.requires_grad()) {
@@ -73,7 +83,8 @@ bool any_requires_grad(at::TensorList tensors) {
 }
 
 std::vector<at::Tensor> sgd_update_autograd(at::TensorList params, at::TensorList grads, double lr) {
-  if (!at::GradMode::is_enabled() || (!any_requires_grad(params) && !any_requires_grad(grads))) {
+  const bool graph = at::GradMode::is_enabled() && (any_requires_grad(params) || any_requires_grad(grads));
+  if (!graph && !any_tangent(params) && !any_tangent(grads)) {
     // no graph to build: Function::apply would still make a node and note all 2n inputs
     at::AutoDispatchBelowADInplaceOrView below;
     return sgd_update_op().call(params, grads, lr);

@@ -30,6 +30,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/ops/empty_strided.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -214,8 +215,10 @@ bool plan_key(int64_t op, const std::vector<Arg>& args, std::vector<int64_t>& ke
     }
   }
   // A torch-function or dispatch mode (which autograd carries over to its threads) must see
-  // the call: Python's path
-  if (at::impl::PythonTorchFunctionTLS::stack_len() > 0 || c10::impl::TorchDispatchModeTLS::stack_len() > 0) {
+  // the call: Python's path. So must autocast, which would cast a replayed ATen step's result
+  // (mm has an autocast kernel) under a recipe recorded for float32 (autograd carries it too).
+  if (at::impl::PythonTorchFunctionTLS::stack_len() > 0 || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
+      at::autocast::is_autocast_enabled(at::kCUDA)) {
     return false;
   }
   device = c10::cuda::current_device();
@@ -227,13 +230,12 @@ bool plan_key(int64_t op, const std::vector<Arg>& args, std::vector<int64_t>& ke
   }
   key.push_back(device);
   key.push_back(c10::cuda::getCurrentCUDAStream(device).id());
-  auto& ctx = at::globalContext();
-  key.push_back(ctx.allowTF32CuDNN());
+  key.push_back(at::globalContext().allowTF32CuDNN());
   key.push_back(pdl_enabled());
-  // the cuBLAS products' switches (ATen steps): TF32 and the half types' reduced-precision sums
-  key.push_back(ctx.allowTF32CuBLAS());
-  key.push_back(static_cast<int64_t>(ctx.allowFP16ReductionCuBLAS()));
-  key.push_back(static_cast<int64_t>(ctx.allowBF16ReductionCuBLAS()));
+  // The cuBLAS products' own switches (matmul TF32, reduced-precision sums) are not in the key:
+  // a replayed ATen step reads them when it runs, as the Python path's call does, and no op's
+  // Python branches on them. (Reading the legacy TF32 getter also throws once the new
+  // fp32_precision API has been used.)
   return true;
 }
 

@@ -4,18 +4,19 @@ An eager batch-1 call of a Triton op spends most of its host time in its own Pyt
 allocations, the tile choice, each launch's keyword arguments. All of that is a function of the
 call's key: the arguments' dtypes, shapes, strides, alignment and scalar values, the device and
 stream, and the two switches the kernels read (TF32 for float32 convolutions: cudnn.allow_tf32;
-PDL: ANML_FAST_PDL; for the cuBLAS products, the matmul TF32 and reduced-precision switches). A
-call whose key has been seen before is served from C++: the same outputs and scratch are
-allocated, the same launch recipes (csrc/triton_launch.cpp) are launched with the new tensors'
-pointers, and the same ATen products are called on the new tensors.
+PDL: ANML_FAST_PDL). A call whose key has been seen before is served from C++: the same outputs
+and scratch are allocated, the same launch recipes (csrc/triton_launch.cpp) are launched with the
+new tensors' pointers, and the same ATen products are called on the new tensors (they read
+cuBLAS's switches when they run, as the Python path's calls do).
 
 `record` runs the op's implementation once under a dispatch mode that sees every ATen op it
 calls, and notes each launch (kernels/_launch.py). The call is recorded only if all it did was
 allocate tensors, launch kernels, and call the few ATen ops in `_STEPS` (cuBLAS products and the
 transposes that feed them, which C++ replays through the dispatcher), on tensors that are its
 inputs, its allocations, those ops' results, or buffers registered as persistent (`persistent`,
-the arrival counters). Anything else (a fill, a copy, another ATen op, a view of an input other
-than a transpose, an unregistered tensor) leaves that call to Python. C++ uses a plan only once
+the arrival counters), and writes none of its inputs (a replay below autograd would not bump
+their version counters). Anything else (a fill, a copy, another ATen op, a view of an input
+other than a transpose, an unregistered tensor) leaves that call to Python. C++ uses a plan only once
 two recordings of its key agree exactly, and refuses a key for good when they do not, or when
 three calls of it could not be recorded.
 
@@ -46,7 +47,8 @@ _ALLOCATIONS = frozenset((_ATEN.empty.memory_format, _ATEN.empty_like.default, _
                           _ATEN.empty_strided.default, _ATEN.new_empty_strided.default))
 # ATen ops a plan replays through the dispatcher: the batch-84 head's cuBLAS products (a recording
 # refused them, and those calls lost to their twins, 2026-11-29) and the transposes that feed them.
-# Each one's results follow from the key (shapes, strides, the matmul switches); none syncs the host.
+# Each one's results follow from the key (shapes, strides; autocast, which would change their
+# dtype, keeps a call off plans); none syncs the host.
 _STEPS = frozenset((_ATEN.t.default, _ATEN.transpose.int, _ATEN.mm.default, _ATEN.mm.out,
                     _ATEN.addmm.default, _ATEN.addmm.out, _ATEN.addmm_.default))
 _VIEWS = frozenset((_ATEN.t.default, _ATEN.transpose.int))
@@ -238,6 +240,8 @@ def _bind(rec: _Recording, args: tuple, out, keep: list):
                 b = find(v)
                 if b is None:  # the step needs the tensor itself, not a constant pointer
                     raise _Unplannable
+                if b[0] == 1 and a.alias_info is not None and a.alias_info.is_write:
+                    raise _Unplannable  # an input written (in place, out=): its version must move
                 values.append(None)
                 binds.append(b)
             elif v is None or type(v) in (bool, int, float):

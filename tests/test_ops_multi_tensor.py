@@ -271,3 +271,16 @@ def test_cuda_graph_capture():
 @gpu
 def test_available_on_cuda():
     assert mt.available("cuda"), mt.unavailable_reason("cuda")
+
+
+def test_forward_mode_tangents_are_refused_not_dropped():
+    """The C++ autograd skips its node where no grad is wanted; a forward-mode tangent must still
+    reach it (and its clear refusal: the node has no jvp), with or without grad mode."""
+    import torch.autograd.forward_ad as fwAD
+    p, g = [torch.randn(3)], [torch.randn(3)]
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(p[0], torch.ones(3))
+        with pytest.raises(RuntimeError, match="jvp"):
+            mt.sgd_update([dual], g, 0.1)
+        with torch.no_grad(), pytest.raises(RuntimeError, match="jvp"):
+            mt.sgd_update([dual], g, 0.1)
