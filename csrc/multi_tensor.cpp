@@ -27,32 +27,33 @@ std::string shape_str(at::IntArrayRef sizes) {
   return r + "]";
 }
 
+// The messages are built only once a check fails: these run on every eager update call.
 std::string same_layout_problem(const char* op, const char* what, at::TensorList lists_a,
                                 at::TensorList lists_b, size_t i) {
   const at::Tensor& a = lists_a[i];
   const at::Tensor& b = lists_b[i];
-  const std::string where = std::string(op) + ": " + what + "[" + std::to_string(i) + "] ";
-  const std::string param = " but params[" + std::to_string(i) + "] ";
+  auto where = [&] { return std::string(op) + ": " + what + "[" + std::to_string(i) + "] "; };
+  auto param = [&] { return " but params[" + std::to_string(i) + "] "; };
   if (a.sizes() != b.sizes()) {
-    return where + "has shape " + shape_str(b.sizes()) + param + "has " + shape_str(a.sizes());
+    return where() + "has shape " + shape_str(b.sizes()) + param() + "has " + shape_str(a.sizes());
   }
   if (a.device() != b.device()) {
-    return where + "is on " + b.device().str() + param + "is on " + a.device().str();
+    return where() + "is on " + b.device().str() + param() + "is on " + a.device().str();
   }
   if (!at::isFloatingType(b.scalar_type())) {
-    return where + "must be floating point, got " + c10::toString(b.scalar_type());
+    return where() + "must be floating point, got " + c10::toString(b.scalar_type());
   }
   return {};
 }
 
 std::string common_problem(const char* op, at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
-    const std::string where = std::string(op) + ": params[" + std::to_string(i) + "] ";
+    auto where = [&] { return std::string(op) + ": params[" + std::to_string(i) + "] "; };
     if (!at::isFloatingType(params[i].scalar_type())) {
-      return where + "must be floating point, got " + c10::toString(params[i].scalar_type());
+      return where() + "must be floating point, got " + c10::toString(params[i].scalar_type());
     }
     if (params[i].device() != params[0].device()) {
-      return where + "is on " + params[i].device().str() + " but params[0] is on " + params[0].device().str();
+      return where() + "is on " + params[i].device().str() + " but params[0] is on " + params[0].device().str();
     }
   }
   return {};
