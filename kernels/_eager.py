@@ -93,7 +93,8 @@ class EagerOp:
         self.function = None if backward is None or self.impl is None else \
             _function(f"{op._name}_eager", self._run, setup, backward)
         self.plan_id = _plan.new_id()
-        self.grad_spec = None  # [spec args, grad_of, its id in C++ or None until registered]
+        # [backward_op, args, grad_of, its id in C++ (None until registered), saved_outputs, nondiff]
+        self.grad_spec = None
         self._backward = backward
 
     def plan_backward(self, backward_op: "EagerOp", args: tuple, grad_of: tuple,

@@ -32,8 +32,8 @@ def _require() -> None:
 def _check_lists(op: str, *lists) -> None:
     """The C++ op's argument checks (csrc/multi_tensor.cpp), returned as a message and raised here:
     the op is never called with arguments it would refuse, as its TORCH_CHECK messages crashed the
-    process on the GPU machine's torch 2.11 image (csrc/multi_tensor.cpp). Traced by torch.compile, the same checks in Python (a C
-    function would break the graph)."""
+    process on the GPU machine's torch 2.11 image (csrc/multi_tensor.cpp). Traced by
+    torch.compile, the same checks in Python (a C function would break the graph)."""
     if torch.compiler.is_compiling():
         _check_lists_traced(op, *lists)
         return
