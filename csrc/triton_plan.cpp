@@ -302,9 +302,8 @@ bool run_plan(const Plan& p, const std::vector<Arg>& args, int device, std::vect
         a->op->callBoxed(stack);
       }
       for (size_t r = 0; r < a->slots.size() && r < stack.size(); ++r) {
-        if (a->slots[r] >= 0) {
-          made.resize(std::max(made.size(), static_cast<size_t>(a->slots[r]) + 1));
-          made[a->slots[r]] = stack[r].toTensor();
+        if (a->slots[r] >= 0) {  // numbered in the order the steps make them (parse_aten_step checks)
+          made.push_back(stack[r].toTensor());
         }
       }
       continue;
