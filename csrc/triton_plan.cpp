@@ -230,7 +230,13 @@ bool plan_key(int64_t op, const std::vector<Arg>& args, std::vector<int64_t>& ke
   }
   key.push_back(device);
   key.push_back(c10::cuda::getCurrentCUDAStream(device).id());
-  key.push_back(at::globalContext().allowTF32CuDNN());
+  try {
+    key.push_back(at::globalContext().allowTF32CuDNN());
+  } catch (const c10::Error&) {
+    // cuDNN's conv and RNN TF32 settings differ (fp32_precision set per op): the unqualified
+    // getter refuses to answer, so the Python path runs, and says so if it reads the switch
+    return false;
+  }
   key.push_back(pdl_enabled());
   // The cuBLAS products' own switches (matmul TF32, reduced-precision sums) are not in the key:
   // a replayed ATen step reads them when it runs, as the Python path's call does, and no op's
@@ -699,6 +705,11 @@ struct PlannedFunction : public torch::autograd::Function<PlannedFunction> {
     ctx->save_for_backward(saved);
     if (!nondiff.empty()) {
       ctx->mark_non_differentiable(nondiff);
+      if (nondiff.size() + 1 == pending->size()) {
+        // one differentiable output: the node runs only when it has a grad, and the others' would
+        // be zeros that nothing reads (a fill per output per backward); they arrive undefined
+        ctx->set_materialize_grads(false);
+      }
     }
     ctx->saved_data["spec"] = spec;
     ctx->saved_data["n"] = static_cast<int64_t>(inputs.size());

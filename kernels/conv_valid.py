@@ -715,15 +715,29 @@ def _launch_taps(out, source, weight, dgrad: bool, cfg: dict, norm: tuple | None
 TF32_MIN_FILTER = 256
 
 
+def conv_tf32_allowed() -> bool:
+    """Whether PyTorch lets a float32 convolution run in TF32. The legacy switch
+    (torch.backends.cudnn.allow_tf32) refuses to answer once cuDNN's conv and RNN settings were set
+    apart through the fp32_precision API; the conv setting (or the first one it inherits) decides."""
+    try:
+        return torch.backends.cudnn.allow_tf32
+    except RuntimeError:
+        for precision in (torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.fp32_precision,
+                          torch.backends.fp32_precision):
+            if precision != "none":
+                return precision == "tf32"
+        return False  # what the legacy switch set off leaves: "none" throughout
+
+
 def dot_precision(dtype: torch.dtype, filter_size: int) -> str:
     """tl.dot's input precision for `dtype` and a filter of C_in * kh * kw taps: float64 IEEE;
     float32 single TF32 where PyTorch would let a float32 convolution run in TF32
-    (torch.backends.cudnn.allow_tf32, on by default) and the filter is long enough, else tf32x3
+    (conv_tf32_allowed(), on by default) and the filter is long enough, else tf32x3
     (float32 accuracy). One TF32 product instead of three: the batch-1 dots are latency-bound
     chains of MMAs."""
     if dtype == torch.float64:
         return "ieee"
-    if torch.backends.cudnn.allow_tf32 and filter_size >= TF32_MIN_FILTER:
+    if conv_tf32_allowed() and filter_size >= TF32_MIN_FILTER:
         return "tf32"
     return "tf32x3"
 

@@ -100,6 +100,27 @@ def test_float32_dots_follow_pytorchs_convolution_precision(allow_tf32, want):
         assert kernels.dot_precision(torch.float64, 256 * 9) == "ieee"
 
 
+@pytest.mark.parametrize("conv, rnn, want", [("ieee", "tf32", "tf32x3"), ("tf32", "ieee", "tf32")])
+def test_float32_dots_follow_the_conv_setting_when_conv_and_rnn_are_set_apart(conv, rnn, want):
+    """torch.backends.cudnn.allow_tf32 raises once the fp32_precision API sets cuDNN's conv and
+    RNN apart; the kernels then follow the conv setting, and the self-tests' IEEE block puts
+    that state back as it was."""
+    from anml_fast.ops._compare import ieee_convolutions
+
+    cudnn = torch.backends.cudnn
+    was = cudnn.allow_tf32
+    try:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = conv, rnn
+        with pytest.raises(RuntimeError):
+            cudnn.allow_tf32
+        assert kernels.dot_precision(torch.float32, 256 * 9) == want
+        with ieee_convolutions():
+            assert kernels.dot_precision(torch.float32, 256 * 9) == "tf32x3"
+        assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) == (conv, rnn)
+    finally:
+        cudnn.allow_tf32 = was
+
+
 @gpu
 def test_tf32_mode_at_the_protocol_shape():
     """With TF32 allowed (PyTorch's default), conv2's products are single TF32 products: within

@@ -269,6 +269,46 @@ def test_cuda_graph_capture():
 
 
 @gpu
+def test_cuda_results_share_one_block_yet_act_as_separate_tensors():
+    """On the GPU sgd_update carves its results from one allocation (csrc/cuda/multi_tensor.cu).
+    Each must still act as a tensor of its own: aligned, not a view, written in place without
+    touching the others, saved by safetensors, and passing opcheck's alias checks."""
+    from safetensors.torch import load, save
+
+    p, g = make_lists(ODD + PLN, "cuda", count=2)
+    new = mt.sgd_update(p, g, 0.1)
+    kept = [t.clone() for t in new]
+    assert len({t.untyped_storage().data_ptr() for t in new}) == 1
+    for i, t in enumerate(new):
+        assert t._base is None and t.is_contiguous() and t.data_ptr() % 16 == 0, i
+    new[4].fill_(7.0)
+    new[5].add_(1.0)
+    for i, (a, b) in enumerate(zip(new, kept)):
+        if i not in (4, 5):
+            assert torch.equal(a, b), f"tensor {i} changed when another was written"
+    loaded = load(save({f"t{i}": t for i, t in enumerate(new)}))
+    for i, t in enumerate(new):
+        assert torch.equal(loaded[f"t{i}"].cuda(), t), i
+    torch.library.opcheck(torch.ops.anml_fast.sgd_update, ([t.requires_grad_() for t in p], g, 0.1))
+
+
+@gpu
+def test_cuda_results_under_cudagraph_trees():
+    """torch.compile's reduce-overhead mode records the op into a CUDA graph over its own memory
+    pool and rebuilds the outputs (one shared block here) on each replay."""
+    p, g = make_lists(PLN, "cuda", count=2)
+    torch._dynamo.reset()
+    step = torch.compile(lambda p, g: mt.sgd_update(p, g, 0.1), mode="reduce-overhead", fullgraph=True)
+    outs = []
+    for k in range(3):
+        grads = [t * (k + 1) for t in g]
+        outs.append(([t.clone() for t in step(p, grads)], reference.sgd_update(p, grads, 0.1)))
+    for got, want in outs:
+        for a, b in zip(got, want):
+            assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@gpu
 def test_available_on_cuda():
     assert mt.available("cuda"), mt.unavailable_reason("cuda")
 

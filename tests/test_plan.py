@@ -132,6 +132,14 @@ def test_aten_steps_are_recorded_in_order_with_their_results_bound(monkeypatch):
     assert steps[5][1:] == ("", (None, None, None, 1, -0.5), ((2, 2), (2, 1), (1, 1), (0, 0), (0, 0)), (-1,))
 
 
+def test_a_grad_spec_may_not_read_the_grad_of_a_non_differentiable_output():
+    """Such grads reach the C++ node's backward undefined (it does not fill them with zeros)."""
+    op = HEAD.direct.gated_head_ce_fwd
+    with pytest.raises(ValueError, match="non-differentiable"):
+        op.plan_backward(HEAD.direct.gated_head_ce_bwd, ((0, 0), (0, 1)), (0, -1), nondiff=(1, 2))
+    assert op.grad_spec[5] == (1, 2)  # the op's own spec is left as it was
+
+
 def test_the_recording_switch_is_off_outside_a_recording(monkeypatch):
     _recorded(lambda launch, x: torch.empty_like(x), torch.randn(2), monkeypatch=monkeypatch)
     assert getattr(_launch._RECORDING, "rec", None) is None

@@ -22,9 +22,16 @@ def ieee_convolutions() -> Iterator[None]:
     """float32 convolutions in IEEE float32 inside the block (cuDNN's, and the Triton ones, which
     follow the same flag): a self-test checks the kernels, not TF32's rounding, which is on by
     default and would differ between the two sides."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    cudnn = torch.backends.cudnn
+    try:
+        before = cudnn.allow_tf32
+    except RuntimeError:  # conv and RNN set apart through the fp32_precision API: restore those
+        before = (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision)
+    cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = before
+        if isinstance(before, bool):
+            cudnn.allow_tf32 = before
+        else:
+            cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = before
