@@ -121,6 +121,22 @@ bool flat_walkable(const std::vector<at::TensorList>& lists, size_t i, at::Scala
   return true;
 }
 
+namespace {
+thread_local bool g_shared_block = false;
+}  // namespace
+
+SgdUpdateSharedBlock::SgdUpdateSharedBlock() : was_(g_shared_block) {
+  g_shared_block = true;
+}
+
+SgdUpdateSharedBlock::~SgdUpdateSharedBlock() {
+  g_shared_block = was_;
+}
+
+bool SgdUpdateSharedBlock::allowed() {
+  return g_shared_block;
+}
+
 at::Tensor sgd_update_one_aten(const at::Tensor& param, const at::Tensor& grad, double lr) {
   return at::sub(param, grad, lr).contiguous();
 }

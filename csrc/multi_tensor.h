@@ -87,6 +87,22 @@ int64_t check_sgd_update_args(at::TensorList params, at::TensorList grads);
 int64_t check_adam_update_args(at::TensorList params, at::TensorList grads,
                                at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step);
 
+// Whether sgd_update's CUDA kernel may carve its results from one shared allocation. Only the
+// eager entry (sgd_update_eager: plain tensors, no torch-function or dispatch mode) allows it, for
+// the length of its dispatcher call on this thread: the registered op, as torch.compile and
+// opcheck see it, keeps one allocation per result, as its fake implementation says (results that
+// share a storage count as aliasing each other there).
+struct SgdUpdateSharedBlock {
+  SgdUpdateSharedBlock();
+  ~SgdUpdateSharedBlock();
+  SgdUpdateSharedBlock(const SgdUpdateSharedBlock&) = delete;
+  SgdUpdateSharedBlock& operator=(const SgdUpdateSharedBlock&) = delete;
+  static bool allowed();
+
+ private:
+  bool was_;
+};
+
 // Whether tensor i of the lists can be walked as one flat array of `dtype`: dense, contiguous,
 // and of that dtype in every list.
 bool flat_walkable(const std::vector<at::TensorList>& lists, size_t i, at::ScalarType dtype);

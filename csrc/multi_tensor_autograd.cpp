@@ -11,6 +11,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
@@ -176,7 +177,8 @@ PyObject* sgd_update_eager(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   if (!tensors_of(argv[0], params, &exact) || !tensors_of(argv[1], grads, &exact)) {
     return nullptr;
   }
-  if (!exact || at::impl::PythonTorchFunctionTLS::stack_len() > 0) {
+  if (!exact || at::impl::PythonTorchFunctionTLS::stack_len() > 0 ||
+      c10::impl::TorchDispatchModeTLS::stack_len() > 0) {
     Py_RETURN_NONE;
   }
   const std::string problem = anml_fast::sgd_update_problem(params, grads);
@@ -187,6 +189,7 @@ PyObject* sgd_update_eager(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   std::vector<at::Tensor> out;
   {
     pybind11::gil_scoped_release no_gil;  // as torch.ops does around a dispatcher call
+    const anml_fast::SgdUpdateSharedBlock shared;  // plain eager: the results may share one block
     out = sgd_update_op().call(params, grads, lr);
   }
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(out.size()));

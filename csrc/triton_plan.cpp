@@ -43,6 +43,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -706,8 +707,8 @@ struct PlannedFunction : public torch::autograd::Function<PlannedFunction> {
     if (!nondiff.empty()) {
       ctx->mark_non_differentiable(nondiff);
       if (nondiff.size() + 1 == pending->size()) {
-        // one differentiable output: the node runs only when it has a grad, and the others' would
-        // be zeros that nothing reads (a fill per output per backward); they arrive undefined
+        // one differentiable output: the others' grads would be zeros that nothing reads (a fill
+        // per output per backward); they arrive undefined, and so may its own (see backward)
         ctx->set_materialize_grads(false);
       }
     }
@@ -728,6 +729,9 @@ struct PlannedFunction : public torch::autograd::Function<PlannedFunction> {
       needs[i] = ctx->needs_input_grad(i);
     }
     torch::autograd::variable_list result(n + 1);  // + the spec's slot
+    if (std::none_of(grads.begin(), grads.end(), [](const at::Tensor& g) { return g.defined(); })) {
+      return result;  // where grads are not materialised: all zero, so are the inputs' (gradcheck asks)
+    }
     if (!at::GradMode::is_enabled()) {
       std::vector<Arg> args(s->args.size());
       for (size_t j = 0; j < s->args.size(); ++j) {

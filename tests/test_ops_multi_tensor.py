@@ -270,9 +270,10 @@ def test_cuda_graph_capture():
 
 @gpu
 def test_cuda_results_share_one_block_yet_act_as_separate_tensors():
-    """On the GPU sgd_update carves its results from one allocation (csrc/cuda/multi_tensor.cu).
-    Each must still act as a tensor of its own: aligned, not a view, written in place without
-    touching the others, saved by safetensors, and passing opcheck's alias checks."""
+    """A plain eager sgd_update on the GPU carves its results from one allocation
+    (csrc/cuda/multi_tensor.cu). Each must still act as a tensor of its own: aligned, not a view,
+    written in place without touching the others, saved by safetensors. The registered op (what
+    torch.compile and opcheck see) keeps one allocation per result, as its fake says."""
     from safetensors.torch import load, save
 
     p, g = make_lists(ODD + PLN, "cuda", count=2)
@@ -289,7 +290,15 @@ def test_cuda_results_share_one_block_yet_act_as_separate_tensors():
     loaded = load(save({f"t{i}": t for i, t in enumerate(new)}))
     for i, t in enumerate(new):
         assert torch.equal(loaded[f"t{i}"].cuda(), t), i
+    dispatched = torch.ops.anml_fast.sgd_update(p, g, 0.1)
+    assert len({t.untyped_storage().data_ptr() for t in dispatched}) == len(dispatched)
     torch.library.opcheck(torch.ops.anml_fast.sgd_update, ([t.requires_grad_() for t in p], g, 0.1))
+    with torch.enable_grad():  # through the C++ autograd node: the shared block, and grads back
+        leaves = [t.detach().requires_grad_() for t in p]
+        out = mt.sgd_update(leaves, g, 0.1)
+        assert len({t.untyped_storage().data_ptr() for t in out}) == 1
+        grads = torch.autograd.grad(sum(t.sum() for t in out), leaves)
+    assert all(torch.equal(d, torch.ones_like(d)) for d in grads)
 
 
 @gpu

@@ -209,10 +209,11 @@ at::Tensor carve(const at::Tensor& block, int64_t offset, at::IntArrayRef sizes)
   return at::Tensor(std::move(impl));
 }
 
-// The fused tensors' results are carved from one allocation: at batch 1 the call's cost is the
-// host's, and 14 separate at::empty calls (dispatcher and caching allocator each) were most of it
-// (bench/host_cost.py). The block lives until the last of its tensors is freed; the inner loop
-// replaces all of them together, so nothing is held longer there.
+// From the eager entry (SgdUpdateSharedBlock), the fused tensors' results are carved from one
+// allocation: at batch 1 the call's cost is the host's, and 14 separate at::empty calls
+// (dispatcher and caching allocator each) were most of it (bench/host_cost.py). The block lives
+// until the last of its tensors is freed; the inner loop replaces all of them together, so
+// nothing is held longer there.
 std::vector<at::Tensor> sgd_update_cuda(at::TensorList params, at::TensorList grads, double lr) {
   const int64_t count = check_sgd_update_args(params, grads);
   std::vector<at::Tensor> out(count);
@@ -225,23 +226,28 @@ std::vector<at::Tensor> sgd_update_cuda(at::TensorList params, at::TensorList gr
   std::vector<bool> is_fused(count, false);
   std::vector<std::array<void*, 3>> data;
   std::vector<int64_t> numel;
-  std::vector<int64_t> offset;
   const int64_t elem_bytes = static_cast<int64_t>(c10::elementSize(dtype));
-  int64_t total = 0;
-  for (size_t i : fused) {
-    offset.push_back(total);
-    total += carve_round_up(params[i].numel(), elem_bytes);
-  }
-  if (!fused.empty()) {
-    const at::Tensor block = at::empty({total}, params[fused[0]].options());
-    for (size_t k = 0; k < fused.size(); ++k) {
-      const size_t i = fused[k];
-      is_fused[i] = true;
-      out[i] = carve(block, offset[k], params[i].sizes());
-      data.push_back({const_cast<void*>(params[i].const_data_ptr()),
-                      const_cast<void*>(grads[i].const_data_ptr()), out[i].mutable_data_ptr()});
-      numel.push_back(params[i].numel());
+  const bool shared = SgdUpdateSharedBlock::allowed() && !fused.empty();
+  at::Tensor block;
+  if (shared) {
+    int64_t total = 0;
+    for (size_t i : fused) {
+      total += carve_round_up(params[i].numel(), elem_bytes);
     }
+    block = at::empty({total}, params[fused[0]].options());
+  }
+  int64_t offset = 0;
+  for (size_t i : fused) {
+    is_fused[i] = true;
+    if (shared) {
+      out[i] = carve(block, offset, params[i].sizes());
+      offset += carve_round_up(params[i].numel(), elem_bytes);
+    } else {
+      out[i] = at::empty(params[i].sizes(), params[i].options());
+    }
+    data.push_back({const_cast<void*>(params[i].const_data_ptr()),
+                    const_cast<void*>(grads[i].const_data_ptr()), out[i].mutable_data_ptr()});
+    numel.push_back(params[i].numel());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sgd_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
