@@ -9,7 +9,8 @@
 #   every kernel benchmark (bench/run_all.py), then (unless TESTS=0) the whole test suite, GPU
 #   tests included, in TEST_GROUPS parallel pytest processes over the test files (the real-data
 #   tests run too when the PNGs travel as .carry/omniglot-png.tar.gz), then with DEMO=1 the demo.
-# Logs and tables go to $OUT (default /tmp/gpu-session). It can run detached across device calls:
+# Logs and tables go to $OUT (default /tmp/gpu-session). Set ANML_FAST_COMMIT to the commit the
+# tree is at: the device's copy may carry a stale .git, and the host-cost table names its run. It can run detached across device calls:
 #   setsid nohup bash bench/gpu_session.sh > /tmp/gpu-session.log 2>&1 &   (then poll for DONE)
 # Carry a prepared Omniglot cache as .carry/omniglot.safetensors (`anml-fast prepare-data --out`),
 # or gzipped (see _carry_data.sh).
@@ -41,6 +42,8 @@ if [ "${PROFILE:-0}" = 1 ]; then  # where the meta-steps' time goes (bench/profi
   echo "profile_meta_step --inner-step exit $?"; head -70 "$OUT/profile-inner.log"
 fi
 if [ "${HOST_COST:-0}" = 1 ]; then  # eager batch-1 calls' host time (bench/host_cost.py)
+  # a --rows run merges into the card's earlier table, which it looks for in its --out folder
+  [ -n "${HOST_COST_ROWS:-}" ] && cp -n bench/results/host-cost-*.json "$OUT"/ 2>/dev/null
   timeout ${HOST_COST_S:-300} python3 bench/host_cost.py --out "$OUT" --rows "${HOST_COST_ROWS:-}" > "$OUT/host_cost.log" 2>&1
   echo "host_cost exit $?"; tail -14 "$OUT/host_cost.log"
 fi

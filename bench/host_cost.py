@@ -213,7 +213,10 @@ def main():
 
 
 def _commit():
-    """The package's git commit, where the tree is a checkout (the device's copy may not be)."""
+    """The package's git commit: ANML_FAST_COMMIT where set (the device's copy of the tree may carry
+    a stale .git), else git's, where the tree is a checkout."""
+    if os.environ.get("ANML_FAST_COMMIT"):
+        return os.environ["ANML_FAST_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -9,6 +9,7 @@ run, with the card and the date). Needs a CUDA GPU and the compiled extension.
 import argparse
 import datetime
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,9 @@ def main() -> int:
         print(f"run_all.py: error: the benchmarks failed (pytest exit {rc})", file=sys.stderr)
         return rc
     sys.path.insert(0, str(HERE))
-    parts = [f"# Kernel benchmarks on {card} ({datetime.date.today()}, torch {torch.__version__})", ""]
+    # the device's copy of the tree may carry a stale .git: the caller names the commit
+    at = f" at {os.environ['ANML_FAST_COMMIT']}" if os.environ.get("ANML_FAST_COMMIT") else ""
+    parts = [f"# Kernel benchmarks on {card} ({datetime.date.today()}{at}, torch {torch.__version__})", ""]
     for f in FILES:
         parts += [f"## {f.removeprefix('bench_')}", "", importlib.import_module(f).table(str(js)), ""]
     (out / f"{slug}.md").write_text("\n".join(parts))
