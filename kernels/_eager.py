@@ -84,7 +84,7 @@ class EagerOp:
     """Calls `op` (a torch.library.triton_op): directly when the call is plain eager, else through
     the dispatcher. `setup` and `backward` are what the op was given in register_autograd (None
     for an op without autograd, which then needs no grad to take the direct path)."""
-    __slots__ = ("op", "impl", "function", "plan_id", "grad_spec", "_backward")
+    __slots__ = ("op", "impl", "function", "unplanned", "plan_id", "grad_spec", "_backward")
 
     def __init__(self, op, setup=None, backward=None):
         self.op = op
@@ -92,6 +92,9 @@ class EagerOp:
         self.impl = getattr(op, "implementation", None) or getattr(op, "_init_fn", None)
         self.function = None if backward is None or self.impl is None else \
             _function(f"{op._name}_eager", self._run, setup, backward)
+        # the same for a call C++ has already refused a plan: _run would ask it again
+        self.unplanned = None if self.function is None else \
+            _function(f"{op._name}_eager_unplanned", lambda args: self.impl(*args), setup, backward)
         self.plan_id = _plan.new_id()
         # [backward_op, args, grad_of, its id in C++ (None until registered), saved_outputs, nondiff]
         self.grad_spec = None
@@ -143,5 +146,7 @@ class EagerOp:
                     out = e.plan_autograd(self.plan_id, args, self._spec_id(e))
                     if type(out) is not int:
                         return out
+                    if out == -1:  # no plan will serve this call
+                        return self.unplanned.apply(*args)
             return self.function.apply(*args)
         return self._run(args)

@@ -140,6 +140,32 @@ def test_a_grad_spec_may_not_read_the_grad_of_a_non_differentiable_output():
     assert op.grad_spec[5] == (1, 2)  # the op's own spec is left as it was
 
 
+def test_a_call_refused_a_plan_under_autograd_is_not_offered_again(monkeypatch):
+    """plan_autograd's -1 (no plan will serve this call) sends the call straight to the
+    implementation under the Python Function: plan_run would only compute the same key again."""
+    offered = []
+
+    class Ext:  # the C++ plan table, refusing every call
+        plan_grad_spec = staticmethod(lambda *a: 0)
+        plan_autograd = staticmethod(lambda *a: -1)
+        plan_run = staticmethod(lambda *a: offered.append(a) or -1)
+
+    monkeypatch.setattr(_plan, "ext", lambda: Ext)
+    op = HEAD.direct.gated_head_fwd
+    monkeypatch.setattr(op, "grad_spec", list(op.grad_spec))  # its C++ spec id stays as it was
+    g = torch.Generator().manual_seed(0)
+    h, z = torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)
+    w, b = torch.randn(5, 8, generator=g), torch.randn(5, generator=g)
+    leaves = [t.clone().to(DEVICE).requires_grad_() for t in (h, z, w, b)]
+    out = op(*leaves)
+    assert offered == [] and "unplanned" in out.grad_fn.name()
+    twin = [t.clone().to(DEVICE).requires_grad_() for t in (h, z, w, b)]
+    want = torch.nn.functional.linear(twin[0] * torch.sigmoid(twin[1]), twin[2], twin[3])
+    torch.testing.assert_close(out, want)
+    for a, b_ in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(want.sum(), twin)):
+        torch.testing.assert_close(a, b_)
+
+
 def test_the_recording_switch_is_off_outside_a_recording(monkeypatch):
     _recorded(lambda launch, x: torch.empty_like(x), torch.randn(2), monkeypatch=monkeypatch)
     assert getattr(_launch._RECORDING, "rec", None) is None
