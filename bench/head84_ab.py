@@ -1,13 +1,14 @@
-"""The gated head at the meta-loss's batch (84 rows) against its twin, graph-replayed and interleaved.
+"""The gated head at the meta-loss's batch (84 rows) against its twin, interleaved.
 
 bench_gated_head.py times its rows one after another, and on the GPU machines such rows drift by
-several percent with their order (clocks, the card's state): at batch 84 that is the size of the
+several percent with their order (clocks, the card's state), and its eager backward rows by more
+(the autograd engine's hand-off to its device thread): at batch 84 that is the size of the
 difference measured here, since both sides spend most of their GPU time in the same cuBLAS float32
-products (84 x 1000 x 2304, three of them for forward and backward). This script captures each
-call (forward, or forward and backward through autograd, as bench_gated_head.py builds them) for
-the fused op and the twin in CUDA graphs, one call and 20 chained calls a replay, then replays
-them in turn, round after round, and reports each one's median over the rounds of its per-round
-median, with programmatic dependent launch on and off (ANML_FAST_PDL, read as a graph is captured).
+products (84 x 1000 x 2304, three of them for forward and backward). This script builds each call
+(forward, backward alone, or forward and backward through autograd, as bench_gated_head.py builds
+them) for the fused op and the twin, eagerly and as CUDA graphs of one call and of 20 chained
+calls, then times them in turn, round after round, and reports each one's median over the rounds
+of its per-turn median, with programmatic dependent launch on and off (ANML_FAST_PDL).
 
     python3 bench/head84_ab.py [--rounds 9] [--reps 30] [--out bench/results]
 
@@ -16,10 +17,12 @@ Writes OUT/head84-ab-<card>.json and .md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -28,24 +31,59 @@ from _measure import card_slug, graphed, replay_us  # bench/ is on the path of a
 from bench_gated_head import IMPLS, call, inputs
 
 B = 84
-PASSES = ("forward", "forward_backward")
 OPS = ("logits", "ce")
-CHAINS = (1, 20)
+# (pass, mode): graph modes replay 1 or 20 calls a capture; the backward alone is timed eagerly,
+# its forward redone untimed before each call
+CASES = [("forward", "eager"), ("backward", "eager"), ("forward_backward", "eager"),
+         ("forward", "graph1"), ("forward", "graph20"), ("forward_backward", "graph1"),
+         ("forward_backward", "graph20")]
 
 
 def _call(impl: str, op: str, pass_: str):
+    """(forward, timed): `timed(forward())` is one timed call (forward() untimed, for the backward
+    alone; else a no-op)."""
     leaves, y = inputs(B, requires_grad=pass_ != "forward")
+    fn = IMPLS[impl][op]
     if pass_ == "forward":
-        fn = IMPLS[impl][op]
-        return (lambda: fn(*leaves)) if op == "logits" else (lambda: fn(*leaves, y))
-    return lambda: torch.autograd.grad(call(impl, op, leaves, y), leaves)
+        run = (lambda: fn(*leaves)) if op == "logits" else (lambda: fn(*leaves, y))
+        return (lambda: None), (lambda _: run())
+    if pass_ == "backward":
+        return (lambda: call(impl, op, leaves, y)), (lambda out: torch.autograd.grad(out, leaves))
+    return (lambda: None), (lambda _: torch.autograd.grad(call(impl, op, leaves, y), leaves))
+
+
+def _eager_us(forward, timed, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        out = forward()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        timed(out)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def _pdl(on: bool):
+    """ANML_FAST_PDL for the block (read at each launch, so also as a graph is captured)."""
+    was = os.environ.get("ANML_FAST_PDL")
+    os.environ["ANML_FAST_PDL"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if was is None:
+            os.environ.pop("ANML_FAST_PDL", None)
+        else:
+            os.environ["ANML_FAST_PDL"] = was
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=9, help="rounds of turns [9]")
-    ap.add_argument("--reps", type=int, default=30, help="replays a turn [30]")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--reps", type=int, default=30, help="calls or replays a turn [30]")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                    help="folder for head84-ab-<card>.json and .md [bench/results]")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("head84_ab.py needs a CUDA GPU")
@@ -55,51 +93,35 @@ def main(argv=None) -> int:
     result = {"card": card, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
               "commit": os.environ.get("ANML_FAST_COMMIT"), "rows": B, "rounds": args.rounds,
               "reps": args.reps, "results": []}
-    was = os.environ.get("ANML_FAST_PDL")
-    replays, alive = {}, []
-    try:
-        for pdl in ("1", "0"):
-            os.environ["ANML_FAST_PDL"] = pdl
-            for pass_ in PASSES:
+    turns, alive = {}, []  # turns: (pdl, pass, op, mode, impl) -> a turn's median us a call
+    for pdl in (True, False):
+        with _pdl(pdl):
+            for pass_, mode in CASES:
                 for op in OPS:
                     for impl in ("fused", "twin"):
-                        fn = _call(impl, op, pass_)
-                        alive.append(fn)  # its inputs: a capture frees unreferenced memory to the driver
-                        for chain in CHAINS:
-                            replays[(pdl, pass_, op, impl, chain)] = graphed(fn, chain)
-    finally:
-        if was is None:
-            os.environ.pop("ANML_FAST_PDL", None)
-        else:
-            os.environ["ANML_FAST_PDL"] = was
-    keys = list(replays)
+                        forward, timed = _call(impl, op, pass_)
+                        if mode == "eager":
+                            for _ in range(10):  # compile and settle outside the timing
+                                timed(forward())
+                            turn = (lambda f, t: lambda: _eager_us(f, t, args.reps))(forward, timed)
+                        else:
+                            chain = int(mode.removeprefix("graph"))
+                            replay = graphed(lambda t=timed: t(None), chain)
+                            alive.append(timed)  # its inputs: a capture frees unreferenced memory
+                            turn = (lambda r, c: lambda: replay_us(r, c, args.reps))(replay, chain)
+                        turns[(pdl, pass_, op, mode, impl)] = turn
+    keys = list(turns)
     per_round = {k: [] for k in keys}
     for r in range(args.rounds):
         for k in (keys if r % 2 == 0 else keys[::-1]):  # neither side always first
-            per_round[k].append(replay_us(replays[k], k[4], args.reps))
+            with _pdl(k[0]):
+                per_round[k].append(turns[k]())
     for k in keys:
-        pdl, pass_, op, impl, chain = k
-        result["results"].append({"pdl": pdl == "1", "pass": pass_, "op": op, "impl": impl, "calls_per_replay": chain,
+        pdl, pass_, op, mode, impl = k
+        result["results"].append({"pdl": pdl, "pass": pass_, "op": op, "mode": mode, "impl": impl,
                                   "us_per_call": statistics.median(per_round[k]),
                                   "round_min": min(per_round[k]), "round_max": max(per_round[k])})
-    at = f" at {result['commit']}" if result["commit"] else ""
-    lines = [f"# Gated head, batch {B}, fused vs twin, graph replays interleaved over {args.rounds} rounds "
-             f"({card}, {result['date']}{at}, torch {torch.__version__})", "",
-             "`python3 bench/head84_ab.py`. us a call, the median over rounds of each round's median of "
-             f"{args.reps} replays (round range in brackets). `forward_backward`: the op and "
-             "`torch.autograd.grad` of its loss (the logits op's: the mean of its squares), as "
-             "bench_gated_head.py builds it. PDL: programmatic dependent launch for the package's kernels.", "",
-             "| pass | op | calls a replay | PDL | fused us | twin us | fused vs twin |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
-    rows = {(x["pdl"], x["pass"], x["op"], x["impl"], x["calls_per_replay"]): x for x in result["results"]}
-    for pass_ in PASSES:
-        for op in OPS:
-            for chain in CHAINS:
-                for pdl in (True, False):
-                    f, t = rows[(pdl, pass_, op, "fused", chain)], rows[(pdl, pass_, op, "twin", chain)]
-                    cell = lambda x: f"{x['us_per_call']:.1f} ({x['round_min']:.1f}-{x['round_max']:.1f})"
-                    lines.append(f"| {pass_} | {op} | {chain} | {'on' if pdl else 'off'} | {cell(f)} | {cell(t)} | "
-                                 f"{t['us_per_call'] / f['us_per_call']:.2f}x |")
+    lines = table(result)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"head84-ab-{card_slug(card)}"
     for suffix, text in ((".json", json.dumps(result, indent=1) + "\n"), (".md", "\n".join(lines) + "\n")):
@@ -108,6 +130,30 @@ def main(argv=None) -> int:
         tmp.replace(stem.with_suffix(suffix))  # atomically: a crash keeps the earlier table
     print("\n".join(lines))
     return 0
+
+
+def table(result: dict) -> list[str]:
+    """The Markdown lines of a result."""
+    at = f" at {result['commit']}" if result.get("commit") else ""
+    lines = [f"# Gated head, batch {result['rows']}, fused vs twin, interleaved over {result['rounds']} rounds "
+             f"({result['card']}, {result['date']}{at}, torch {result['torch']})", "",
+             "`python3 bench/head84_ab.py`. us a call: the median over rounds of each turn's median of "
+             f"{result['reps']} calls (eager, each synchronised) or replays (graph1: one call a CUDA-graph "
+             "replay, graph20: 20 chained calls); the round range in brackets. `backward`: `torch.autograd.grad` "
+             "alone, its forward redone untimed before each call; `forward_backward`: the op and the grad of "
+             "its loss (the logits op's: the mean of its squares), as bench_gated_head.py builds them. PDL: "
+             "programmatic dependent launch for the package's kernels.", "",
+             "| pass | op | mode | PDL | fused us | twin us | fused vs twin |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+    rows = {(x["pdl"], x["pass"], x["op"], x["mode"], x["impl"]): x for x in result["results"]}
+    cell = lambda x: f"{x['us_per_call']:.1f} ({x['round_min']:.1f}-{x['round_max']:.1f})"
+    for pass_, mode in CASES:
+        for op in OPS:
+            for pdl in (True, False):
+                f, t = rows[(pdl, pass_, op, mode, "fused")], rows[(pdl, pass_, op, mode, "twin")]
+                lines.append(f"| {pass_} | {op} | {mode} | {'on' if pdl else 'off'} | {cell(f)} | {cell(t)} | "
+                             f"{t['us_per_call'] / f['us_per_call']:.2f}x |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@
 
 Writes OUT/<card>.json (pytest-benchmark's JSON: every round, the machine, the commit) and
 OUT/<card>.md (one table per benchmark file, each op against its plain-PyTorch twin in the same
-run, with the card and the date). Needs a CUDA GPU and the compiled extension.
+run, with the card and the date), and, through bench/head84_ab.py, OUT/head84-ab-<card>.{json,md}:
+the batch-84 gated head and its twin timed in turns, also the last table of OUT/<card>.md. Needs a CUDA GPU and the compiled extension.
 """
 import argparse
 import datetime
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -40,11 +42,20 @@ def main() -> int:
         print(f"run_all.py: error: the benchmarks failed (pytest exit {rc})", file=sys.stderr)
         return rc
     sys.path.insert(0, str(HERE))
+    # the batch-84 head timed in turns with its twin: row after row its calls drift by as much as
+    # the two differ (bench/head84_ab.py)
+    head84 = importlib.import_module("head84_ab")
+    rc = head84.main(["--out", str(out)])
+    if rc != 0:
+        print(f"run_all.py: error: head84_ab.py failed (exit {rc})", file=sys.stderr)
+        return rc
     # the device's copy of the tree may carry a stale .git: the caller names the commit
     at = f" at {os.environ['ANML_FAST_COMMIT']}" if os.environ.get("ANML_FAST_COMMIT") else ""
     parts = [f"# Kernel benchmarks on {card} ({datetime.date.today()}{at}, torch {torch.__version__})", ""]
     for f in FILES:
         parts += [f"## {f.removeprefix('bench_')}", "", importlib.import_module(f).table(str(js)), ""]
+    result = json.loads((out / f"head84-ab-{slug}.json").read_text())
+    parts += ["## gated_head, batch 84, taking turns with the twin", "", *head84.table(result)[2:], ""]
     (out / f"{slug}.md").write_text("\n".join(parts))
     print("\n".join(parts))
     return 0
