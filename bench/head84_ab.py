@@ -17,7 +17,6 @@ Writes OUT/head84-ab-<card>.json and .md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -29,6 +28,7 @@ import torch
 
 from _measure import card_slug, graphed, replay_us  # bench/ is on the path of a script run from it
 from bench_gated_head import IMPLS, call, inputs
+from bench_inner_step import pdl as pdl_switch  # ANML_FAST_PDL for a block (read at each launch)
 
 B = 84
 OPS = ("logits", "ce")
@@ -64,20 +64,6 @@ def _eager_us(forward, timed, reps: int) -> float:
     return statistics.median(times)
 
 
-@contextlib.contextmanager
-def _pdl(on: bool):
-    """ANML_FAST_PDL for the block (read at each launch, so also as a graph is captured)."""
-    was = os.environ.get("ANML_FAST_PDL")
-    os.environ["ANML_FAST_PDL"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if was is None:
-            os.environ.pop("ANML_FAST_PDL", None)
-        else:
-            os.environ["ANML_FAST_PDL"] = was
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=9, help="rounds of turns [9]")
@@ -95,7 +81,7 @@ def main(argv=None) -> int:
               "reps": args.reps, "results": []}
     turns, alive = {}, []  # turns: (pdl, pass, op, mode, impl) -> a turn's median us a call
     for pdl in (True, False):
-        with _pdl(pdl):
+        with pdl_switch(pdl):
             for pass_, mode in CASES:
                 for op in OPS:
                     for impl in ("fused", "twin"):
@@ -114,7 +100,7 @@ def main(argv=None) -> int:
     per_round = {k: [] for k in keys}
     for r in range(args.rounds):
         for k in (keys if r % 2 == 0 else keys[::-1]):  # neither side always first
-            with _pdl(k[0]):
+            with pdl_switch(k[0]):
                 per_round[k].append(turns[k]())
     for k in keys:
         pdl, pass_, op, mode, impl = k
