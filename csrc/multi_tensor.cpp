@@ -133,8 +133,8 @@ SgdUpdateSharedBlock::~SgdUpdateSharedBlock() {
   g_shared_block = was_;
 }
 
-bool SgdUpdateSharedBlock::allowed() {
-  return g_shared_block;
+bool SgdUpdateSharedBlock::take() {
+  return std::exchange(g_shared_block, false);
 }
 
 at::Tensor sgd_update_one_aten(const at::Tensor& param, const at::Tensor& grad, double lr) {

@@ -89,15 +89,17 @@ int64_t check_adam_update_args(at::TensorList params, at::TensorList grads,
 
 // Whether sgd_update's CUDA kernel may carve its results from one shared allocation. Only the
 // eager entry (sgd_update_eager: plain tensors, no torch-function or dispatch mode) allows it, for
-// the length of its dispatcher call on this thread: the registered op, as torch.compile and
-// opcheck see it, keeps one allocation per result, as its fake implementation says (results that
-// share a storage count as aliasing each other there).
+// its own dispatcher call on this thread: the registered op, as torch.compile and opcheck see it,
+// keeps one allocation per result, as its fake implementation says (results that share a storage
+// count as aliasing each other there).
 struct SgdUpdateSharedBlock {
   SgdUpdateSharedBlock();
   ~SgdUpdateSharedBlock();
   SgdUpdateSharedBlock(const SgdUpdateSharedBlock&) = delete;
   SgdUpdateSharedBlock& operator=(const SgdUpdateSharedBlock&) = delete;
-  static bool allowed();
+  // Whether this call may carve; it takes the permission, so an sgd_update nested inside the same
+  // dispatcher call (a Python kernel of another key, say) does not inherit it.
+  static bool take();
 
  private:
   bool was_;

@@ -234,8 +234,9 @@ bool plan_key(int64_t op, const std::vector<Arg>& args, std::vector<int64_t>& ke
   try {
     key.push_back(at::globalContext().allowTF32CuDNN());
   } catch (const c10::Error&) {
-    // cuDNN's conv and RNN TF32 settings differ (fp32_precision set per op): the unqualified
-    // getter refuses to answer, so the Python path runs, and says so if it reads the switch
+    // the legacy switch and the fp32_precision API's settings disagree (set through both, or
+    // conv and RNN apart): the unqualified getter refuses to answer; Python's path reads the
+    // conv setting itself (kernels/conv_valid.py, conv_tf32_allowed)
     return false;
   }
   key.push_back(pdl_enabled());

@@ -109,8 +109,8 @@ class EagerOp:
         (-1: none); `nondiff`, the outputs that are not differentiable. The registered setup and
         backward must save and compute exactly that (ctx.saved_tensors: the inputs, then
         saved_outputs); the backward still runs where the plan cannot (and for second-order graphs).
-        The grads of `nondiff` outputs are never read: where one output alone is differentiable,
-        C++ hands the backward None for the others rather than zeros."""
+        The grads of `nondiff` outputs may not be read (whatever the outputs): the backward gets
+        None for them from the C++ node where one output alone is differentiable, else zeros."""
         if any(code == 0 and k in nondiff for code, k in args):
             raise ValueError(f"{self.op._name}: plan_backward args name the grad of a non-differentiable output")
         self.grad_spec = [backward_op, tuple(args), tuple(grad_of), None, tuple(saved_outputs), tuple(nondiff)]

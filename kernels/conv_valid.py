@@ -717,8 +717,9 @@ TF32_MIN_FILTER = 256
 
 def conv_tf32_allowed() -> bool:
     """Whether PyTorch lets a float32 convolution run in TF32. The legacy switch
-    (torch.backends.cudnn.allow_tf32) refuses to answer once cuDNN's conv and RNN settings were set
-    apart through the fp32_precision API; the conv setting (or the first one it inherits) decides."""
+    (torch.backends.cudnn.allow_tf32) refuses to answer once it and the fp32_precision API's
+    settings disagree (set through both, or cuDNN's conv and RNN set apart); the conv setting,
+    or the first one it inherits, then decides."""
     try:
         return torch.backends.cudnn.allow_tf32
     except RuntimeError:

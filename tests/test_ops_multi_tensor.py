@@ -262,6 +262,7 @@ def test_cuda_graph_capture():
         side.synchronize()
         with torch.cuda.graph(graph, stream=side):
             new = mt.sgd_update(p, g, 0.1)
+    assert len({t.untyped_storage().data_ptr() for t in new}) == 1  # the eager entry's one block
     graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(new, want):
@@ -282,6 +283,13 @@ def test_cuda_results_share_one_block_yet_act_as_separate_tensors():
     assert len({t.untyped_storage().data_ptr() for t in new}) == 1
     for i, t in enumerate(new):
         assert t._base is None and t.is_contiguous() and t.data_ptr() % 16 == 0, i
+    # a tensor the fused launch cannot walk (a transposed view) takes ATen's path: its own result
+    mixed_p, mixed_g = [p[0].t()] + p[1:], [g[0].t()] + g[1:]
+    mixed = mt.sgd_update(mixed_p, mixed_g, 0.1)
+    for a, b in zip(mixed, reference.sgd_update(mixed_p, mixed_g, 0.1)):
+        assert_close(a, b, atol=1e-6, rtol=1e-6)
+    block = {t.untyped_storage().data_ptr() for t in mixed[1:]}
+    assert len(block) == 1 and mixed[0].untyped_storage().data_ptr() not in block
     new[4].fill_(7.0)
     new[5].add_(1.0)
     for i, (a, b) in enumerate(zip(new, kept)):
@@ -304,14 +312,17 @@ def test_cuda_results_share_one_block_yet_act_as_separate_tensors():
 @gpu
 def test_cuda_results_under_cudagraph_trees():
     """torch.compile's reduce-overhead mode records the op into a CUDA graph over its own memory
-    pool and rebuilds the outputs (one shared block here) on each replay."""
+    pool and rebuilds the outputs on each replay. Traced, the op is the registered one: one
+    allocation per result, as its fake says."""
     p, g = make_lists(PLN, "cuda", count=2)
     torch._dynamo.reset()
     step = torch.compile(lambda p, g: mt.sgd_update(p, g, 0.1), mode="reduce-overhead", fullgraph=True)
     outs = []
     for k in range(3):
         grads = [t * (k + 1) for t in g]
-        outs.append(([t.clone() for t in step(p, grads)], reference.sgd_update(p, grads, 0.1)))
+        got = step(p, grads)
+        assert len({t.untyped_storage().data_ptr() for t in got}) == len(got)
+        outs.append(([t.clone() for t in got], reference.sgd_update(p, grads, 0.1)))
     for got, want in outs:
         for a, b in zip(got, want):
             assert_close(a, b, atol=1e-6, rtol=1e-6)

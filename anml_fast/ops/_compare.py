@@ -24,14 +24,16 @@ def ieee_convolutions() -> Iterator[None]:
     default and would differ between the two sides."""
     cudnn = torch.backends.cudnn
     try:
-        before = cudnn.allow_tf32
-    except RuntimeError:  # conv and RNN set apart through the fp32_precision API: restore those
-        before = (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision)
+        legacy = cudnn.allow_tf32
+    except RuntimeError:  # it and the fp32_precision API's settings disagree
+        legacy = None
+    before = (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision)
+    # the legacy switch alone leaves conv at "none", which inherits a global "tf32" of the new API
     cudnn.allow_tf32 = False
+    cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = "ieee"
     try:
         yield
     finally:
-        if isinstance(before, bool):
-            cudnn.allow_tf32 = before
-        else:
-            cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = before
+        if legacy is not None:
+            cudnn.allow_tf32 = legacy
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = before

@@ -64,7 +64,12 @@ def _check_lists_traced(op: str, params, *others) -> None:
 
 
 def sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
-    """New tensors w - lr * g, in one kernel launch on the GPU. Same as the twin's."""
+    """New tensors w - lr * g, in one kernel launch on the GPU. Same values as the twin's.
+
+    A plain eager call on the GPU carves the results from one allocation (csrc/cuda/multi_tensor.cu):
+    each is a tensor of its own, but they share a storage, freed with the last of them; as with
+    views, torch.save of one writes them all and growing one by resize_ runs into the next
+    (clone() one to detach it). Traced calls allocate one per result."""
     _require()
     if not params:  # no tensor to pick a device from
         return []

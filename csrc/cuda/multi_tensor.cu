@@ -213,7 +213,8 @@ at::Tensor carve(const at::Tensor& block, int64_t offset, at::IntArrayRef sizes)
 // allocation: at batch 1 the call's cost is the host's, and 14 separate at::empty calls
 // (dispatcher and caching allocator each) were most of it (bench/host_cost.py). The block lives
 // until the last of its tensors is freed; the inner loop replaces all of them together, so
-// nothing is held longer there.
+// nothing is held longer there. Sharing a storage, the results act as views of one tensor do:
+// torch.save of one writes the whole block, and a resize_ that grows one can run into the next.
 std::vector<at::Tensor> sgd_update_cuda(at::TensorList params, at::TensorList grads, double lr) {
   const int64_t count = check_sgd_update_args(params, grads);
   std::vector<at::Tensor> out(count);
@@ -227,7 +228,7 @@ std::vector<at::Tensor> sgd_update_cuda(at::TensorList params, at::TensorList gr
   std::vector<std::array<void*, 3>> data;
   std::vector<int64_t> numel;
   const int64_t elem_bytes = static_cast<int64_t>(c10::elementSize(dtype));
-  const bool shared = SgdUpdateSharedBlock::allowed() && !fused.empty();
+  const bool shared = SgdUpdateSharedBlock::take() && !fused.empty();
   at::Tensor block;
   if (shared) {
     int64_t total = 0;
