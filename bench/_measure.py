@@ -1,6 +1,9 @@
 """What the benchmarks record beside pytest-benchmark's wall times (CUDA only), and what the
 benchmark scripts share."""
+import contextlib
 import re
+import statistics
+import time
 
 import torch
 
@@ -131,3 +134,50 @@ def time_backward(benchmark, forward, leaves, rounds: int, kernel_time: bool = T
     if kernel_time:
         record_kernel_time(benchmark, run, *setup()[0])
     benchmark.pedantic(run, setup=setup, rounds=rounds, warmup_rounds=10)
+
+
+def eager_us(forward, timed, reps: int) -> float:
+    """Median microseconds of `timed(forward())` over `reps` calls, forward() untimed (it builds
+    what the timed part needs, e.g. a graph to differentiate) and each call synchronised."""
+    times = []
+    for _ in range(reps):
+        out = forward()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        timed(out)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+def take_turns(turns: dict, rounds: int, around=lambda key: contextlib.nullcontext()) -> dict:
+    """{key: [one figure per round]}: each turn (a callable returning a figure) called once a round,
+    in order, the order reversed every other round so that no turn always comes first or right
+    after the same one; `around(key)` is entered for each call. Timed one after another, rows
+    drift with the card's state by as much as the differences these scripts look for."""
+    keys = list(turns)
+    per_round = {k: [] for k in keys}
+    for r in range(rounds):
+        for k in (keys if r % 2 == 0 else keys[::-1]):
+            with around(k):
+                per_round[k].append(turns[k]())
+    return per_round
+
+
+def summary(figures: list) -> dict:
+    """The median of per-round figures and their range, as the turn-taking tables report them."""
+    return {"us_per_call": statistics.median(figures), "round_min": min(figures), "round_max": max(figures)}
+
+
+def write_result(out, name: str, result: dict, lines: list) -> None:
+    """OUT/<name>.json (the result) and OUT/<name>.md (its table's lines), each atomically: a crash
+    keeps the earlier files."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(result, indent=1) + "\n"), (".md", "\n".join(lines) + "\n")):
+        tmp = out / f"{name}{suffix}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / f"{name}{suffix}")

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from _measure import card_slug, graphed, replay_us  # bench/ is on the path of a script run from it
+from _measure import card_slug, eager_us, graphed, replay_us, summary, take_turns, write_result  # bench/ on the path
 from bench_gated_head import IMPLS, call, inputs
 from bench_inner_step import pdl as pdl_switch  # ANML_FAST_PDL for a block (read at each launch)
 
@@ -50,18 +47,6 @@ def _call(impl: str, op: str, pass_: str):
     if pass_ == "backward":
         return (lambda: call(impl, op, leaves, y)), (lambda out: torch.autograd.grad(out, leaves))
     return (lambda: None), (lambda _: torch.autograd.grad(call(impl, op, leaves, y), leaves))
-
-
-def _eager_us(forward, timed, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        out = forward()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        timed(out)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -89,31 +74,19 @@ def main(argv=None) -> int:
                         if mode == "eager":
                             for _ in range(10):  # compile and settle outside the timing
                                 timed(forward())
-                            turn = (lambda f, t: lambda: _eager_us(f, t, args.reps))(forward, timed)
+                            turn = (lambda f, t: lambda: eager_us(f, t, args.reps))(forward, timed)
                         else:
                             chain = int(mode.removeprefix("graph"))
                             replay = graphed(lambda t=timed: t(None), chain)
                             alive.append(timed)  # its inputs: a capture frees unreferenced memory
                             turn = (lambda r, c: lambda: replay_us(r, c, args.reps))(replay, chain)
                         turns[(pdl, pass_, op, mode, impl)] = turn
-    keys = list(turns)
-    per_round = {k: [] for k in keys}
-    for r in range(args.rounds):
-        for k in (keys if r % 2 == 0 else keys[::-1]):  # neither side always first
-            with pdl_switch(k[0]):
-                per_round[k].append(turns[k]())
-    for k in keys:
-        pdl, pass_, op, mode, impl = k
+    per_round = take_turns(turns, args.rounds, around=lambda k: pdl_switch(k[0]))
+    for (pdl, pass_, op, mode, impl), figures in per_round.items():
         result["results"].append({"pdl": pdl, "pass": pass_, "op": op, "mode": mode, "impl": impl,
-                                  "us_per_call": statistics.median(per_round[k]),
-                                  "round_min": min(per_round[k]), "round_max": max(per_round[k])})
+                                  **summary(figures)})
     lines = table(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"head84-ab-{card_slug(card)}"
-    for suffix, text in ((".json", json.dumps(result, indent=1) + "\n"), (".md", "\n".join(lines) + "\n")):
-        tmp = stem.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(stem.with_suffix(suffix))  # atomically: a crash keeps the earlier table
+    write_result(args.out, f"head84-ab-{card_slug(card)}", result, lines)
     print("\n".join(lines))
     return 0
 

@@ -1,0 +1,113 @@
+"""The compiled conv block against its twin, eager calls taking turns.
+
+bench_conv_block.py times its rows one after another. Its eager backward rows are the noisiest of
+run_all's tables (medians of 500-1000 us with IQRs of 100-340 us on an H200, 2026-11-30): the
+host's work in cuDNN's dgrad and wgrad and in the autograd engine, the same on both sides, is most
+of the call, and the same row moved by up to 0.5x between two runs. This script builds each call
+(forward, backward alone, forward and backward through autograd, as bench_conv_block.py builds
+them) for the compiled op and the twin, then times them in turn, round after round, and reports
+each one's median over the rounds of its per-turn median.
+
+    python3 bench/conv_block_ab.py [--blocks 1,2,3] [--batches 1,20,84] [--rounds 9] [--reps 30]
+                                   [--out bench/results]
+
+Writes OUT/conv-block-ab-<card>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+from pathlib import Path
+
+import torch
+
+from _measure import card_slug, eager_us, summary, take_turns, write_result  # bench/ is on the path
+from bench_conv_block import IMPLS, LAYERS, inputs
+
+PASSES = ("forward", "backward", "forward_backward")
+
+
+def _call(impl: str, layer: int, B: int, pass_: str):
+    """(forward, timed): `timed(forward())` is one timed call (forward() untimed: the graph the
+    backward alone differentiates; else nothing)."""
+    args, leaves, pool = inputs(layer, B, requires_grad=pass_ != "forward")
+    fn = IMPLS[impl]
+    if pass_ == "forward":
+        return (lambda: None), (lambda _: fn(*args, pool=pool))
+    loss = lambda: fn(*args, pool=pool).square().mean()  # noqa: E731 (bench_conv_block's scalar)
+    if pass_ == "backward":
+        return loss, (lambda out: torch.autograd.grad(out, leaves))
+    return (lambda: None), (lambda _: torch.autograd.grad(loss(), leaves))
+
+
+def _ints(text: str, flag: str, ok, expected: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or not all(ok(v) for v in values):
+        raise SystemExit(f"{flag}: expected {expected}, got {text!r}")
+    return values
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--blocks", default="1,2,3", help="PLN blocks (bench_conv_block.LAYERS) [1,2,3]")
+    ap.add_argument("--batches", default="1,20,84", help="batch sizes [1,20,84]")
+    ap.add_argument("--rounds", type=int, default=9, help="rounds of turns [9]")
+    ap.add_argument("--reps", type=int, default=30, help="calls a turn [30]")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                    help="folder for conv-block-ab-<card>.json and .md [bench/results]")
+    args = ap.parse_args(argv)
+    blocks = _ints(args.blocks, "--blocks", lambda v: v in LAYERS, f"some of {sorted(LAYERS)}")
+    batches = _ints(args.batches, "--batches", lambda v: v >= 1, "batch sizes of at least 1")
+    if args.rounds < 1 or args.reps < 1:
+        raise SystemExit(f"--rounds and --reps must be at least 1, got {args.rounds} and {args.reps}")
+    if not torch.cuda.is_available():
+        raise SystemExit("conv_block_ab.py needs a CUDA GPU")
+    card = torch.cuda.get_device_name()
+    result = {"card": card, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+              "commit": os.environ.get("ANML_FAST_COMMIT"), "rounds": args.rounds, "reps": args.reps,
+              "results": []}
+    turns = {}  # (pass, block, B, impl) -> a turn's median us a call
+    for pass_ in PASSES:
+        for block in blocks:
+            for B in batches:
+                for impl in IMPLS:
+                    forward, timed = _call(impl, block, B, pass_)
+                    for _ in range(10):  # cuDNN's algorithm choice and the kernels' compiles outside the timing
+                        timed(forward())
+                    turns[(pass_, block, B, impl)] = (lambda f, t: lambda: eager_us(f, t, args.reps))(forward, timed)
+    for (pass_, block, B, impl), figures in take_turns(turns, args.rounds).items():
+        result["results"].append({"pass": pass_, "block": block, "B": B, "impl": impl, **summary(figures)})
+    lines = table(result)
+    write_result(args.out, f"conv-block-ab-{card_slug(card)}", result, lines)
+    print("\n".join(lines))
+    return 0
+
+
+def table(result: dict) -> list[str]:
+    """The Markdown lines of a result."""
+    at = f" at {result['commit']}" if result.get("commit") else ""
+    lines = [f"# Conv block, compiled vs twin, eager calls taking turns over {result['rounds']} rounds "
+             f"({result['card']}, {result['date']}{at}, torch {result['torch']})", "",
+             "`python3 bench/conv_block_ab.py`. us a call: the median over rounds of each turn's median of "
+             f"{result['reps']} calls, each synchronised; the round range in brackets. `backward`: "
+             "`torch.autograd.grad` alone, its forward redone untimed before each call; `forward_backward`: "
+             "the block and the grad of the mean of its squares, as bench_conv_block.py builds them. cuDNN "
+             "at PyTorch's defaults on both sides.", "",
+             "| pass | block | B | compiled us | twin us | compiled vs twin |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = {(x["pass"], x["block"], x["B"], x["impl"]): x for x in result["results"]}
+    cell = lambda x: f"{x['us_per_call']:.1f} ({x['round_min']:.1f}-{x['round_max']:.1f})"  # noqa: E731
+    for pass_ in PASSES:
+        for block, B in sorted({(k[1], k[2]) for k in rows if k[0] == pass_}):
+            ours, twin = rows[(pass_, block, B, "compiled")], rows[(pass_, block, B, "twin")]
+            lines.append(f"| {pass_} | {block} | {B} | {cell(ours)} | {cell(twin)} | "
+                         f"{twin['us_per_call'] / ours['us_per_call']:.2f}x |")
+    return lines
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
