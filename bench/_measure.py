@@ -169,6 +169,35 @@ def summary(figures: list) -> dict:
     return {"us_per_call": statistics.median(figures), "round_min": min(figures), "round_max": max(figures)}
 
 
+def turns_result(rounds: int, reps: int, **extra) -> dict:
+    """A turn-taking script's result before its figures: the card, versions, date and commit
+    (ANML_FAST_COMMIT: the device's copy of the tree may carry a stale .git)."""
+    import datetime
+    import os
+
+    return {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "commit": os.environ.get("ANML_FAST_COMMIT"),
+            **extra, "rounds": rounds, "reps": reps, "results": []}
+
+
+def add_figures(result: dict, names: tuple, per_round: dict) -> None:
+    """take_turns' figures into result["results"], one row per turn: its key's parts under `names`
+    and the summary of its rounds."""
+    for key, figures in per_round.items():
+        result["results"].append({**dict(zip(names, key)), **summary(figures)})
+
+
+def turn_cell(row: dict) -> str:
+    """A table cell of one turn: its median, then its round range in brackets."""
+    return f"{row['us_per_call']:.1f} ({row['round_min']:.1f}-{row['round_max']:.1f})"
+
+
+def run_label(result: dict) -> str:
+    """"card, date at commit, torch version", as the turn-taking tables' titles name their run."""
+    at = f" at {result['commit']}" if result.get("commit") else ""
+    return f"{result['card']}, {result['date']}{at}, torch {result['torch']}"
+
+
 def write_result(out, name: str, result: dict, lines: list) -> None:
     """OUT/<name>.json (the result) and OUT/<name>.md (its table's lines), each atomically: a crash
     keeps the earlier files."""

@@ -16,13 +16,12 @@ Writes OUT/conv-block-ab-<card>.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 from pathlib import Path
 
 import torch
 
-from _measure import card_slug, eager_us, summary, take_turns, write_result  # bench/ is on the path
+from _measure import (add_figures, card_slug, eager_us, run_label, take_turns, turn_cell,  # bench/ on the path
+                      turns_result, write_result)
 from bench_conv_block import IMPLS, LAYERS, inputs
 
 PASSES = ("forward", "backward", "forward_backward")
@@ -66,10 +65,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--rounds and --reps must be at least 1, got {args.rounds} and {args.reps}")
     if not torch.cuda.is_available():
         raise SystemExit("conv_block_ab.py needs a CUDA GPU")
-    card = torch.cuda.get_device_name()
-    result = {"card": card, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-              "commit": os.environ.get("ANML_FAST_COMMIT"), "rounds": args.rounds, "reps": args.reps,
-              "results": []}
+    result = turns_result(args.rounds, args.reps)
     turns = {}  # (pass, block, B, impl) -> a turn's median us a call
     for pass_ in PASSES:
         for block in blocks:
@@ -79,19 +75,17 @@ def main(argv=None) -> int:
                     for _ in range(10):  # cuDNN's algorithm choice and the kernels' compiles outside the timing
                         timed(forward())
                     turns[(pass_, block, B, impl)] = (lambda f, t: lambda: eager_us(f, t, args.reps))(forward, timed)
-    for (pass_, block, B, impl), figures in take_turns(turns, args.rounds).items():
-        result["results"].append({"pass": pass_, "block": block, "B": B, "impl": impl, **summary(figures)})
+    add_figures(result, ("pass", "block", "B", "impl"), take_turns(turns, args.rounds))
     lines = table(result)
-    write_result(args.out, f"conv-block-ab-{card_slug(card)}", result, lines)
+    write_result(args.out, f"conv-block-ab-{card_slug(result['card'])}", result, lines)
     print("\n".join(lines))
     return 0
 
 
 def table(result: dict) -> list[str]:
     """The Markdown lines of a result."""
-    at = f" at {result['commit']}" if result.get("commit") else ""
     lines = [f"# Conv block, compiled vs twin, eager calls taking turns over {result['rounds']} rounds "
-             f"({result['card']}, {result['date']}{at}, torch {result['torch']})", "",
+             f"({run_label(result)})", "",
              "`python3 bench/conv_block_ab.py`. us a call: the median over rounds of each turn's median of "
              f"{result['reps']} calls, each synchronised; the round range in brackets. `backward`: "
              "`torch.autograd.grad` alone, its forward redone untimed before each call; `forward_backward`: "
@@ -100,11 +94,10 @@ def table(result: dict) -> list[str]:
              "| pass | block | B | compiled us | twin us | compiled vs twin |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     rows = {(x["pass"], x["block"], x["B"], x["impl"]): x for x in result["results"]}
-    cell = lambda x: f"{x['us_per_call']:.1f} ({x['round_min']:.1f}-{x['round_max']:.1f})"  # noqa: E731
     for pass_ in PASSES:
         for block, B in sorted({(k[1], k[2]) for k in rows if k[0] == pass_}):
             ours, twin = rows[(pass_, block, B, "compiled")], rows[(pass_, block, B, "twin")]
-            lines.append(f"| {pass_} | {block} | {B} | {cell(ours)} | {cell(twin)} | "
+            lines.append(f"| {pass_} | {block} | {B} | {turn_cell(ours)} | {turn_cell(twin)} | "
                          f"{twin['us_per_call'] / ours['us_per_call']:.2f}x |")
     return lines
 

@@ -10,7 +10,8 @@
 #   tests included, in TEST_GROUPS parallel pytest processes over the test files (the real-data
 #   tests run too when the PNGs travel as .carry/omniglot-png.tar.gz), then with DEMO=1 the demo.
 # Logs and tables go to $OUT (default /tmp/gpu-session). Set ANML_FAST_COMMIT to the commit the
-# tree is at: the device's copy may carry a stale .git, and the host-cost table names its run. It can run detached across device calls:
+# tree is at: the device's copy may carry a stale .git, and the tables name their run.
+# It can run detached across device calls:
 #   setsid nohup bash bench/gpu_session.sh > /tmp/gpu-session.log 2>&1 &   (then poll for DONE)
 # Carry a prepared Omniglot cache as .carry/omniglot.safetensors (`anml-fast prepare-data --out`),
 # or gzipped (see _carry_data.sh).

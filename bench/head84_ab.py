@@ -17,13 +17,12 @@ Writes OUT/head84-ab-<card>.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 from pathlib import Path
 
 import torch
 
-from _measure import card_slug, eager_us, graphed, replay_us, summary, take_turns, write_result  # bench/ on the path
+from _measure import (add_figures, card_slug, eager_us, graphed, replay_us, run_label, take_turns,  # bench/ on the path
+                      turn_cell, turns_result, write_result)
 from bench_gated_head import IMPLS, call, inputs
 from bench_inner_step import pdl as pdl_switch  # ANML_FAST_PDL for a block (read at each launch)
 
@@ -60,10 +59,7 @@ def main(argv=None) -> int:
         raise SystemExit("head84_ab.py needs a CUDA GPU")
     if args.rounds < 1 or args.reps < 1:
         raise SystemExit(f"--rounds and --reps must be at least 1, got {args.rounds} and {args.reps}")
-    card = torch.cuda.get_device_name()
-    result = {"card": card, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-              "commit": os.environ.get("ANML_FAST_COMMIT"), "rows": B, "rounds": args.rounds,
-              "reps": args.reps, "results": []}
+    result = turns_result(args.rounds, args.reps, rows=B)
     turns, alive = {}, []  # turns: (pdl, pass, op, mode, impl) -> a turn's median us a call
     for pdl in (True, False):
         with pdl_switch(pdl):
@@ -81,21 +77,18 @@ def main(argv=None) -> int:
                             alive.append(timed)  # its inputs: a capture frees unreferenced memory
                             turn = (lambda r, c: lambda: replay_us(r, c, args.reps))(replay, chain)
                         turns[(pdl, pass_, op, mode, impl)] = turn
-    per_round = take_turns(turns, args.rounds, around=lambda k: pdl_switch(k[0]))
-    for (pdl, pass_, op, mode, impl), figures in per_round.items():
-        result["results"].append({"pdl": pdl, "pass": pass_, "op": op, "mode": mode, "impl": impl,
-                                  **summary(figures)})
+    add_figures(result, ("pdl", "pass", "op", "mode", "impl"),
+                take_turns(turns, args.rounds, around=lambda k: pdl_switch(k[0])))
     lines = table(result)
-    write_result(args.out, f"head84-ab-{card_slug(card)}", result, lines)
+    write_result(args.out, f"head84-ab-{card_slug(result['card'])}", result, lines)
     print("\n".join(lines))
     return 0
 
 
 def table(result: dict) -> list[str]:
     """The Markdown lines of a result."""
-    at = f" at {result['commit']}" if result.get("commit") else ""
     lines = [f"# Gated head, batch {result['rows']}, fused vs twin, interleaved over {result['rounds']} rounds "
-             f"({result['card']}, {result['date']}{at}, torch {result['torch']})", "",
+             f"({run_label(result)})", "",
              "`python3 bench/head84_ab.py`. us a call: the median over rounds of each turn's median of "
              f"{result['reps']} calls (eager, each synchronised) or replays (graph1: one call a CUDA-graph "
              "replay, graph20: 20 chained calls); the round range in brackets. `backward`: `torch.autograd.grad` "
@@ -105,12 +98,11 @@ def table(result: dict) -> list[str]:
              "| pass | op | mode | PDL | fused us | twin us | fused vs twin |",
              "| --- | --- | --- | --- | ---: | ---: | ---: |"]
     rows = {(x["pdl"], x["pass"], x["op"], x["mode"], x["impl"]): x for x in result["results"]}
-    cell = lambda x: f"{x['us_per_call']:.1f} ({x['round_min']:.1f}-{x['round_max']:.1f})"
     for pass_, mode in CASES:
         for op in OPS:
             for pdl in (True, False):
                 f, t = rows[(pdl, pass_, op, mode, "fused")], rows[(pdl, pass_, op, mode, "twin")]
-                lines.append(f"| {pass_} | {op} | {mode} | {'on' if pdl else 'off'} | {cell(f)} | {cell(t)} | "
+                lines.append(f"| {pass_} | {op} | {mode} | {'on' if pdl else 'off'} | {turn_cell(f)} | {turn_cell(t)} | "
                              f"{t['us_per_call'] / f['us_per_call']:.2f}x |")
     return lines
 

@@ -5,7 +5,8 @@
 Writes OUT/<card>.json (pytest-benchmark's JSON: every round, the machine, the commit) and
 OUT/<card>.md (one table per benchmark file, each op against its plain-PyTorch twin in the same
 run, with the card and the date), and, through bench/head84_ab.py, OUT/head84-ab-<card>.{json,md}:
-the batch-84 gated head and its twin timed in turns, also the last table of OUT/<card>.md. Needs a CUDA GPU and the compiled extension.
+the batch-84 gated head and its twin timed in turns, also the last table of OUT/<card>.md.
+Needs a CUDA GPU and the compiled extension.
 """
 import argparse
 import datetime

@@ -40,10 +40,10 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <algorithm>
 #include <deque>
 #include <memory>
 #include <mutex>
