@@ -49,7 +49,7 @@ if [ "${HOST_COST:-0}" = 1 ]; then  # eager batch-1 calls' host time (bench/host
   echo "host_cost exit $?"; tail -14 "$OUT/host_cost.log"
 fi
 if [ "${BENCH:-0}" = 1 ]; then
-  timeout ${BENCH_S:-200} python3 bench/run_all.py --out "$OUT" > "$OUT/bench.log" 2>&1; echo "bench exit $?"; tail -60 "$OUT/bench.log"
+  timeout ${BENCH_S:-420} python3 bench/run_all.py --out "$OUT" > "$OUT/bench.log" 2>&1; echo "bench exit $?"; tail -60 "$OUT/bench.log"
 fi
 if [ "${TESTS:-1}" = 0 ]; then touch "$OUT/DONE"; exit 0; fi
 if [ -f .carry/omniglot-png.tar.gz ] && [ ! -d /tmp/omniglot/omniglot-py ]; then

@@ -4,8 +4,10 @@
 
 Writes OUT/<card>.json (pytest-benchmark's JSON: every round, the machine, the commit) and
 OUT/<card>.md (one table per benchmark file, each op against its plain-PyTorch twin in the same
-run, with the card and the date), and, through bench/head84_ab.py, OUT/head84-ab-<card>.{json,md}:
-the batch-84 gated head and its twin timed in turns, also the last table of OUT/<card>.md.
+run, with the card and the date), and, through the turn-taking scripts (TURNS: bench/head84_ab.py,
+bench/conv_block_ab.py), OUT/head84-ab-<card>.{json,md} and OUT/conv-block-ab-<card>.{json,md}:
+the batch-84 gated head and the conv block's eager calls timed in turns with their twins, also the
+last tables of OUT/<card>.md.
 Needs a CUDA GPU and the compiled extension.
 """
 import argparse
@@ -21,6 +23,10 @@ from _measure import card_slug  # bench/ is on the path of a script run from it
 
 HERE = Path(__file__).resolve().parent
 FILES = ["bench_conv_block", "bench_conv_valid", "bench_gated_head", "bench_multi_tensor", "bench_inner_step"]
+# rows timed one after another drift by as much as these ops and their twins differ, so these
+# time them in turns: (script, result file prefix, section title)
+TURNS = [("head84_ab", "head84-ab", "gated_head, batch 84, taking turns with the twin"),
+         ("conv_block_ab", "conv-block-ab", "conv_block, eager calls taking turns with the twin")]
 
 
 def main() -> int:
@@ -43,20 +49,19 @@ def main() -> int:
         print(f"run_all.py: error: the benchmarks failed (pytest exit {rc})", file=sys.stderr)
         return rc
     sys.path.insert(0, str(HERE))
-    # the batch-84 head timed in turns with its twin: row after row its calls drift by as much as
-    # the two differ (bench/head84_ab.py)
-    head84 = importlib.import_module("head84_ab")
-    rc = head84.main(["--out", str(out)])
-    if rc != 0:
-        print(f"run_all.py: error: head84_ab.py failed (exit {rc})", file=sys.stderr)
-        return rc
+    for script, _, _ in TURNS:
+        rc = importlib.import_module(script).main(["--out", str(out)])
+        if rc != 0:
+            print(f"run_all.py: error: {script}.py failed (exit {rc})", file=sys.stderr)
+            return rc
     # the device's copy of the tree may carry a stale .git: the caller names the commit
     at = f" at {os.environ['ANML_FAST_COMMIT']}" if os.environ.get("ANML_FAST_COMMIT") else ""
     parts = [f"# Kernel benchmarks on {card} ({datetime.date.today()}{at}, torch {torch.__version__})", ""]
     for f in FILES:
         parts += [f"## {f.removeprefix('bench_')}", "", importlib.import_module(f).table(str(js)), ""]
-    result = json.loads((out / f"head84-ab-{slug}.json").read_text())
-    parts += ["## gated_head, batch 84, taking turns with the twin", "", *head84.table(result)[2:], ""]
+    for script, prefix, title in TURNS:
+        result = json.loads((out / f"{prefix}-{slug}.json").read_text())
+        parts += [f"## {title}", "", *importlib.import_module(script).table(result)[2:], ""]
     (out / f"{slug}.md").write_text("\n".join(parts))
     print("\n".join(parts))
     return 0
