@@ -165,8 +165,10 @@ def take_turns(turns: dict, rounds: int, around=lambda key: contextlib.nullconte
 
 
 def summary(figures: list) -> dict:
-    """The median of per-round figures and their range, as the turn-taking tables report them."""
-    return {"us_per_call": statistics.median(figures), "round_min": min(figures), "round_max": max(figures)}
+    """The median of per-round figures and their range, as the turn-taking tables report them, and
+    the figures themselves (paired_cell compares two turns round by round)."""
+    return {"us_per_call": statistics.median(figures), "round_min": min(figures), "round_max": max(figures),
+            "per_round": list(figures)}
 
 
 def turns_result(rounds: int, reps: int, **extra) -> dict:
@@ -190,6 +192,17 @@ def add_figures(result: dict, names: tuple, per_round: dict) -> None:
 def turn_cell(row: dict) -> str:
     """A table cell of one turn: its median, then its round range in brackets."""
     return f"{row['us_per_call']:.1f} ({row['round_min']:.1f}-{row['round_max']:.1f})"
+
+
+def paired_cell(ours: dict, twin: dict) -> str:
+    """Two turns compared round by round: the median of the per-round ratios twin / ours and the
+    rounds ours won. The two turns of one case run back to back in every round, so a drift of the
+    card or the host between rounds cancels in each ratio where it moves both medians alike; "-"
+    for a result written before the per-round figures were kept."""
+    if "per_round" not in ours or "per_round" not in twin:
+        return "-"
+    ratios = [t / o for o, t in zip(ours["per_round"], twin["per_round"])]
+    return f"{statistics.median(ratios):.2f}x ({sum(r > 1 for r in ratios)}/{len(ratios)})"
 
 
 def run_label(result: dict) -> str:

@@ -8,7 +8,7 @@ of the call, and the same row moved by up to 0.5x between two runs. This script 
 them) for the compiled op and the twin, then times them in turn, round after round, and reports
 each one's median over the rounds of its per-turn median.
 
-    python3 bench/conv_block_ab.py [--blocks 1,2,3] [--batches 1,20,84] [--rounds 9] [--reps 30]
+    python3 bench/conv_block_ab.py [--blocks 1,2,3] [--batches 1,20,84] [--rounds 15] [--reps 30]
                                    [--out bench/results]
 
 Writes OUT/conv-block-ab-<card>.json and .md.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from _measure import (add_figures, card_slug, eager_us, run_label, take_turns, turn_cell,  # bench/ on the path
+from _measure import (add_figures, card_slug, eager_us, paired_cell, run_label, take_turns, turn_cell,  # bench/
                       turns_result, write_result)
 from bench_conv_block import IMPLS, LAYERS, inputs
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", default="1,2,3", help="PLN blocks (bench_conv_block.LAYERS) [1,2,3]")
     ap.add_argument("--batches", default="1,20,84", help="batch sizes [1,20,84]")
-    ap.add_argument("--rounds", type=int, default=9, help="rounds of turns [9]")
+    ap.add_argument("--rounds", type=int, default=15, help="rounds of turns [15]")
     ap.add_argument("--reps", type=int, default=30, help="calls a turn [30]")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                     help="folder for conv-block-ab-<card>.json and .md [bench/results]")
@@ -90,15 +90,17 @@ def table(result: dict) -> list[str]:
              f"{result['reps']} calls, each synchronised; the round range in brackets. `backward`: "
              "`torch.autograd.grad` alone, its forward redone untimed before each call; `forward_backward`: "
              "the block and the grad of the mean of its squares, as bench_conv_block.py builds them. cuDNN "
-             "at PyTorch's defaults on both sides.", "",
-             "| pass | block | B | compiled us | twin us | compiled vs twin |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "at PyTorch's defaults on both sides. `compiled vs twin`: the ratio of the two medians; "
+             "`paired`: the median of the per-round ratios (the two turns run back to back each round), "
+             "and the rounds the compiled op won.", "",
+             "| pass | block | B | compiled us | twin us | compiled vs twin | paired (rounds won) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     rows = {(x["pass"], x["block"], x["B"], x["impl"]): x for x in result["results"]}
     for pass_ in PASSES:
         for block, B in sorted({(k[1], k[2]) for k in rows if k[0] == pass_}):
             ours, twin = rows[(pass_, block, B, "compiled")], rows[(pass_, block, B, "twin")]
             lines.append(f"| {pass_} | {block} | {B} | {turn_cell(ours)} | {turn_cell(twin)} | "
-                         f"{twin['us_per_call'] / ours['us_per_call']:.2f}x |")
+                         f"{twin['us_per_call'] / ours['us_per_call']:.2f}x | {paired_cell(ours, twin)} |")
     return lines
 
 

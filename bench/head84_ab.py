@@ -10,7 +10,7 @@ them) for the fused op and the twin, eagerly and as CUDA graphs of one call and 
 calls, then times them in turn, round after round, and reports each one's median over the rounds
 of its per-turn median, with programmatic dependent launch on and off (ANML_FAST_PDL).
 
-    python3 bench/head84_ab.py [--rounds 9] [--reps 30] [--out bench/results]
+    python3 bench/head84_ab.py [--rounds 15] [--reps 30] [--out bench/results]
 
 Writes OUT/head84-ab-<card>.json and .md.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from _measure import (add_figures, card_slug, eager_us, graphed, replay_us, run_label, take_turns,  # bench/ on the path
-                      turn_cell, turns_result, write_result)
+                      paired_cell, turn_cell, turns_result, write_result)
 from bench_gated_head import IMPLS, call, inputs
 from bench_inner_step import pdl as pdl_switch  # ANML_FAST_PDL for a block (read at each launch)
 
@@ -50,7 +50,7 @@ def _call(impl: str, op: str, pass_: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=9, help="rounds of turns [9]")
+    ap.add_argument("--rounds", type=int, default=15, help="rounds of turns [15]")
     ap.add_argument("--reps", type=int, default=30, help="calls or replays a turn [30]")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                     help="folder for head84-ab-<card>.json and .md [bench/results]")
@@ -94,16 +94,18 @@ def table(result: dict) -> list[str]:
              "replay, graph20: 20 chained calls); the round range in brackets. `backward`: `torch.autograd.grad` "
              "alone, its forward redone untimed before each call; `forward_backward`: the op and the grad of "
              "its loss (the logits op's: the mean of its squares), as bench_gated_head.py builds them. PDL: "
-             "programmatic dependent launch for the package's kernels.", "",
-             "| pass | op | mode | PDL | fused us | twin us | fused vs twin |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+             "programmatic dependent launch for the package's kernels. `fused vs twin`: the ratio of the two "
+             "medians; `paired`: the median of the per-round ratios (the two turns run back to back each "
+             "round), and the rounds the fused op won.", "",
+             "| pass | op | mode | PDL | fused us | twin us | fused vs twin | paired (rounds won) |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     rows = {(x["pdl"], x["pass"], x["op"], x["mode"], x["impl"]): x for x in result["results"]}
     for pass_, mode in CASES:
         for op in OPS:
             for pdl in (True, False):
                 f, t = rows[(pdl, pass_, op, mode, "fused")], rows[(pdl, pass_, op, mode, "twin")]
                 lines.append(f"| {pass_} | {op} | {mode} | {'on' if pdl else 'off'} | {turn_cell(f)} | {turn_cell(t)} | "
-                             f"{t['us_per_call'] / f['us_per_call']:.2f}x |")
+                             f"{t['us_per_call'] / f['us_per_call']:.2f}x | {paired_cell(f, t)} |")
     return lines
 
 

@@ -29,13 +29,24 @@ def test_turns_alternate_their_order_every_round():
     per_round = _measure.take_turns(turns, 3, around=around)
     assert calls == list("abccbaabc") and entered == calls
     assert per_round == {"a": [1, 6, 7], "b": [2, 5, 8], "c": [3, 4, 9]}
-    assert _measure.summary([3.0, 1.0, 2.0]) == {"us_per_call": 2.0, "round_min": 1.0, "round_max": 3.0}
+    assert _measure.summary([3.0, 1.0, 2.0]) == {"us_per_call": 2.0, "round_min": 1.0, "round_max": 3.0,
+                                                 "per_round": [3.0, 1.0, 2.0]}
+
+
+def test_paired_ratios_follow_the_rounds_not_the_medians():
+    # both sides slowed alike in round 2: the medians' ratio says even, every round says 1.1x
+    ours, twin = _measure.summary([10.0, 30.0, 12.0]), _measure.summary([11.0, 33.0, 13.2])
+    assert round(twin["us_per_call"] / ours["us_per_call"], 2) == 1.1
+    assert _measure.paired_cell(ours, twin) == "1.10x (3/3)"
+    assert _measure.paired_cell(_measure.summary([10.0, 10.0, 10.0]), _measure.summary([9.0, 12.0, 10.0])) \
+        == "1.00x (1/3)"  # a tie is not a win
+    assert _measure.paired_cell({"us_per_call": 1.0}, twin) == "-"  # a result from before per_round
 
 
 def _result(keys, us):
     return {"card": "Card", "torch": "t", "date": "d", "commit": "abc1234", "rounds": 3, "reps": 5,
-            "rows": 84, "results": [dict(zip(keys, k), us_per_call=us(k), round_min=1.0, round_max=9.0)
-                                    for k in _product(keys)]}
+            "rows": 84, "results": [dict(zip(keys, k), us_per_call=us(k), round_min=1.0, round_max=9.0,
+                                         per_round=[us(k), 2 * us(k), us(k)]) for k in _product(keys)]}
 
 
 def _product(keys):
@@ -56,10 +67,10 @@ def test_conv_block_table_puts_each_figure_in_its_row():
     lines = conv_block_ab.table(result)
     assert "at abc1234" in lines[0] and "5 calls" in lines[2]
     rows = [line for line in lines if line.startswith("| backward ")]
-    assert rows == ["| backward | 1 | 1 | 10.0 (1.0-9.0) | 20.0 (1.0-9.0) | 2.00x |",
-                    "| backward | 1 | 84 | 10.0 (1.0-9.0) | 850.0 (1.0-9.0) | 85.00x |",
-                    "| backward | 3 | 1 | 10.0 (1.0-9.0) | 40.0 (1.0-9.0) | 4.00x |",
-                    "| backward | 3 | 84 | 10.0 (1.0-9.0) | 870.0 (1.0-9.0) | 87.00x |"]
+    assert rows == ["| backward | 1 | 1 | 10.0 (1.0-9.0) | 20.0 (1.0-9.0) | 2.00x | 2.00x (3/3) |",
+                    "| backward | 1 | 84 | 10.0 (1.0-9.0) | 850.0 (1.0-9.0) | 85.00x | 85.00x (3/3) |",
+                    "| backward | 3 | 1 | 10.0 (1.0-9.0) | 40.0 (1.0-9.0) | 4.00x | 4.00x (3/3) |",
+                    "| backward | 3 | 84 | 10.0 (1.0-9.0) | 870.0 (1.0-9.0) | 87.00x | 87.00x (3/3) |"]
     assert len([line for line in lines if line.startswith("| ") and "---" not in line]) == 1 + 3 * 4
 
 
@@ -68,8 +79,8 @@ def test_head84_table_puts_each_figure_in_its_row():
     result = _result(keys, lambda k: 5.0 if k[4] == "fused" else (15.0 if k[0] else 10.0))
     lines = head84_ab.table(result)
     assert "batch 84" in lines[0] and "at abc1234" in lines[0]
-    assert "| backward | ce | eager | on | 5.0 (1.0-9.0) | 15.0 (1.0-9.0) | 3.00x |" in lines
-    assert "| forward_backward | logits | graph20 | off | 5.0 (1.0-9.0) | 10.0 (1.0-9.0) | 2.00x |" in lines
+    assert "| backward | ce | eager | on | 5.0 (1.0-9.0) | 15.0 (1.0-9.0) | 3.00x | 3.00x (3/3) |" in lines
+    assert "| forward_backward | logits | graph20 | off | 5.0 (1.0-9.0) | 10.0 (1.0-9.0) | 2.00x | 2.00x (3/3) |" in lines
 
 
 @pytest.mark.parametrize("flag, value, says", [("--blocks", "1,x", "comma-separated integers"),
