@@ -150,6 +150,17 @@ def eager_us(forward, timed, reps: int) -> float:
     return statistics.median(times)
 
 
+def ints(text: str, flag: str, ok, expected: str) -> list[int]:
+    """A flag's comma-separated integers, each passing ok(); else an error naming the flag."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or not all(ok(v) for v in values):
+        raise SystemExit(f"{flag}: expected {expected}, got {text!r}")
+    return values
+
+
 def take_turns(turns: dict, rounds: int, around=lambda key: contextlib.nullcontext()) -> dict:
     """{key: [one figure per round]}: each turn (a callable returning a figure) called once a round,
     in order, the order reversed every other round so that no turn always comes first or right

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from _measure import (add_figures, card_slug, eager_us, paired_cell, run_label, take_turns, turn_cell,  # bench/
-                      turns_result, write_result)
+from _measure import (add_figures, card_slug, eager_us, ints, paired_cell, run_label, take_turns,  # bench/
+                      turn_cell, turns_result, write_result)
 from bench_conv_block import IMPLS, LAYERS, inputs
 
 PASSES = ("forward", "backward", "forward_backward")
@@ -40,16 +40,6 @@ def _call(impl: str, layer: int, B: int, pass_: str):
     return (lambda: None), (lambda _: torch.autograd.grad(loss(), leaves))
 
 
-def _ints(text: str, flag: str, ok, expected: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
-    if not values or not all(ok(v) for v in values):
-        raise SystemExit(f"{flag}: expected {expected}, got {text!r}")
-    return values
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", default="1,2,3", help="PLN blocks (bench_conv_block.LAYERS) [1,2,3]")
@@ -59,8 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                     help="folder for conv-block-ab-<card>.json and .md [bench/results]")
     args = ap.parse_args(argv)
-    blocks = _ints(args.blocks, "--blocks", lambda v: v in LAYERS, f"some of {sorted(LAYERS)}")
-    batches = _ints(args.batches, "--batches", lambda v: v >= 1, "batch sizes of at least 1")
+    blocks = ints(args.blocks, "--blocks", lambda v: v in LAYERS, f"some of {sorted(LAYERS)}")
+    batches = ints(args.batches, "--batches", lambda v: v >= 1, "batch sizes of at least 1")
     if args.rounds < 1 or args.reps < 1:
         raise SystemExit(f"--rounds and --reps must be at least 1, got {args.rounds} and {args.reps}")
     if not torch.cuda.is_available():

@@ -4,10 +4,10 @@
 
 Writes OUT/<card>.json (pytest-benchmark's JSON: every round, the machine, the commit) and
 OUT/<card>.md (one table per benchmark file, each op against its plain-PyTorch twin in the same
-run, with the card and the date), and, through the turn-taking scripts (TURNS: bench/head84_ab.py,
-bench/conv_block_ab.py), OUT/head84-ab-<card>.{json,md} and OUT/conv-block-ab-<card>.{json,md}:
-the batch-84 gated head and the conv block's eager calls timed in turns with their twins, also the
-last tables of OUT/<card>.md.
+run, with the card and the date), and, through the turn-taking scripts (TURNS: bench/gated_head_ab.py,
+bench/conv_block_ab.py), OUT/gated-head-ab-<card>.{json,md} and OUT/conv-block-ab-<card>.{json,md}:
+the gated head and the conv block timed in turns with their twins, also the last tables of
+OUT/<card>.md.
 Needs a CUDA GPU and the compiled extension.
 """
 import argparse
@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 FILES = ["bench_conv_block", "bench_conv_valid", "bench_gated_head", "bench_multi_tensor", "bench_inner_step"]
 # rows timed one after another drift by as much as these ops and their twins differ, so these
 # time them in turns: (script, result file prefix, section title)
-TURNS = [("head84_ab", "head84-ab", "gated_head, batch 84, taking turns with the twin"),
+TURNS = [("gated_head_ab", "gated-head-ab", "gated_head, taking turns with the twin"),
          ("conv_block_ab", "conv-block-ab", "conv_block, eager calls taking turns with the twin")]
 
 
@@ -56,7 +56,12 @@ def main() -> int:
             return rc
     # the device's copy of the tree may carry a stale .git: the caller names the commit
     at = f" at {os.environ['ANML_FAST_COMMIT']}" if os.environ.get("ANML_FAST_COMMIT") else ""
-    parts = [f"# Kernel benchmarks on {card} ({datetime.date.today()}{at}, torch {torch.__version__})", ""]
+    parts = [f"# Kernel benchmarks on {card} ({datetime.date.today()}{at}, torch {torch.__version__})", "",
+             "The pytest-benchmark tables time their rows one after another; rows whose wall time is "
+             "mostly the host's (eager calls, one-call graph replays) drift between runs by as much as "
+             "some of the differences they show. The last tables time the gated head and the conv block "
+             "taking turns with their twins: there the paired column compares each op with its twin round "
+             "by round.", ""]
     for f in FILES:
         parts += [f"## {f.removeprefix('bench_')}", "", importlib.import_module(f).table(str(js)), ""]
     for script, prefix, title in TURNS:

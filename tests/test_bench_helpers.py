@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import _measure  # noqa: E402
 import conv_block_ab  # noqa: E402
-import head84_ab  # noqa: E402
+import gated_head_ab  # noqa: E402
 
 
 def test_turns_alternate_their_order_every_round():
@@ -51,10 +51,10 @@ def _result(keys, us):
 
 def _product(keys):
     spaces = {"pass": conv_block_ab.PASSES, "block": (1, 3), "B": (1, 84), "impl": ("compiled", "twin"),
-              "pdl": (True, False), "op": head84_ab.OPS}
-    if "mode" in keys:  # head84_ab: its (pass, mode) cases, not every pairing
-        return [(pdl, p, op, m, impl) for pdl in (True, False) for p, m in head84_ab.CASES
-                for op in head84_ab.OPS for impl in ("fused", "twin")]
+              "pdl": (True, False), "op": gated_head_ab.OPS}
+    if "mode" in keys:  # gated_head_ab: its (pass, mode) cases, not every pairing
+        return [(pdl, p, op, m, B, impl) for pdl in (True, False) for p, m in gated_head_ab.CASES
+                for op in gated_head_ab.OPS for B in (1, 84) for impl in ("fused", "twin")]
     out = [()]
     for k in keys:
         out = [o + (v,) for o in out for v in spaces[k]]
@@ -74,13 +74,17 @@ def test_conv_block_table_puts_each_figure_in_its_row():
     assert len([line for line in lines if line.startswith("| ") and "---" not in line]) == 1 + 3 * 4
 
 
-def test_head84_table_puts_each_figure_in_its_row():
-    keys = ("pdl", "pass", "op", "mode", "impl")
-    result = _result(keys, lambda k: 5.0 if k[4] == "fused" else (15.0 if k[0] else 10.0))
-    lines = head84_ab.table(result)
-    assert "batch 84" in lines[0] and "at abc1234" in lines[0]
-    assert "| backward | ce | eager | on | 5.0 (1.0-9.0) | 15.0 (1.0-9.0) | 3.00x | 3.00x (3/3) |" in lines
-    assert "| forward_backward | logits | graph20 | off | 5.0 (1.0-9.0) | 10.0 (1.0-9.0) | 2.00x | 2.00x (3/3) |" in lines
+def test_gated_head_table_puts_each_figure_in_its_row():
+    keys = ("pdl", "pass", "op", "mode", "B", "impl")
+    result = _result(keys, lambda k: (5.0 if k[5] == "fused" else (15.0 if k[0] else 10.0)) * k[4])
+    lines = gated_head_ab.table(result)
+    assert "Gated head" in lines[0] and "at abc1234" in lines[0]
+    assert "| 1 | backward | ce | eager | on | 5.0 (1.0-9.0) | 15.0 (1.0-9.0) | 3.00x | 3.00x (3/3) |" in lines
+    assert "| 84 | forward_backward | logits | graph20 | off | 420.0 (1.0-9.0) | 840.0 (1.0-9.0) | 2.00x | " \
+        "2.00x (3/3) |" in lines
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 2 * len(gated_head_ab.CASES) * 2 * 2  # batches x cases x ops x PDL
+    assert rows[0].startswith("| 1 ") and rows[-1].startswith("| 84 ")
 
 
 @pytest.mark.parametrize("flag, value, says", [("--blocks", "1,x", "comma-separated integers"),
@@ -92,9 +96,14 @@ def test_conv_block_ab_names_the_bad_flag(flag, value, says):
         conv_block_ab.main([flag, value])
 
 
+def test_gated_head_ab_names_a_bad_batch():
+    with pytest.raises(SystemExit, match="--batches: expected batch sizes of at least 1"):
+        gated_head_ab.main(["--batches", "1,0"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no GPU")
 def test_the_turn_taking_scripts_say_they_need_a_gpu(tmp_path):
-    for script in (conv_block_ab, head84_ab):
+    for script in (conv_block_ab, gated_head_ab):
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             script.main(["--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
