@@ -207,12 +207,13 @@ def turn_cell(row: dict) -> str:
 
 def paired_cell(ours: dict, twin: dict) -> str:
     """Two turns compared round by round: the median of the per-round ratios twin / ours and the
-    rounds ours won. The two turns of one case run back to back in every round, so a drift of the
-    card or the host between rounds cancels in each ratio where it moves both medians alike; "-"
-    for a result written before the per-round figures were kept."""
+    rounds ours won. The two turns of one case run back to back in every round (take_turns keeps
+    the turns' order, and the scripts build theirs with the implementation as the last key part,
+    two of them), so a drift of the card or the host between rounds cancels in each ratio where it
+    moves both medians alike; "-" for a result written before the per-round figures were kept."""
     if "per_round" not in ours or "per_round" not in twin:
         return "-"
-    ratios = [t / o for o, t in zip(ours["per_round"], twin["per_round"])]
+    ratios = [t / o for o, t in zip(ours["per_round"], twin["per_round"], strict=True)]
     return f"{statistics.median(ratios):.2f}x ({sum(r > 1 for r in ratios)}/{len(ratios)})"
 
 

@@ -88,8 +88,8 @@ def _step(impl, fused_norm_blocks=None):
     return step, {n: params[n] for n in PLN_NAMES}
 
 
-# impl varies fastest (the top decorator): each op runs right beside its twin, so a drift
-# between rows (clocks, the host) parts the pair as little as the order allows
+# impl varies fastest (the top decorator): each mode's variants run in one block of rows with its
+# twin, so a drift between rows (clocks, the host) parts them as little as the order allows
 @pytest.mark.parametrize("impl", ["fused", "fused_donate", "fused_donate_no_pdl", "fused_donate_norm_fwd1",
                                   "fused_donate_norm_fwd3", "fused_donate_norm_fwd13", "fused_donate_norm_fwd23",
                                   "fused_donate_two_launch_head", "twin"])

@@ -6,7 +6,8 @@ host's work in cuDNN's dgrad and wgrad and in the autograd engine, the same on b
 of the call, and the same row moved by up to 0.5x between two runs. This script builds each call
 (forward, backward alone, forward and backward through autograd, as bench_conv_block.py builds
 them) for the compiled op and the twin, then times them in turn, round after round, and reports
-each one's median over the rounds of its per-turn median.
+each one's median over the rounds of its per-turn median and, per pair, the median of the
+per-round ratios (the two sides of a case run back to back in every round).
 
     python3 bench/conv_block_ab.py [--blocks 1,2,3] [--batches 1,20,84] [--rounds 15] [--reps 30]
                                    [--out bench/results]

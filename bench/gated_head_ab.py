@@ -9,7 +9,9 @@ alone from a CUDA graph is mostly the replay's own launch cost. This script buil
 (forward, backward alone, or forward and backward through autograd, as bench_gated_head.py builds
 them) for the fused op and the twin, eagerly and as CUDA graphs of one call and of 20 chained
 calls, then times them in turn, round after round, and reports each one's median over the rounds
-of its per-turn median, with programmatic dependent launch on and off (ANML_FAST_PDL).
+of its per-turn median and, per pair, the median of the per-round ratios (the two sides of a
+case run back to back in every round), with programmatic dependent launch on and off
+(ANML_FAST_PDL).
 
     python3 bench/gated_head_ab.py [--batches 1,84] [--rounds 15] [--reps 30] [--out bench/results]
 
@@ -58,10 +60,10 @@ def main(argv=None) -> int:
                     help="folder for gated-head-ab-<card>.json and .md [bench/results]")
     args = ap.parse_args(argv)
     batches = ints(args.batches, "--batches", lambda v: v >= 1, "batch sizes of at least 1")
-    if not torch.cuda.is_available():
-        raise SystemExit("gated_head_ab.py needs a CUDA GPU")
     if args.rounds < 1 or args.reps < 1:
         raise SystemExit(f"--rounds and --reps must be at least 1, got {args.rounds} and {args.reps}")
+    if not torch.cuda.is_available():
+        raise SystemExit("gated_head_ab.py needs a CUDA GPU")
     result = turns_result(args.rounds, args.reps)
     turns, alive = {}, []  # turns: (pdl, pass, op, mode, B, impl) -> a turn's median us a call
     for pdl in (True, False):
