@@ -11,7 +11,8 @@ them) for the fused op and the twin, eagerly and as CUDA graphs of one call and 
 calls, then times them in turn, round after round, and reports each one's median over the rounds
 of its per-turn median and, per pair, the median of the per-round ratios (the two sides of a
 case run back to back in every round), with programmatic dependent launch on and off
-(ANML_FAST_PDL).
+(ANML_FAST_PDL). A graph of one 1-element `add_` takes its turn in every round too: the least a
+one-call replay can take, which the batch-1 forward rows come near.
 
     python3 bench/gated_head_ab.py [--batches 1,84] [--rounds 15] [--reps 30] [--out bench/results]
 
@@ -26,11 +27,12 @@ from pathlib import Path
 import torch
 
 from _measure import (add_figures, card_slug, eager_us, graphed, ints, paired_cell, replay_us,  # bench/ on the path
-                      run_label, take_turns, turn_cell, turns_result, write_result)
+                      run_label, summary, take_turns, turn_cell, turns_result, write_result)
 from bench_gated_head import IMPLS, call, inputs
 from bench_inner_step import pdl as pdl_switch  # ANML_FAST_PDL for a block (read at each launch)
 
 OPS = ("logits", "ce")
+FLOOR = (False, "floor")  # its turn's key (PDL off: nothing of the package's runs in it)
 # (pass, mode): graph modes replay 1 or 20 calls a capture; the backward alone is timed eagerly,
 # its forward redone untimed before each call
 CASES = [("forward", "eager"), ("backward", "eager"), ("forward_backward", "eager"),
@@ -80,12 +82,25 @@ def main(argv=None) -> int:
                     alive.append(timed)  # its inputs: a capture frees unreferenced memory
                     turn = (lambda r, c: lambda: replay_us(r, c, args.reps))(replay, chain)
                 turns[(pdl, pass_, op, mode, B, impl)] = turn
-    add_figures(result, ("pdl", "pass", "op", "mode", "B", "impl"),
-                take_turns(turns, args.rounds, around=lambda k: pdl_switch(k[0])))
+    # the floor of the graph1 rows: a graph of one 1-element add_, replayed as they are, in the same rounds
+    one = torch.zeros(1, device="cuda")
+    turns[FLOOR] = (lambda r: lambda: replay_us(r, 1, args.reps))(graphed(lambda: one.add_(1)))
+    per_round = take_turns(turns, args.rounds, around=lambda k: pdl_switch(k[0]))
+    result["floor"] = summary(per_round.pop(FLOOR))
+    add_figures(result, ("pdl", "pass", "op", "mode", "B", "impl"), per_round)
     lines = table(result)
     write_result(args.out, f"gated-head-ab-{card_slug(result['card'])}", result, lines)
     print("\n".join(lines))
     return 0
+
+
+def _floor_line(result: dict) -> list[str]:
+    """The graph1 rows' floor, where the result has it (runs before 2026-11-30's last lack it)."""
+    if "floor" not in result:
+        return []
+    return [f"A CUDA graph of one 1-element `add_`, replayed the same way in the same rounds: "
+            f"{turn_cell(result['floor'])} us, the least a graph1 row can take; where both sides are "
+            "near it, their ratio says little about the op.", ""]
 
 
 def table(result: dict) -> list[str]:
@@ -99,7 +114,7 @@ def table(result: dict) -> list[str]:
              "its loss (the logits op's: the mean of its squares), as bench_gated_head.py builds them. PDL: "
              "programmatic dependent launch for the package's kernels. `fused vs twin`: the ratio of the two "
              "medians; `paired`: the median of the per-round ratios (the two turns run back to back each "
-             "round), and the rounds the fused op won.", "",
+             "round), and the rounds the fused op won.", "", *_floor_line(result),
              "| B | pass | op | mode | PDL | fused us | twin us | fused vs twin | paired (rounds won) |",
              "| ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     rows = {(x["pdl"], x["pass"], x["op"], x["mode"], x["B"], x["impl"]): x for x in result["results"]}

@@ -83,6 +83,9 @@ def test_gated_head_table_puts_each_figure_in_its_row():
     assert "| 1 | backward | ce | eager | on | 5.0 (1.0-9.0) | 15.0 (1.0-9.0) | 3.00x | 3.00x (3/3) |" in lines
     assert "| 84 | forward_backward | logits | graph20 | off | 420.0 (1.0-9.0) | 840.0 (1.0-9.0) | 2.00x | " \
         "2.00x (3/3) |" in lines
+    assert not any("add_" in line for line in lines)  # a result without the floor
+    result["floor"] = _measure.summary([12.0, 11.0, 13.0])
+    assert "replayed the same way in the same rounds: 12.0 (11.0-13.0) us" in "\n".join(gated_head_ab.table(result))
     rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 2 * len(gated_head_ab.CASES) * 2 * 2  # batches x cases x ops x PDL
     assert rows[0].startswith("| 1 ") and rows[-1].startswith("| 84 ")
