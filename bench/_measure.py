@@ -4,6 +4,7 @@ import contextlib
 import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -161,6 +162,24 @@ def ints(text: str, flag: str, ok, expected: str) -> list[int]:
     return values
 
 
+def turn_args(ap, stem: str, reps_help: str) -> None:
+    """The turn-taking scripts' shared flags: --rounds, --reps (`reps_help`: what a rep is) and
+    --out, the folder for OUT/<stem>-<card>.json and .md."""
+    ap.add_argument("--rounds", type=int, default=15, help="rounds of turns [15]")
+    ap.add_argument("--reps", type=int, default=30, help=f"{reps_help} [30]")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                    help=f"folder for {stem}-<card>.json and .md [bench/results]")
+
+
+def check_turn_args(args, script: str) -> None:
+    """turn_args' flags checked, then the GPU the timings need (after the flags: a bad flag is
+    named even where there is none)."""
+    if args.rounds < 1 or args.reps < 1:
+        raise SystemExit(f"--rounds and --reps must be at least 1, got {args.rounds} and {args.reps}")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA GPU")
+
+
 def take_turns(turns: dict, rounds: int, around=lambda key: contextlib.nullcontext()) -> dict:
     """{key: [one figure per round]}: each turn (a callable returning a figure) called once a round,
     in order, the order reversed every other round so that no turn always comes first or right
@@ -217,6 +236,19 @@ def paired_cell(ours: dict, twin: dict) -> str:
     return f"{statistics.median(ratios):.2f}x ({sum(r > 1 for r in ratios)}/{len(ratios)})"
 
 
+def pair_cells(ours: dict, twin: dict) -> str:
+    """The table cells of an op's turn against its twin's: each one's turn_cell, the ratio of their
+    medians, and paired_cell."""
+    return (f"{turn_cell(ours)} | {turn_cell(twin)} | {twin['us_per_call'] / ours['us_per_call']:.2f}x | "
+            f"{paired_cell(ours, twin)}")
+
+
+def paired_note(name: str) -> str:
+    """The turn-taking tables' words on their last two columns, `name` the op's side ("fused")."""
+    return (f"`{name} vs twin`: the ratio of the two medians; `paired`: the median of the per-round "
+            f"ratios (the two turns run back to back each round), and the rounds the {name} op won.")
+
+
 def run_label(result: dict) -> str:
     """"card, date at commit, torch version", as the turn-taking tables' titles name their run."""
     at = f" at {result['commit']}" if result.get("commit") else ""
@@ -227,7 +259,6 @@ def write_result(out, name: str, result: dict, lines: list) -> None:
     """OUT/<name>.json (the result) and OUT/<name>.md (its table's lines), each atomically: a crash
     keeps the earlier files."""
     import json
-    from pathlib import Path
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,3 +266,10 @@ def write_result(out, name: str, result: dict, lines: list) -> None:
         tmp = out / f"{name}{suffix}.tmp"
         tmp.write_text(text)
         tmp.replace(out / f"{name}{suffix}")
+
+
+def save_table(out, stem: str, result: dict, lines: list) -> None:
+    """A turn-taking script's result and table written (write_result, as OUT/<stem>-<card>) and the
+    table printed."""
+    write_result(out, f"{stem}-{card_slug(result['card'])}", result, lines)
+    print("\n".join(lines))

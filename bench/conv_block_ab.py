@@ -17,15 +17,15 @@ Writes OUT/conv-block-ab-<card>.json and .md.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-from _measure import (add_figures, card_slug, eager_us, ints, paired_cell, run_label, take_turns,  # bench/
-                      turn_cell, turns_result, write_result)
+from _measure import (add_figures, check_turn_args, eager_us, ints, pair_cells, paired_note,  # bench/
+                      run_label, save_table, take_turns, turn_args, turns_result)
 from bench_conv_block import IMPLS, LAYERS, inputs
 
 PASSES = ("forward", "backward", "forward_backward")
+STEM = "conv-block-ab"  # OUT/<STEM>-<card>.json and .md
 
 
 def _call(impl: str, layer: int, B: int, pass_: str):
@@ -45,17 +45,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", default="1,2,3", help="PLN blocks (bench_conv_block.LAYERS) [1,2,3]")
     ap.add_argument("--batches", default="1,20,84", help="batch sizes [1,20,84]")
-    ap.add_argument("--rounds", type=int, default=15, help="rounds of turns [15]")
-    ap.add_argument("--reps", type=int, default=30, help="calls a turn [30]")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                    help="folder for conv-block-ab-<card>.json and .md [bench/results]")
+    turn_args(ap, STEM, "calls a turn")
     args = ap.parse_args(argv)
     blocks = ints(args.blocks, "--blocks", lambda v: v in LAYERS, f"some of {sorted(LAYERS)}")
     batches = ints(args.batches, "--batches", lambda v: v >= 1, "batch sizes of at least 1")
-    if args.rounds < 1 or args.reps < 1:
-        raise SystemExit(f"--rounds and --reps must be at least 1, got {args.rounds} and {args.reps}")
-    if not torch.cuda.is_available():
-        raise SystemExit("conv_block_ab.py needs a CUDA GPU")
+    check_turn_args(args, "conv_block_ab.py")
     result = turns_result(args.rounds, args.reps)
     turns = {}  # (pass, block, B, impl) -> a turn's median us a call
     for pass_ in PASSES:
@@ -67,9 +61,7 @@ def main(argv=None) -> int:
                         timed(forward())
                     turns[(pass_, block, B, impl)] = (lambda f, t: lambda: eager_us(f, t, args.reps))(forward, timed)
     add_figures(result, ("pass", "block", "B", "impl"), take_turns(turns, args.rounds))
-    lines = table(result)
-    write_result(args.out, f"conv-block-ab-{card_slug(result['card'])}", result, lines)
-    print("\n".join(lines))
+    save_table(args.out, STEM, result, table(result))
     return 0
 
 
@@ -81,17 +73,14 @@ def table(result: dict) -> list[str]:
              f"{result['reps']} calls, each synchronised; the round range in brackets. `backward`: "
              "`torch.autograd.grad` alone, its forward redone untimed before each call; `forward_backward`: "
              "the block and the grad of the mean of its squares, as bench_conv_block.py builds them. cuDNN "
-             "at PyTorch's defaults on both sides. `compiled vs twin`: the ratio of the two medians; "
-             "`paired`: the median of the per-round ratios (the two turns run back to back each round), "
-             "and the rounds the compiled op won.", "",
+             "at PyTorch's defaults on both sides. " + paired_note("compiled"), "",
              "| pass | block | B | compiled us | twin us | compiled vs twin | paired (rounds won) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     rows = {(x["pass"], x["block"], x["B"], x["impl"]): x for x in result["results"]}
     for pass_ in PASSES:
         for block, B in sorted({(k[1], k[2]) for k in rows if k[0] == pass_}):
             ours, twin = rows[(pass_, block, B, "compiled")], rows[(pass_, block, B, "twin")]
-            lines.append(f"| {pass_} | {block} | {B} | {turn_cell(ours)} | {turn_cell(twin)} | "
-                         f"{twin['us_per_call'] / ours['us_per_call']:.2f}x | {paired_cell(ours, twin)} |")
+            lines.append(f"| {pass_} | {block} | {B} | {pair_cells(ours, twin)} |")
     return lines
 
 

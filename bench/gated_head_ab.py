@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from pathlib import Path
 
 import torch
 
-from _measure import (add_figures, card_slug, eager_us, graphed, ints, paired_cell, replay_us,  # bench/ on the path
-                      run_label, summary, take_turns, turn_cell, turns_result, write_result)
+from _measure import (add_figures, check_turn_args, eager_us, graphed, ints, pair_cells,  # bench/ on the path
+                      paired_note, replay_us, run_label, save_table, summary, take_turns, turn_args, turn_cell,
+                      turns_result)
 from bench_gated_head import IMPLS, call, inputs
 from bench_inner_step import pdl as pdl_switch  # ANML_FAST_PDL for a block (read at each launch)
 
 OPS = ("logits", "ce")
+STEM = "gated-head-ab"  # OUT/<STEM>-<card>.json and .md
 FLOOR = (False, "floor")  # its turn's key (PDL off: nothing of the package's runs in it)
 # (pass, mode): graph modes replay 1 or 20 calls a capture; the backward alone is timed eagerly,
 # its forward redone untimed before each call
@@ -56,16 +57,10 @@ def _call(impl: str, op: str, pass_: str, B: int):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", default="1,84", help="batch sizes [1,84]")
-    ap.add_argument("--rounds", type=int, default=15, help="rounds of turns [15]")
-    ap.add_argument("--reps", type=int, default=30, help="calls or replays a turn [30]")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                    help="folder for gated-head-ab-<card>.json and .md [bench/results]")
+    turn_args(ap, STEM, "calls or replays a turn")
     args = ap.parse_args(argv)
     batches = ints(args.batches, "--batches", lambda v: v >= 1, "batch sizes of at least 1")
-    if args.rounds < 1 or args.reps < 1:
-        raise SystemExit(f"--rounds and --reps must be at least 1, got {args.rounds} and {args.reps}")
-    if not torch.cuda.is_available():
-        raise SystemExit("gated_head_ab.py needs a CUDA GPU")
+    check_turn_args(args, "gated_head_ab.py")
     result = turns_result(args.rounds, args.reps)
     turns, alive = {}, []  # turns: (pdl, pass, op, mode, B, impl) -> a turn's median us a call
     for pdl in (True, False):
@@ -88,9 +83,7 @@ def main(argv=None) -> int:
     per_round = take_turns(turns, args.rounds, around=lambda k: pdl_switch(k[0]))
     result["floor"] = summary(per_round.pop(FLOOR))
     add_figures(result, ("pdl", "pass", "op", "mode", "B", "impl"), per_round)
-    lines = table(result)
-    write_result(args.out, f"gated-head-ab-{card_slug(result['card'])}", result, lines)
-    print("\n".join(lines))
+    save_table(args.out, STEM, result, table(result))
     return 0
 
 
@@ -112,17 +105,15 @@ def table(result: dict) -> list[str]:
              "replay, graph20: 20 chained calls); the round range in brackets. `backward`: `torch.autograd.grad` "
              "alone, its forward redone untimed before each call; `forward_backward`: the op and the grad of "
              "its loss (the logits op's: the mean of its squares), as bench_gated_head.py builds them. PDL: "
-             "programmatic dependent launch for the package's kernels. `fused vs twin`: the ratio of the two "
-             "medians; `paired`: the median of the per-round ratios (the two turns run back to back each "
-             "round), and the rounds the fused op won.", "", *_floor_line(result),
+             "programmatic dependent launch for the package's kernels. " + paired_note("fused"), "",
+             *_floor_line(result),
              "| B | pass | op | mode | PDL | fused us | twin us | fused vs twin | paired (rounds won) |",
              "| ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     rows = {(x["pdl"], x["pass"], x["op"], x["mode"], x["B"], x["impl"]): x for x in result["results"]}
     batches = sorted({x["B"] for x in result["results"]})
     for B, (pass_, mode), op, pdl in itertools.product(batches, CASES, OPS, (True, False)):
         f, t = rows[(pdl, pass_, op, mode, B, "fused")], rows[(pdl, pass_, op, mode, B, "twin")]
-        lines.append(f"| {B} | {pass_} | {op} | {mode} | {'on' if pdl else 'off'} | {turn_cell(f)} | {turn_cell(t)} | "
-                     f"{t['us_per_call'] / f['us_per_call']:.2f}x | {paired_cell(f, t)} |")
+        lines.append(f"| {B} | {pass_} | {op} | {mode} | {'on' if pdl else 'off'} | {pair_cells(f, t)} |")
     return lines
 
 

@@ -24,9 +24,9 @@ from _measure import card_slug  # bench/ is on the path of a script run from it
 HERE = Path(__file__).resolve().parent
 FILES = ["bench_conv_block", "bench_conv_valid", "bench_gated_head", "bench_multi_tensor", "bench_inner_step"]
 # rows timed one after another drift by as much as these ops and their twins differ, so these
-# time them in turns: (script, result file prefix, section title)
-TURNS = [("gated_head_ab", "gated-head-ab", "gated_head, taking turns with the twin"),
-         ("conv_block_ab", "conv-block-ab", "conv_block, eager calls taking turns with the twin")]
+# time them in turns: (script, section title); each writes OUT/<its STEM>-<card>.json
+TURNS = [("gated_head_ab", "gated_head, taking turns with the twin"),
+         ("conv_block_ab", "conv_block, eager calls taking turns with the twin")]
 
 
 def main() -> int:
@@ -49,7 +49,7 @@ def main() -> int:
         print(f"run_all.py: error: the benchmarks failed (pytest exit {rc})", file=sys.stderr)
         return rc
     sys.path.insert(0, str(HERE))
-    for script, _, _ in TURNS:
+    for script, _ in TURNS:
         rc = importlib.import_module(script).main(["--out", str(out)])
         if rc != 0:
             print(f"run_all.py: error: {script}.py failed (exit {rc})", file=sys.stderr)
@@ -64,9 +64,10 @@ def main() -> int:
              "by round.", ""]
     for f in FILES:
         parts += [f"## {f.removeprefix('bench_')}", "", importlib.import_module(f).table(str(js)), ""]
-    for script, prefix, title in TURNS:
-        result = json.loads((out / f"{prefix}-{slug}.json").read_text())
-        parts += [f"## {title}", "", *importlib.import_module(script).table(result)[2:], ""]
+    for script, title in TURNS:
+        module = importlib.import_module(script)
+        result = json.loads((out / f"{module.STEM}-{slug}.json").read_text())
+        parts += [f"## {title}", "", *module.table(result)[2:], ""]
     (out / f"{slug}.md").write_text("\n".join(parts))
     print("\n".join(parts))
     return 0
